@@ -1,0 +1,330 @@
+"""Samplers: pure functions that turn noise into data with a noise-prediction model.
+
+Every sampler has the same form::
+
+    NAME(model, x_T, schedule, *, steps=..., clip=True, generator=None, callback=None, **options)
+
+``model(x, t) -> eps`` is any callable; ``t`` is an int64 tensor [B] of indices into
+``schedule.alphas_cumprod``. Wrap a class-conditional network with :func:`ddpm.guided`, a
+v-prediction network with :func:`eps_model`. ``x_T`` is the starting noise; further noise is
+drawn from ``generator`` so a seed fixes the whole chain. ``callback(i, t, x, x0)`` is called
+after each step with the step index, timestep, new sample and the current prediction of x0.
+
+Sampling runs under ``torch.inference_mode``; the update arithmetic is done in float32
+whatever dtype the model returns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from .schedule import Schedule
+
+__all__ = ["ancestral", "ddim", "langevin", "dpm_solver", "SAMPLERS", "get_sampler", "eps_model",
+           "ancestral_step", "ddim_step", "model_evaluations"]
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]]
+
+
+def eps_model(net: Callable[..., torch.Tensor], schedule: Schedule, prediction: str = "eps") -> Model:
+    """Adapt a network that predicts ``prediction`` ("eps" or "v") to the samplers' eps contract."""
+    if prediction == "eps":
+        return net
+    if prediction == "v":
+        return lambda x, t: schedule.eps_from_v(x, t, net(x, t).float())
+    raise ValueError(f"unknown prediction {prediction!r}; expected 'eps' or 'v'")
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
+
+
+def _abar(schedule: Schedule, t: int) -> float:
+    """abar_t as a Python float in float64 precision; t < 0 means clean data (abar = 1)."""
+    return 1.0 if t < 0 else float(schedule.alphas_cumprod[t])
+
+
+def _eval(model: Model, x: torch.Tensor, t: int) -> torch.Tensor:
+    tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+    return model(x, tt).float()
+
+
+def _x0(x: torch.Tensor, eps: torch.Tensor, abar: float, clip: bool) -> torch.Tensor:
+    x0 = (x - (1 - abar) ** 0.5 * eps) / abar**0.5
+    return x0.clamp(-1, 1) if clip else x0
+
+
+def _timesteps(schedule: Schedule, steps: int | None, timesteps: torch.Tensor | None, spacing: str) -> list[int]:
+    if timesteps is not None:
+        ts = [int(t) for t in torch.as_tensor(timesteps).flatten()]
+        if any(a <= b for a, b in zip(ts, ts[1:])) or not all(0 <= t < schedule.T for t in ts):
+            raise ValueError(f"timesteps must be strictly decreasing indices in [0, {schedule.T})")
+        return ts
+    return schedule.timesteps(steps, spacing).tolist()
+
+
+# ---------------------------------------------------------------------------------------- DDPM
+def ancestral_step(
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    t: int,
+    t_prev: int,
+    schedule: Schedule,
+    *,
+    variance: str = "small",
+    clip: bool = True,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reverse step ``x_t -> x_{t_prev}`` of the DDPM chain; returns ``(x_prev, x0_pred)``.
+
+    With ``t_prev = t - 1`` this is Algorithm 2 of Ho et al. 2020; with a larger gap it is the
+    same step on the respaced chain whose betas are ``1 - abar_t / abar_{t_prev}`` (Nichol &
+    Dhariwal 2021, sec. 4). ``t_prev = -1`` is the final step to clean data, which adds no noise.
+    """
+    a_t, a_prev = _abar(schedule, t), _abar(schedule, t_prev)
+    beta = 1 - a_t / a_prev  # beta of the (possibly respaced) step
+    # 1. predicted x0 (eq. 15), optionally clipped to the data range
+    x0 = _x0(x, eps, a_t, clip)
+    # 2. posterior mean of q(x_{t_prev} | x_t, x0) (eq. 7)
+    coef_x0 = a_prev**0.5 * beta / (1 - a_t)
+    coef_xt = (1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)
+    mean = coef_x0 * x0 + coef_xt * x
+    if t_prev < 0:
+        return mean, x0
+    # 3. variance: sigma^2 = beta-tilde (posterior, "small") or beta ("large"); sec. 3.2
+    if variance == "small":
+        var = max(beta * (1 - a_prev) / (1 - a_t), 1e-20)
+    elif variance == "large":
+        var = beta
+    else:
+        raise ValueError(f"unknown variance {variance!r}; expected 'small' or 'large'")
+    if noise is None:
+        noise = torch.randn_like(x)
+    return mean + var**0.5 * noise, x0
+
+
+@torch.inference_mode()
+def ancestral(
+    model: Model,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    *,
+    steps: int | None = None,
+    clip: bool = True,
+    generator: torch.Generator | None = None,
+    callback: Callback = None,
+    variance: str = "small",
+    spacing: str = "linspace",
+    timesteps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling with the DDPM reverse chain (Ho et al. 2020, Algorithm 2).
+
+    ``steps=None`` runs all ``T`` steps; fewer runs the respaced chain. ``variance`` is
+    ``"small"`` (the posterior variance, best for few steps) or ``"large"`` (beta_t).
+    """
+    ts = _timesteps(schedule, steps, timesteps, spacing)
+    x = x_T.float()
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        eps = _eval(model, x, t)
+        noise = _randn_like(x, generator) if t_prev >= 0 else None
+        x, x0 = ancestral_step(x, eps, t, t_prev, schedule, variance=variance, clip=clip, noise=noise)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+# ---------------------------------------------------------------------------------------- DDIM
+def ddim_step(
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    t: int,
+    t_prev: int,
+    schedule: Schedule,
+    *,
+    eta: float = 0.0,
+    clip: bool = True,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step ``x_t -> x_{t_prev}`` (Song et al. 2021, eq. 12); returns ``(x_prev, x0_pred)``.
+
+    When ``clip`` changes x0, the noise is re-derived from the clipped x0 so that the step stays
+    on the line between them (as in improved-diffusion); without clipping this equals diffusers'
+    ``DDIMScheduler.step``.
+    """
+    a_t, a_prev = _abar(schedule, t), _abar(schedule, t_prev)
+    # 1. predicted x0, and the noise consistent with it
+    x0 = _x0(x, eps, a_t, clip)
+    if clip:
+        eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+    # 2. sigma_t(eta) (eq. 16): eta = 1 is the DDPM posterior, eta = 0 deterministic
+    sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
+    # 3. x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z
+    x_prev = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
+    if sigma > 0:
+        if noise is None:
+            noise = torch.randn_like(x)
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0
+
+
+@torch.inference_mode()
+def ddim(
+    model: Model,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    *,
+    steps: int = 50,
+    clip: bool = True,
+    generator: torch.Generator | None = None,
+    callback: Callback = None,
+    eta: float = 0.0,
+    spacing: str = "linspace",
+    timesteps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Denoising diffusion implicit models (Song et al. 2021); ``eta=0`` is deterministic."""
+    ts = _timesteps(schedule, steps, timesteps, spacing)
+    x = x_T.float()
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        eps = _eval(model, x, t)
+        noise = _randn_like(x, generator) if eta > 0 and t_prev >= 0 else None
+        x, x0 = ddim_step(x, eps, t, t_prev, schedule, eta=eta, clip=clip, noise=noise)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+# ------------------------------------------------------------------------- predictor-corrector
+@torch.inference_mode()
+def langevin(
+    model: Model,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    *,
+    steps: int | None = None,
+    clip: bool = True,
+    generator: torch.Generator | None = None,
+    callback: Callback = None,
+    corrector_steps: int = 1,
+    snr: float = 0.16,
+    variance: str = "small",
+    spacing: str = "linspace",
+    timesteps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Predictor-corrector sampling (Song et al. 2021, "Score-Based Generative Modeling
+    through SDEs", Algorithms 2 and 5 for the VP SDE).
+
+    At each timestep, ``corrector_steps`` Langevin MCMC steps with the learned score
+    ``-eps / sqrt(1 - abar_t)`` move ``x_t`` towards the model's marginal at ``t``, then an
+    ancestral DDPM step predicts ``x_{t_prev}``. The Langevin step size follows the
+    signal-to-noise rule ``step = 2 alpha_t (snr * ||z|| / ||score||)^2`` per sample.
+    ``corrector_steps=0`` reduces to :func:`ancestral`. Costs ``1 + corrector_steps`` model
+    evaluations per step (the last step runs no corrector).
+    """
+    if corrector_steps < 0:
+        raise ValueError(f"corrector_steps must be >= 0, got {corrector_steps}")
+    ts = _timesteps(schedule, steps, timesteps, spacing)
+    x = x_T.float()
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        a_t = _abar(schedule, t)
+        if t_prev >= 0:
+            # alpha_t of the (respaced) step t_prev -> t, as score_sde's VP corrector uses.
+            alpha = a_t / _abar(schedule, t_prev)
+            for _ in range(corrector_steps):
+                score = -_eval(model, x, t) / (1 - a_t) ** 0.5
+                z = _randn_like(x, generator)
+                z_norm = z.flatten(1).norm(dim=1)
+                s_norm = score.flatten(1).norm(dim=1).clamp(min=1e-12)
+                step = (2 * alpha * (snr * z_norm / s_norm) ** 2).reshape(-1, *([1] * (x.ndim - 1)))
+                x = x + step * score + (2 * step).sqrt() * z
+        eps = _eval(model, x, t)
+        noise = _randn_like(x, generator) if t_prev >= 0 else None
+        x, x0 = ancestral_step(x, eps, t, t_prev, schedule, variance=variance, clip=clip, noise=noise)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+# --------------------------------------------------------------------------- DPM-Solver++(2M)
+@torch.inference_mode()
+def dpm_solver(
+    model: Model,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    *,
+    steps: int = 20,
+    clip: bool = True,
+    generator: torch.Generator | None = None,
+    callback: Callback = None,
+    order: int = 2,
+    spacing: str = "logsnr",
+    timesteps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++ (Lu et al. 2022), multistep, in the data-prediction form; deterministic.
+
+    With ``lambda = log(alpha / sigma)`` and ``h = lambda_next - lambda_t``, each step is
+    ``x_next = (sigma_next / sigma_t) x_t - alpha_next (e^{-h} - 1) D`` where ``D`` is the
+    predicted x0 (order 1) or its second-order multistep extrapolation from the previous
+    prediction (order 2, "2M"). The last step goes to clean data and returns the final x0
+    prediction, first order, as recommended for few steps. ``generator`` is unused (the
+    solver is an ODE solver) and accepted so all samplers share one signature.
+    """
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order}")
+    ts = _timesteps(schedule, steps, timesteps, spacing)
+    x = x_T.float()
+    prev_x0: torch.Tensor | None = None
+    prev_h = 0.0
+    for i, t in enumerate(ts):
+        t_next = ts[i + 1] if i + 1 < len(ts) else -1
+        a_t = _abar(schedule, t)
+        eps = _eval(model, x, t)
+        x0 = _x0(x, eps, a_t, clip)
+        if t_next < 0:
+            x = x0
+        else:
+            a_n = _abar(schedule, t_next)
+            alpha_t, sigma_t = a_t**0.5, (1 - a_t) ** 0.5
+            alpha_n, sigma_n = a_n**0.5, (1 - a_n) ** 0.5
+            h = math.log(alpha_n / sigma_n) - math.log(alpha_t / sigma_t)
+            if order == 2 and prev_x0 is not None:
+                r = prev_h / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+            else:
+                d = x0
+            x = (sigma_n / sigma_t) * x - alpha_n * math.expm1(-h) * d
+            prev_h = h
+        prev_x0 = x0
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ancestral": ancestral,
+    "ddim": ddim,
+    "langevin": langevin,
+    "dpm-solver": dpm_solver,
+}
+
+
+def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+    """The sampler called ``name`` (``ancestral``, ``ddim``, ``langevin``, ``dpm-solver``)."""
+    key = name.replace("_", "-")
+    if key not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[key]
+
+
+def model_evaluations(name: str, steps: int, corrector_steps: int = 1) -> int:
+    """Network evaluations a sampler spends for ``steps`` steps (before guidance doubles them)."""
+    if get_sampler(name) is langevin:
+        return steps + corrector_steps * (steps - 1)
+    return steps

@@ -1,0 +1,232 @@
+"""Noise schedules of the discrete-time diffusion process, and the conversions between
+the quantities a network can predict (eps, x0, v, score).
+
+A :class:`Schedule` is a frozen value: it is built from its betas, derives every table
+from them in float64 once, and never changes afterwards. Samplers and losses read from it;
+nothing writes to it.
+
+Notation (Ho et al. 2020): ``alpha_t = 1 - beta_t``, ``abar_t = prod_{s<=t} alpha_s``,
+``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Schedule", "SPACINGS"]
+
+SPACINGS = ("linspace", "trailing", "leading", "logsnr")
+
+
+def _gather(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``table[t]`` reshaped to broadcast over ``like`` ([B] -> [B, 1, 1, 1]) in its dtype.
+
+    Negative ``t`` means "before the first step", where abar is 1: the samplers use it for the
+    final step to clean data.
+    """
+    t = t.to(table.device)
+    vals = torch.where(t >= 0, table[t.clamp(min=0)], torch.ones((), dtype=table.dtype))
+    vals = vals.to(device=like.device, dtype=like.dtype if like.is_floating_point() else torch.float32)
+    return vals.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """A discrete noise schedule with ``T`` steps; timestep ``t`` indexes ``0 .. T-1``.
+
+    Build one with :meth:`linear`, :meth:`cosine` or :meth:`from_betas`; every table is float64.
+    ``kind`` and ``params`` record how it was made so :meth:`to_dict` stays small and exact.
+    """
+
+    betas: torch.Tensor
+    kind: str = "custom"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        betas = torch.as_tensor(self.betas, dtype=torch.float64).detach().cpu().clone()
+        if betas.ndim != 1 or betas.numel() < 1:
+            raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
+        if not torch.all((betas > 0) & (betas < 1)):
+            raise ValueError("every beta must lie in the open interval (0, 1)")
+        alphas = 1.0 - betas
+        abar = torch.cumprod(alphas, 0)
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+        tables = {
+            "betas": betas,
+            "alphas": alphas,
+            "alphas_cumprod": abar,
+            "alphas_cumprod_prev": abar_prev,
+            "sqrt_alphas_cumprod": abar.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - abar).sqrt(),
+            # q(x_{t-1} | x_t, x0) = N(coef1 * x0 + coef2 * x_t, posterior_variance): eq. (6)-(7).
+            "posterior_variance": post_var,
+            # At t = 0 the posterior variance is 0; the log is clipped to the next value, as the
+            # paper's code does, so it stays finite.
+            "posterior_log_variance_clipped": torch.log(
+                torch.cat([post_var[1:2], post_var[1:]]) if betas.numel() > 1 else post_var.clamp(min=1e-20)
+            ),
+            "posterior_mean_coef1": betas * abar_prev.sqrt() / (1.0 - abar),
+            "posterior_mean_coef2": (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar),
+        }
+        for name, value in tables.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "params", dict(self.params))
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "Schedule":
+        """The DDPM paper's schedule: betas linear from ``beta_start`` to ``beta_end`` over ``T`` steps."""
+        if T < 1:
+            raise ValueError(f"T must be at least 1, got {T}")
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        return cls(betas, "linear", {"T": T, "beta_start": beta_start, "beta_end": beta_end})
+
+    @classmethod
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "Schedule":
+        """Nichol & Dhariwal 2021: ``abar(t) = cos^2(((t/T + s) / (1 + s)) pi/2)``, betas clipped at ``max_beta``."""
+        if T < 1:
+            raise ValueError(f"T must be at least 1, got {T}")
+        steps = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+        return cls(betas, "cosine", {"T": T, "s": s, "max_beta": max_beta})
+
+    @classmethod
+    def from_betas(cls, betas: Any) -> "Schedule":
+        """A schedule from explicit betas (any 1-D sequence in (0, 1))."""
+        return cls(torch.as_tensor(betas, dtype=torch.float64), "custom", {})
+
+    @classmethod
+    def from_name(cls, name: str, T: int = 1000) -> "Schedule":
+        """``"linear"`` or ``"cosine"`` with default parameters and ``T`` steps."""
+        if name == "linear":
+            return cls.linear(T)
+        if name == "cosine":
+            return cls.cosine(T)
+        raise ValueError(f"unknown schedule {name!r}; expected 'linear' or 'cosine'")
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict from which :meth:`from_dict` rebuilds an identical schedule."""
+        if self.kind in ("linear", "cosine"):
+            return {"kind": self.kind, **self.params}
+        return {"kind": "custom", "betas": self.betas.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Schedule":
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        kind = d.pop("kind", None)
+        if kind == "linear":
+            return cls.linear(**d)
+        if kind == "cosine":
+            return cls.cosine(**d)
+        if kind == "custom":
+            return cls.from_betas(d["betas"])
+        raise ValueError(f"unknown schedule kind {kind!r}; expected 'linear', 'cosine' or 'custom'")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Schedule) and torch.equal(self.betas, other.betas)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.betas.tolist()))
+
+    def __repr__(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"Schedule({self.kind}, T={self.T}{', ' + extra if extra and self.kind != 'custom' else ''})"
+
+    # ------------------------------------------------------------------ basic facts
+    @property
+    def T(self) -> int:
+        """Number of diffusion steps."""
+        return int(self.betas.numel())
+
+    def timesteps(self, steps: int | None = None, spacing: str = "linspace") -> torch.Tensor:
+        """``steps`` timesteps in decreasing order (int64), a subset of ``T-1 .. 0``.
+
+        ``linspace`` (default) rounds an even grid from ``T-1`` to ``0`` and includes both ends,
+        as improved-diffusion's respacing does; ``trailing`` starts at ``T-1`` and steps evenly
+        down to ``T/steps - 1`` (Lin et al. 2023); ``leading`` is DDIM's ``range(0, T, T // steps)``;
+        ``logsnr`` spaces evenly in ``lambda = log(alpha / sigma)`` from ``T-1`` down to (but
+        excluding) ``0``, as DPM-Solver recommends for pixel-space models: samplers then jump from
+        the last of these straight to clean data.
+        """
+        T = self.T
+        steps = T if steps is None else int(steps)
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be between 1 and T={T}, got {steps}")
+        if spacing == "trailing":
+            ts = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64)[:steps]) - 1
+        elif spacing == "leading":
+            ts = (torch.arange(steps, dtype=torch.float64) * (T // steps)).flip(0)
+        elif spacing == "linspace":
+            ts = torch.round(torch.linspace(T - 1, 0, steps, dtype=torch.float64))
+        elif spacing == "logsnr":
+            lam = 0.5 * torch.log(self.alphas_cumprod / (1 - self.alphas_cumprod))  # decreasing in t
+            targets = torch.linspace(float(lam[-1]), float(lam[0]), steps + 1, dtype=torch.float64)[:-1]
+            # nearest timestep for each target lambda (searchsorted needs increasing values)
+            idx = torch.searchsorted(lam.flip(0).contiguous(), targets.contiguous()).clamp(max=T - 1)
+            ts = (T - 1 - idx).tolist()
+            # Near t = 0 several targets can round to one step: push them apart so that every
+            # timestep is used once and the order stays strictly decreasing.
+            for i in range(steps - 2, -1, -1):
+                ts[i] = max(ts[i], ts[i + 1] + 1)
+            for i in range(steps):
+                ts[i] = min(ts[i], T - 1 - i)
+            ts = torch.tensor(ts, dtype=torch.float64)
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+        ts = ts.long()
+        if torch.unique(ts).numel() != steps:  # pragma: no cover - guarded by the arithmetic above
+            raise ValueError(f"spacing {spacing!r} gives repeated timesteps for steps={steps}")
+        return ts
+
+    # ------------------------------------------------------------------ forward process
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Sample ``q(x_t | x0)``: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (eq. 4)."""
+        return _gather(self.sqrt_alphas_cumprod, t, x0) * x0 + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    # ------------------------------------------------------------------ conversions
+    # All of them take t as an int64 tensor [B]; t = -1 means clean data (abar = 1).
+    def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sqrt(abar_t), sqrt(1 - abar_t))`` shaped to broadcast over ``like``."""
+        return _gather(self.sqrt_alphas_cumprod, t, like), _gather(self.sqrt_one_minus_alphas_cumprod, t, like)
+
+    def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Predicted clean data from predicted noise (eq. 15 solved for x0)."""
+        a, s = self.alpha_sigma(t, x_t)
+        return (x_t - s * eps) / a
+
+    def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The noise that takes ``x0`` to ``x_t`` at step ``t``."""
+        a, s = self.alpha_sigma(t, x_t)
+        return (x_t - a * x0) / s
+
+    def v_from_eps(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target of Salimans & Ho 2022: ``sqrt(abar) eps - sqrt(1 - abar) x0``."""
+        a, s = self.alpha_sigma(t, x0)
+        return a * eps - s * x0
+
+    def eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Noise from a v-prediction: ``sqrt(abar) v + sqrt(1 - abar) x_t``."""
+        a, s = self.alpha_sigma(t, x_t)
+        return a * v + s * x_t
+
+    def x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Clean data from a v-prediction: ``sqrt(abar) x_t - sqrt(1 - abar) v``."""
+        a, s = self.alpha_sigma(t, x_t)
+        return a * x_t - s * v
+
+    def score_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Score of the noised marginal, ``grad log p_t(x_t) = -eps / sqrt(1 - abar_t)``."""
+        return -eps / _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+
+    def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of ``q(x_{t-1} | x_t, x0)`` over the full (unspaced) chain."""
+        mean = _gather(self.posterior_mean_coef1, t, x_t) * x0 + _gather(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, _gather(self.posterior_variance, t, x_t)
