@@ -1,0 +1,226 @@
+"""Checkpoints and run folders: safetensors + JSON, never pickles.
+
+A run folder holds ``config.json`` (everything needed to rebuild the model and schedule, class
+names included) and ``checkpoints/ckpt_<step>.safetensors``. One checkpoint is one file:
+tensors (model, EMA, optimiser state, RNG states) plus, in the safetensors metadata, the JSON
+config and a JSON skeleton of the nested training state with tensors replaced by references.
+Loading therefore never executes code, and a single ``os.replace`` makes a write atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import DDPMError
+from .schedule import Schedule
+from .unet import UNet, UNetConfig
+
+__all__ = ["Run", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "load_run",
+           "atomic_write_bytes", "weights_sha256"]
+
+CKPT_RE = re.compile(r"^ckpt_(\d+)\.safetensors$")
+_TENSOR_REF = "__tensor__"
+
+
+# ------------------------------------------------------------------------------ atomic files
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """JSON version of :func:`atomic_write_bytes` (indented, sorted keys)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+# ------------------------------------------------------------------ nested state <-> tensors
+def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested dict/list by a reference, collecting tensors by key."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "root"
+        # safetensors refuses shared or non-contiguous storage: give each tensor its own copy.
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {_TENSOR_REF: key}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            # JSON keys are strings; optimiser state uses int keys, so record the type.
+            ks = f"{type(k).__name__}:{k}"
+            out[ks] = _flatten(v, f"{prefix}.{k}" if prefix else str(k), tensors)
+        return {"__dict__": out}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)],
+                "__tuple__": isinstance(obj, tuple)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint (only tensors, numbers, strings, lists, dicts)")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if _TENSOR_REF in obj:
+            return tensors[obj[_TENSOR_REF]]
+        if "__dict__" in obj:
+            out = {}
+            for ks, v in obj["__dict__"].items():
+                kind, _, k = ks.partition(":")
+                out[int(k) if kind == "int" else k] = _unflatten(v, tensors)
+            return out
+        if "__list__" in obj:
+            items = [_unflatten(v, tensors) for v in obj["__list__"]]
+            return tuple(items) if obj.get("__tuple__") else items
+    return obj
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], state: dict[str, Any],
+                    keep: int = 3) -> Path:
+    """Write ``checkpoints/ckpt_<step>.safetensors`` atomically, then prune to the newest ``keep``.
+
+    ``state`` is a nested dict of tensors and plain values (``model``, ``ema``, ``optimizer``,
+    ``rng``, ...); ``config`` is the run's JSON config.
+    """
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(state, "", tensors)
+    metadata = {"format": "ddpm-checkpoint-1", "step": str(step), "config": json.dumps(config, sort_keys=True),
+                "state": json.dumps(skeleton)}
+    path = ckpt_dir / f"ckpt_{step:09d}.safetensors"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=ckpt_dir)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint files of a run, oldest first (temporary files of interrupted writes ignored)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run, or None."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    only: tuple[str, ...] | None = None) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """``(step, config, state)`` from a checkpoint file; ``only`` restricts to top-level keys."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "ddpm-checkpoint-1":
+                raise DDPMError(f"{str(path)!r} is not a ddpm checkpoint (no 'ddpm-checkpoint-1' metadata)")
+            keys = [k for k in f.keys() if only is None or k.split(".", 1)[0] in only]
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except DDPMError:
+        raise
+    except Exception as e:
+        raise DDPMError(f"cannot read checkpoint {str(path)!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    skeleton = json.loads(meta["state"])
+    if only is not None:
+        skeleton = {"__dict__": {k: v for k, v in skeleton["__dict__"].items() if k.partition(":")[2] in only}}
+    return int(meta["step"]), json.loads(meta["config"]), _unflatten(skeleton, tensors)
+
+
+# ------------------------------------------------------------------------------------ runs
+@dataclass
+class Run:
+    """A trained model ready to sample from, rebuilt from a run folder without any flags."""
+
+    run_dir: Path
+    model: UNet
+    ema_model: UNet | None
+    schedule: Schedule
+    classes: list[str] | None
+    prediction: str
+    step: int
+    image_size: int
+    config: dict[str, Any]
+    checkpoint: Path
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the model was trained with class labels."""
+        return self.model.config.conditional
+
+    def class_index(self, name: str) -> int:
+        """Index of class ``name``; an unknown name is an error listing the valid ones."""
+        if not self.classes:
+            raise DDPMError(f"run {str(self.run_dir)!r} is unconditional; it has no classes to choose from")
+        if name in self.classes:
+            return self.classes.index(name)
+        if name.isdigit() and int(name) < len(self.classes):
+            return int(name)
+        raise DDPMError(f"unknown class {name!r}; this run's classes are: {', '.join(self.classes)}")
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None) -> Run:
+    """Rebuild model, EMA model and schedule from the newest checkpoint of ``run_dir``."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise DDPMError(f"run folder {str(run_dir)!r} does not exist; expected the --out folder of 'ddpm train'")
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if path is None:
+        raise DDPMError(f"run folder {str(run_dir)!r} has no checkpoints/ckpt_*.safetensors yet")
+    step, config, state = load_checkpoint(path, "cpu", only=("model", "ema"))
+    model_cfg = UNetConfig.from_dict(config["model"])
+    model = UNet(model_cfg)
+    model.load_state_dict(state["model"])
+    ema_model = None
+    if "ema" in state:
+        ema_model = UNet(model_cfg)
+        ema_model.load_state_dict(state["ema"]["weights"])
+        ema_model.to(device).eval().requires_grad_(False)
+    model.to(device).eval().requires_grad_(False)
+    return Run(run_dir, model, ema_model, Schedule.from_dict(config["schedule"]), config.get("classes"),
+               config.get("prediction", "eps"), step, int(model_cfg.image_size), config, path)
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """A digest of a state dict's names, dtypes, shapes and exact bytes (order independent)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

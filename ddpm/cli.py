@@ -1,0 +1,309 @@
+"""The ``ddpm`` command line: argument parsing and printing only; the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import DDPMError
+
+# Help for every training option; the flags themselves come from TrainConfig's fields so the
+# two can never drift apart (a test checks that every field has help here).
+TRAIN_HELP: dict[str, str] = {
+    "data": "folder of images (nested or flat, any format PIL reads), or 'cifar10'",
+    "out": "run folder for config, checkpoints, logs and sample grids",
+    "conditional": "class-conditional training from class sub-folders (root/<class>/*.jpg), for guidance",
+    "image_size": "training resolution in pixels (0 = the model preset's)",
+    "model": "UNet preset: ddpm-cifar10 (35.7M, the paper's), ddpm-64, small, tiny",
+    "base_channels": "override the preset's base width (0 = keep)",
+    "dropout": "override the preset's dropout (negative = keep)",
+    "schedule": "noise schedule: linear (DDPM) or cosine (improved DDPM)",
+    "timesteps": "number of diffusion steps T",
+    "prediction": "network target: eps (the paper) or v",
+    "steps": "optimiser steps in all; a resumed run continues up to this",
+    "batch_size": "GLOBAL batch size: summed over all processes and --grad-accum micro-batches",
+    "grad_accum": "micro-batches per step on each process (gradient accumulation)",
+    "lr": "AdamW learning rate",
+    "warmup": "linear learning-rate warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "clip the global gradient norm to this (0 = off)",
+    "ema_decay": "EMA decay of the sampling weights (warm-up (1+n)/(10+n) included)",
+    "p_uncond": "probability of replacing a label by the null class, per sample (guidance training)",
+    "seed": "random seed: initialisation, data order, noise",
+    "hflip": "random horizontal flips",
+    "random_crop": "random instead of centre crops of non-square images",
+    "strict": "stop at the first unreadable image instead of skipping it with a warning",
+    "data_root": "where torchvision's CIFAR-10 lives or is downloaded to, for --data cifar10",
+    "precision": "fp32, or bf16 autocast; auto = bf16 on GPUs and on CPUs with native bf16",
+    "compile": "torch.compile the model (slow start, faster steps)",
+    "channels_last": "NHWC memory layout for convolutions",
+    "grad_checkpoint": "activation checkpointing: less memory, about a third more compute",
+    "device": "cpu, cuda or cuda:N; auto = cuda when available",
+    "workers": "data loader processes for data sets too big to keep in memory (-1 = auto)",
+    "log_every": "steps between log entries (CSV, TensorBoard, progress bar)",
+    "sample_every": "steps between EMA sample grids in RUN/samples (0 = only at the end)",
+    "save_every": "steps between checkpoints (0 = only at the end)",
+    "keep": "how many recent checkpoints to keep",
+    "sample_n": "images in each sample grid (conditional: split over the classes)",
+    "sample_steps": "DPM-Solver++ steps for the sample grids",
+    "sample_guidance": "guidance scale for conditional sample grids",
+    "resume": "continue the run in --out from its newest checkpoint (bit-exact on CPU)",
+    "progress": "show a progress bar",
+    "tensorboard": "also log to TensorBoard (when installed)",
+}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from .train import TrainConfig
+
+    p = sub.add_parser(
+        "train", help="train a model on a folder of images or CIFAR-10", formatter_class=_Formatter,
+        description="Train a DDPM. Single process: 'ddpm train ...'; several GPUs or processes: "
+                    "'torchrun --nproc_per_node N -m ddpm train ...' (--batch-size stays the global batch).",
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file (keys as the flags, "
+                   "with - or _); flags on the command line win", default=None)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        helptext = TRAIN_HELP[f.name]
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, type=kind, default=f.default, help=helptext, required=False,
+                           metavar=f.name.upper())
+    p.set_defaults(func=_cmd_train)
+
+
+def _load_toml(path: str) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise DDPMError(f"config file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise DDPMError(f"config file {path!r} is not valid TOML: {e}") from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    train(TrainConfig(**values))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- sample
+def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="sample an image grid from a trained run", formatter_class=_Formatter)
+    p.add_argument("--run", required=True, help="run folder written by 'ddpm train'")
+    p.add_argument("--n", type=int, default=16, help="number of images (per class when --class is given)")
+    p.add_argument("--out", required=True, help="grid PNG to write")
+    p.add_argument("--class", dest="classes", nargs="+", default=None, metavar="NAME",
+                   help="class names (or indices) to sample, one grid row each; conditional runs only")
+    p.add_argument("--guidance", type=float, default=3.0,
+                   help="guidance scale s: eps = eps_uncond + s (eps_cond - eps_uncond); 1 = conditional, 0 = unconditional")
+    p.add_argument("--sampler", default="dpm-solver", choices=["ancestral", "ddim", "langevin", "dpm-solver"],
+                   help="sampling method")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: ancestral 1000 (all), ddim 50, langevin 250, dpm-solver 20)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the starting noise")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--individual", metavar="DIR", default=None, help="also write each image as DIR/NNNNN.png")
+    p.add_argument("--nrow", type=int, default=0, help="images per grid row (0 = square, or --n with --class)")
+    p.add_argument("--batch-size", type=int, default=64, help="images sampled at once")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto = cuda when available")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="autocast precision")
+    p.set_defaults(func=_cmd_sample)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DDPMError(f"--device {name} asked for but CUDA is not available; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise DDPMError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from .checkpoint import load_run
+    from .generate import generate, make_grid, save_png
+
+    if args.n < 1:
+        raise DDPMError(f"--n must be at least 1, got {args.n}")
+    if args.steps is not None and args.steps < 1:
+        raise DDPMError(f"--steps must be at least 1, got {args.steps}")
+    if not args.out.lower().endswith(".png"):
+        raise DDPMError(f"--out {args.out!r} must be a .png file")
+    device = _device(args.device)
+    run = load_run(args.run, device)
+    labels = None
+    nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
+    if args.classes:
+        idx = [run.class_index(c) for c in args.classes]
+        labels = torch.tensor(idx).repeat_interleave(args.n)
+        nrow = args.nrow or args.n
+    n = len(labels) if labels is not None else args.n
+    options = {"eta": args.eta} if args.sampler == "ddim" else {}
+    images = generate(run, n, labels=labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                      seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema, device=device,
+                      precision=args.precision, **options)
+    save_png(make_grid(images, nrow=nrow), args.out)
+    if args.individual:
+        out_dir = Path(args.individual)
+        for i, img in enumerate(images):
+            save_png(img.permute(1, 2, 0).numpy(), out_dir / f"{i:05d}.png")
+    what = f"{n} images" + (f" of {', '.join(args.classes)}" if args.classes else "")
+    print(f"wrote {args.out} ({what}, {args.sampler}, step {run.step}{', EMA' if not args.no_ema else ''})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ info
+def _add_info_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a run: step, config, classes, weight hashes", formatter_class=_Formatter)
+    p.add_argument("run", help="run folder written by 'ddpm train'")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_info)
+
+
+def run_info(run_dir: str) -> dict[str, Any]:
+    """Facts about a run: step, parameters, classes, sha256 of model and EMA weights, config."""
+    from .checkpoint import latest_checkpoint, load_checkpoint, weights_sha256
+    from .unet import UNet, UNetConfig, count_parameters
+
+    path = latest_checkpoint(run_dir)
+    if not Path(run_dir).exists():
+        raise DDPMError(f"run folder {run_dir!r} does not exist")
+    if path is None:
+        raise DDPMError(f"run folder {run_dir!r} has no checkpoints yet")
+    step, config, state = load_checkpoint(path, "cpu", only=("model", "ema"))
+    params = count_parameters(UNet(UNetConfig.from_dict(config["model"])))
+    return {
+        "run": str(run_dir),
+        "checkpoint": str(path),
+        "step": step,
+        "params": params,
+        "classes": config.get("classes"),
+        "image_size": config.get("image_size"),
+        "prediction": config.get("prediction"),
+        "schedule": config.get("schedule"),
+        "model_sha256": weights_sha256(state["model"]),
+        "ema_sha256": weights_sha256(state["ema"]["weights"]) if "ema" in state else None,
+        "ema_updates": state["ema"]["num_updates"] if "ema" in state else None,
+        "config": config,
+    }
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    info = run_info(args.run)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    cfg = info["config"]
+    print(f"run:        {info['run']}")
+    print(f"checkpoint: {info['checkpoint']}")
+    print(f"step:       {info['step']}")
+    print(f"model:      {cfg['train'].get('model')} ({info['params'] / 1e6:.2f}M parameters, "
+          f"{info['image_size']}x{info['image_size']}, predicts {info['prediction']})")
+    print(f"schedule:   {info['schedule']}")
+    print(f"classes:    {', '.join(info['classes']) if info['classes'] else '(unconditional)'}")
+    print(f"model sha256: {info['model_sha256']}")
+    print(f"ema sha256:   {info['ema_sha256']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ demo
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train a small class-conditional model on handwritten digits, then sample",
+                       formatter_class=_Formatter)
+    p.add_argument("--out", default="runs/demo", help="run folder (the digit images are unpacked to OUT/digits)")
+    p.add_argument("--steps", type=int, default=1500, help="training steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto = cuda when available")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, steps=args.steps, seed=args.seed, device=args.device)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``ddpm`` argument parser."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ddpm", formatter_class=_Formatter,
+        description="Denoising diffusion probabilistic models: train on image folders, sample, evaluate.")
+    parser.add_argument("--version", action="version", version=f"ddpm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train_parser(sub)
+    _add_sample_parser(sub)
+    _add_info_parser(sub)
+    _add_demo_parser(sub)
+    try:
+        from .cli_eval import register
+    except ImportError:  # evaluation module not installed in this build
+        register = None
+    if register is not None:
+        register(sub)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ddpm`` and ``python -m ddpm``; returns the exit status."""
+    warnings.formatwarning = _one_line_warning
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        # A --config file supplies defaults; explicit flags still override them.
+        if argv and argv[0] == "train" and "--config" in argv:
+            i = argv.index("--config")
+            if i + 1 >= len(argv):
+                raise DDPMError("--config needs a file name")
+            values = _load_toml(argv[i + 1])
+            from .train import config_from_dict
+
+            config_from_dict(values)  # unknown keys are an error, not silently ignored
+            train_parser = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+            train_parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except DDPMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

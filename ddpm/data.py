@@ -1,0 +1,395 @@
+"""Training data: image folders (flat or nested), class folders, CIFAR-10.
+
+Images are decoded once, converted to RGB whatever their mode, resized so the short side is
+the training size and cropped to a square. When the decoded set fits in memory (the usual case
+at 32-128 px: 50,000 images at 64 px are 600 MB) it is kept as one uint8 tensor and batches are
+plain indexing, which no worker pool can beat; larger sets are decoded lazily by DataLoader
+workers, once per epoch.
+
+Batches come from :class:`BatchStream`, a pure function of ``(seed, step)``: the image order is
+a fixed sequence of per-epoch permutations, cut into global batches, each rank taking its slice.
+Resuming at step ``s`` (on any number of ranks) therefore sees exactly the images an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+from .errors import DDPMError
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "load_image", "load_image_folder", "load_cifar10", "load_dataset",
+           "BatchStream", "batches"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Keep decoded data in memory up to this many bytes; above it, decode lazily in workers.
+MEMORY_BUDGET = int(os.environ.get("DDPM_DATA_MEMORY", 6 * 2**30))
+
+
+def load_image(path: str | Path, size: int, random_crop: bool = False) -> np.ndarray:
+    """Decode ``path`` to an RGB uint8 array [size, size, 3] (short side resized, then cropped).
+
+    Every PIL mode becomes RGB: palette and grayscale are expanded, alpha is composited on
+    white (transparent pixels often hold black), CMYK is converted, and 16/32-bit images are
+    scaled down to 8 bits instead of being clipped to white. EXIF orientation is applied.
+    With ``random_crop`` the result keeps the long side (resized) so a random square can be
+    cut per batch; see :func:`crop`. Raises ``OSError``/``ValueError`` for unreadable files.
+    """
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with Image.open(path) as img:
+        # JPEG can decode at 1/2, 1/4, 1/8 scale almost for free; ask for no less than 2x the target.
+        img.draft("RGB", (2 * size, 2 * size))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ValueError("image has no pixels")
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        # Box-filtered (antialiased) reduction, bicubic enlargement: no aliasing either way.
+        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None if scale > 1 else 3.0)
+    arr = np.asarray(img, dtype=np.uint8)
+    if random_crop:
+        return arr
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(arr[top : top + size, left : left + size])
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img).astype(np.float64)
+        # 16-bit PNGs span 0..65535; 32-bit integer or float images are rescaled by their own range.
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        if img.mode == "F" or a.max() > 65535:
+            lo, hi = float(a.min()), float(a.max())
+            a, top = a - lo, max(hi - lo, 1e-12)
+        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+@dataclass
+class ImageSet:
+    """A decoded data set: ``images`` uint8 [N, H, W, 3] (or None when lazy), labels, class names."""
+
+    paths: list[str]
+    labels: np.ndarray | None  # int64 [N] or None for unconditional data
+    classes: list[str] | None
+    image_size: int
+    # In-memory pixels: one array [N, H, W, 3], or with random_crop a list of [H', W', 3] arrays
+    # that keep the long side; None means decode from ``paths`` on demand.
+    images: np.ndarray | list[np.ndarray] | None = None
+    random_crop: bool = False
+
+    def __len__(self) -> int:
+        return len(self.paths) if self.images is None else len(self.images)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the set carries class labels."""
+        return self.labels is not None
+
+    def get(self, index: int) -> np.ndarray:
+        """Pixels of image ``index``, [H, W, 3] uint8 (long side kept when random-cropping)."""
+        if self.images is not None:
+            return self.images[index]
+        return load_image(self.paths[index], self.image_size, self.random_crop)
+
+
+def _scan(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def load_image_folder(
+    root: str | Path,
+    image_size: int,
+    *,
+    conditional: bool = False,
+    strict: bool = False,
+    random_crop: bool = False,
+    progress: bool = True,
+) -> ImageSet:
+    """Every image under ``root`` (any depth); with ``conditional``, ``root/<class>/...`` labels.
+
+    Unreadable files (truncated, zero bytes, not an image) are skipped with one warning that
+    counts them and names the first few; with ``strict`` the first one is an error.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DDPMError(f"data path {str(root)!r} does not exist; expected a folder of images or 'cifar10'")
+    if not root.is_dir():
+        raise DDPMError(f"data path {str(root)!r} is a file; expected a folder of images or 'cifar10'")
+    if conditional:
+        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        per_class = [(d.name, _scan(d)) for d in class_dirs]
+        per_class = [(name, files) for name, files in per_class if files]
+        if not per_class:
+            loose = len(_scan(root))
+            raise DDPMError(
+                f"--conditional needs class sub-folders (root/<class>/*.jpg) but {str(root)!r} has "
+                f"{len(class_dirs)} sub-folders with images and {loose} images in all; drop --conditional "
+                "to train unconditionally"
+            )
+        if len(per_class) < 2:
+            warnings.warn(f"only one class folder ({per_class[0][0]!r}) under {root}; guidance needs at least two")
+        classes = [name for name, _ in per_class]
+        files = [f for _, fs in per_class for f in fs]
+        labels = np.array([i for i, (_, fs) in enumerate(per_class) for _ in fs], dtype=np.int64)
+    else:
+        files = _scan(root)
+        classes, labels = None, None
+    if not files:
+        raise DDPMError(
+            f"no images found under {str(root)!r}; expected files ending in {', '.join(IMAGE_EXTENSIONS)}"
+        )
+
+    # Random crops keep the long side, so budget for up to twice the pixels.
+    keep_in_memory = len(files) * image_size * image_size * 3 * (2 if random_crop else 1) <= MEMORY_BUDGET
+    decoded: list[np.ndarray] = []
+    good: list[int] = []
+    bad: list[tuple[Path, str]] = []
+    it = _progress(files, progress, "decoding images")
+    for i, f in enumerate(it):
+        try:
+            arr = load_image(f, image_size, random_crop)
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+            if strict:
+                raise DDPMError(f"cannot read image {str(f)!r} ({_reason(e)}); --strict stops at the first bad file")
+            bad.append((f, _reason(e)))
+            continue
+        good.append(i)
+        if keep_in_memory:
+            decoded.append(arr)
+    if bad:
+        names = ", ".join(f"{p} ({r})" for p, r in bad[:3])
+        warnings.warn(
+            f"skipped {len(bad)} unreadable image file(s) of {len(files)}: {names}"
+            f"{' ...' if len(bad) > 3 else ''}; use --strict to make this an error",
+            stacklevel=2,
+        )
+    if not good:
+        raise DDPMError(f"none of the {len(files)} image files under {str(root)!r} could be read")
+    paths = [str(files[i]) for i in good]
+    if labels is not None:
+        labels = labels[good]
+    images: np.ndarray | list[np.ndarray] | None = None
+    if keep_in_memory:
+        images = decoded if random_crop else np.stack(decoded)
+    return ImageSet(paths, labels, classes, image_size, images, random_crop)
+
+
+def _reason(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg[:120]
+
+
+def _progress(items: Sequence, enabled: bool, desc: str):
+    if not enabled or len(items) < 200:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def load_cifar10(root: str | Path | None, image_size: int, *, train: bool = True, conditional: bool = True) -> ImageSet:
+    """CIFAR-10 through torchvision: read from ``root`` if a copy is there, else download it.
+
+    ``root`` defaults to ``$DDPM_CACHE/cifar10`` (``~/.cache/ddpm/cifar10``). Images are upsampled
+    (bicubic) when ``image_size`` is larger than 32.
+    """
+    from torchvision.datasets import CIFAR10
+
+    root = Path(root) if root else Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm")) / "cifar10"
+    try:
+        ds = CIFAR10(str(root), train=train, download=False)
+    except RuntimeError:
+        try:
+            ds = CIFAR10(str(root), train=train, download=True)
+        except Exception as e:  # offline machines end here
+            raise DDPMError(
+                f"CIFAR-10 is not in {str(root)!r} and could not be downloaded ({_reason(e)}); put torchvision's "
+                "cifar-10-batches-py there (--data-root), or pass a folder of class sub-folders as --data"
+            ) from None
+    data = ds.data  # [N, 32, 32, 3] uint8
+    if image_size != 32:
+        x = torch.from_numpy(data).permute(0, 3, 1, 2).float()
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False,
+                                            antialias=image_size < 32)
+        data = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    labels = np.asarray(ds.targets, dtype=np.int64) if conditional else None
+    paths = [f"cifar10:{'train' if train else 'test'}:{i}" for i in range(len(data))]
+    return ImageSet(paths, labels, list(ds.classes) if conditional else None, image_size, data)
+
+
+def load_dataset(
+    data: str,
+    image_size: int,
+    *,
+    conditional: bool = False,
+    strict: bool = False,
+    random_crop: bool = False,
+    data_root: str | None = None,
+    progress: bool = True,
+) -> ImageSet:
+    """``data`` is a folder path or ``"cifar10"`` (torchvision's copy under ``data_root``)."""
+    if data.lower() == "cifar10" and not Path(data).exists():
+        return load_cifar10(data_root, image_size, train=True, conditional=conditional)
+    return load_image_folder(data, image_size, conditional=conditional, strict=strict, random_crop=random_crop,
+                             progress=progress)
+
+
+# ------------------------------------------------------------------------------------ batches
+class BatchStream:
+    """The deterministic order of training examples: ``(index, flip, crop)`` for every step.
+
+    Epoch ``e`` visits all ``n`` examples in the permutation drawn from ``seed`` and ``e``; the
+    stream of all epochs is cut into global batches of ``global_batch``, and rank ``r`` of
+    ``world`` takes the ``r``-th contiguous slice of each. Flips and crop offsets are drawn from
+    ``(seed, step)``. Nothing here holds state, so any step can be asked for directly.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, *, rank: int = 0, world: int = 1,
+                 hflip: bool = True) -> None:
+        if global_batch % world:
+            raise DDPMError(f"global batch size {global_batch} is not divisible by {world} processes")
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.rank, self.world, self.hflip = rank, world, hflip
+        self._perm_epoch = -1
+        self._perm: torch.Tensor | None = None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5EED))
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        assert self._perm is not None
+        return self._perm
+
+    def indices(self, step: int) -> list[int]:
+        """Example indices of this rank's share of global batch ``step``."""
+        per_rank = self.global_batch // self.world
+        start = step * self.global_batch + self.rank * per_rank
+        out: list[int] = []
+        pos = start
+        while len(out) < per_rank:
+            epoch, offset = divmod(pos, self.n)
+            take = min(per_rank - len(out), self.n - offset)
+            out.extend(self._permutation(epoch)[offset : offset + take].tolist())
+            pos += take
+        return out
+
+    def epoch(self, step: int) -> float:
+        """Epochs completed at the start of ``step`` (fractional)."""
+        return step * self.global_batch / self.n
+
+    def augment(self, step: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flip flags [count] (bool) and crop positions [count] in [0, 1) for this rank at ``step``."""
+        g = torch.Generator().manual_seed(_mix(self.seed, step, self.rank, 0xF11B))
+        u = torch.rand(2, count, generator=g)
+        flips = (u[0] < 0.5) if self.hflip else torch.zeros(count, dtype=torch.bool)
+        return flips, u[1]
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (SplitMix64 on a running hash), stable across runs."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def _crop(arr: np.ndarray, size: int, pos: float) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if h == size and w == size:
+        return arr
+    if h > size:
+        top = int(pos * (h - size + 1))
+        return arr[top : top + size]
+    left = int(pos * (w - size + 1))
+    return arr[:, left : left + size]
+
+
+def _collate(data: ImageSet, idx: list[int], flips: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(data.images, np.ndarray):
+        x = torch.from_numpy(data.images[np.asarray(idx)])  # [b, H, W, 3]
+    else:
+        x = torch.from_numpy(np.stack([_crop(data.get(i), data.image_size, float(p)) for i, p in zip(idx, pos)]))
+    x = x.permute(0, 3, 1, 2)  # [b, 3, H, W] uint8
+    x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    y = torch.from_numpy(data.labels[np.asarray(idx)]) if data.labels is not None else None
+    return x.contiguous(), y
+
+
+class _LazyBatches(torch.utils.data.Dataset):
+    """Decodes one whole batch per item so DataLoader workers each build a batch in parallel."""
+
+    def __init__(self, data: ImageSet, stream: BatchStream, start: int) -> None:
+        self.data, self.stream, self.start = data, stream, start
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        step = self.start + k
+        idx = self.stream.indices(step)
+        flips, pos = self.stream.augment(step, len(idx))
+        return _collate(self.data, idx, flips, pos)
+
+
+def batches(data: ImageSet, stream: BatchStream, start_step: int = 0, *, workers: int = 0,
+            pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Endless ``(uint8 images [b, 3, H, W], labels [b] or None)`` from ``start_step`` on.
+
+    In-memory sets are batched in this process (indexing a tensor is faster than any worker
+    pool); lazy sets use ``workers`` DataLoader processes, each decoding whole batches.
+    """
+    if data.images is not None or workers <= 0:
+        step = start_step
+        while True:
+            idx = stream.indices(step)
+            flips, pos = stream.augment(step, len(idx))
+            x, y = _collate(data, idx, flips, pos)
+            if pin_memory:
+                x = x.pin_memory()
+            yield x, y
+            step += 1
+    loader = torch.utils.data.DataLoader(
+        _LazyBatches(data, stream, start_step), batch_size=None, shuffle=False, num_workers=workers,
+        pin_memory=pin_memory, persistent_workers=True, prefetch_factor=4,
+        collate_fn=lambda b: b,
+    )
+    yield from loader
+
+
+def to_model_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the range the diffusion model works in."""
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], rounding to nearest."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def steps_per_epoch(n: int, global_batch: int) -> float:
+    """How many global batches make one pass over ``n`` examples."""
+    return n / global_batch if global_batch else math.inf

@@ -1,0 +1,576 @@
+"""Training: one readable function, ``train(config)``, and its config dataclass.
+
+The loop, top to bottom: load data; build model, EMA, optimiser; resume if asked; then for
+each step draw a batch, compute the per-sample denoising loss, step the optimiser, update the
+EMA; every so often log, draw a sample grid and write a checkpoint.
+
+Reproducibility: every random draw of step ``s`` (batch order, flips, timesteps, noise, label
+dropout, dropout masks) is seeded from ``(seed, s, rank)``, and checkpoints hold the model,
+EMA and optimiser state exactly, so a run resumed at step ``s`` continues bit-identically on
+the CPU, whatever happened to the process in between.
+
+Distributed: under ``torchrun`` the model is wrapped in DistributedDataParallel, each rank
+takes its slice of every global batch, and rank 0 alone writes files and prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from . import __version__
+from .checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import BatchStream, ImageSet, _mix, batches, load_dataset, to_model_range
+from .ema import EMA
+from .errors import DDPMError
+from .generate import make_grid, save_png
+from .guidance import guided
+from .losses import PREDICTIONS, diffusion_loss
+from .samplers import eps_model, get_sampler
+from .schedule import Schedule
+from .unet import PRESETS, UNet, UNetConfig, count_parameters
+
+__all__ = ["TrainConfig", "train"]
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run; the command line's flags are exactly these fields."""
+
+    data: str = ""  # folder of images, or "cifar10"
+    out: str = "runs/ddpm"  # run folder: config, checkpoints, logs, grids
+    conditional: bool = False  # class-conditional from class sub-folders (classifier-free guidance)
+    image_size: int = 0  # training resolution; 0 = the model preset's
+    model: str = "ddpm-cifar10"  # UNet preset (see ddpm.PRESETS)
+    base_channels: int = 0  # override the preset's width; 0 = keep
+    dropout: float = -1.0  # override the preset's dropout; negative = keep
+    schedule: str = "linear"  # linear (DDPM) or cosine (improved DDPM)
+    timesteps: int = 1000  # T, the number of diffusion steps
+    prediction: str = "eps"  # network target: eps (the paper) or v
+    steps: int = 100_000  # optimiser steps in all (a resumed run continues up to this)
+    batch_size: int = 64  # global batch size: summed over all processes and accumulation steps
+    grad_accum: int = 1  # split each process's batch into this many micro-batches
+    lr: float = 2e-4  # AdamW learning rate (the paper's CIFAR-10 value)
+    warmup: int = 1000  # linear learning-rate warm-up steps (the paper used 5000)
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    ema_decay: float = 0.9999  # EMA decay (with warm-up (1+n)/(10+n))
+    p_uncond: float = 0.1  # probability of dropping a label to the null class, per sample
+    seed: int = 0  # seeds data order, noise and initialisation
+    hflip: bool = True  # random horizontal flips
+    random_crop: bool = False  # random instead of centre crops of non-square images
+    strict: bool = False  # stop at the first unreadable image instead of skipping it
+    data_root: str = ""  # where torchvision's CIFAR-10 copy lives (for --data cifar10)
+    precision: str = "auto"  # fp32 or bf16 (autocast); auto = bf16 where the device runs it well
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = True  # NHWC memory layout for convolutions
+    grad_checkpoint: bool = False  # recompute activations in the backward pass to save memory
+    device: str = "auto"  # cpu, cuda, cuda:N; auto = cuda if available
+    workers: int = -1  # data loader processes for lazily decoded sets; -1 = auto
+    log_every: int = 50  # steps between log lines / CSV rows
+    sample_every: int = 2000  # steps between EMA sample grids (0 = only at the end)
+    save_every: int = 2000  # steps between checkpoints (0 = only at the end)
+    keep: int = 3  # checkpoints to keep
+    sample_n: int = 64  # images in each sample grid (per class: sample_n // classes, at least 1)
+    sample_steps: int = 25  # DPM-Solver++ steps for the sample grids
+    sample_guidance: float = 3.0  # guidance scale for conditional sample grids
+    resume: bool = False  # continue from the newest checkpoint in --out
+    progress: bool = True  # show a progress bar
+    tensorboard: bool = True  # also log to TensorBoard when it is installed
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of all options."""
+        return [f.name for f in fields(cls)]
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_pref: str) -> _Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_pref in ("auto",) or device_pref.startswith("cuda")
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        # A finite timeout turns a dead peer into an error on the survivors instead of a hang.
+        dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("DDPM_DIST_TIMEOUT_MIN", "10"))))
+    return _Dist(rank, world, local_rank)
+
+
+def _resolve_device(pref: str, d: _Dist) -> torch.device:
+    if pref == "auto":
+        return torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise DDPMError(f"--device {pref} asked for but CUDA is not available; use --device cpu")
+    if pref == "cuda" and d.world > 1:
+        return torch.device(f"cuda:{d.local_rank}")
+    try:
+        return torch.device(pref)
+    except RuntimeError:
+        raise DDPMError(f"unknown device {pref!r}; expected auto, cpu, cuda or cuda:N") from None
+
+
+# ----------------------------------------------------------------------------------- checks
+def _validate(cfg: TrainConfig, d: _Dist) -> None:
+    if not cfg.data:
+        raise DDPMError("no training data given; pass --data PATH (a folder of images) or --data cifar10")
+    if cfg.model not in PRESETS:
+        raise DDPMError(f"unknown model preset {cfg.model!r}; expected one of {', '.join(PRESETS)}")
+    if cfg.prediction not in PREDICTIONS:
+        raise DDPMError(f"unknown prediction {cfg.prediction!r}; expected one of {', '.join(PREDICTIONS)}")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise DDPMError(f"unknown precision {cfg.precision!r}; expected auto, fp32 or bf16")
+    checks = [
+        (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
+        (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
+        (cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),
+        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
+        (0.0 <= cfg.ema_decay <= 1.0, f"--ema-decay must be in [0, 1], got {cfg.ema_decay}"),
+        (0.0 <= cfg.p_uncond < 1.0, f"--p-uncond must be in [0, 1), got {cfg.p_uncond}"),
+        (cfg.timesteps >= 2, f"--timesteps must be at least 2, got {cfg.timesteps}"),
+        (cfg.image_size >= 0, f"--image-size must be positive, got {cfg.image_size}"),
+        (cfg.keep >= 1, f"--keep must be at least 1, got {cfg.keep}"),
+        (cfg.log_every >= 1, f"--log-every must be at least 1, got {cfg.log_every}"),
+        (cfg.sample_every >= 0 and cfg.save_every >= 0, "--sample-every and --save-every must be >= 0"),
+        (cfg.batch_size % (d.world * cfg.grad_accum) == 0,
+         f"--batch-size {cfg.batch_size} (global) must be divisible by processes x --grad-accum = "
+         f"{d.world} x {cfg.grad_accum}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise DDPMError(msg)
+
+
+def _model_config(cfg: TrainConfig, classes: list[str] | None) -> UNetConfig:
+    overrides: dict[str, Any] = {}
+    if cfg.image_size:
+        overrides["image_size"] = cfg.image_size
+    if cfg.base_channels:
+        overrides["base_channels"] = cfg.base_channels
+    if cfg.dropout >= 0:
+        overrides["dropout"] = cfg.dropout
+    overrides["num_classes"] = len(classes) if classes else None
+    try:
+        return UNetConfig.preset(cfg.model, **overrides)
+    except ValueError as e:
+        raise DDPMError(f"impossible model settings: {e}") from None
+
+
+# ----------------------------------------------------------------------------- run config
+def _run_config(cfg: TrainConfig, model_cfg: UNetConfig, schedule: Schedule, data: ImageSet) -> dict[str, Any]:
+    """What a run folder needs to rebuild its model and schedule, with no flags."""
+    return {
+        "ddpm_version": __version__,
+        "model": model_cfg.to_dict(),
+        "schedule": schedule.to_dict(),
+        "prediction": cfg.prediction,
+        "classes": data.classes,
+        "image_size": model_cfg.image_size,
+        "num_images": len(data),
+        "train": asdict(cfg),
+    }
+
+
+# Options that may change when resuming (they don't alter what was learned so far).
+_RESUMABLE = {"steps", "out", "resume", "progress", "log_every", "sample_every", "save_every", "keep", "sample_n",
+              "sample_steps", "sample_guidance", "device", "workers", "tensorboard", "compile", "strict",
+              # these change how a step is computed, not what it computes
+              "grad_accum", "grad_checkpoint", "channels_last"}
+
+
+def _check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    old = saved.get("train", {})
+    changed = [k for k, v in asdict(cfg).items() if k not in _RESUMABLE and k in old and old[k] != v]
+    if changed:
+        desc = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise DDPMError(f"cannot resume with changed settings ({desc}); use the original values or a new --out")
+
+
+# -------------------------------------------------------------------------------- logging
+class _Logger:
+    """CSV + optional TensorBoard + loss-curve PNG; only rank 0 makes one."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int) -> None:
+        self.path = run_dir / "metrics.csv"
+        self.rows: list[dict[str, float]] = []
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                # Rows past the resumed step came from steps that will be redone.
+                self.rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)
+                             if float(r["step"]) <= resume_step]
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+            except Exception:  # tensorboard not installed: CSV and PNG still work
+                self.tb = None
+
+    def log(self, row: dict[str, float]) -> None:
+        self.rows.append(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, int(row["step"]))
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(self.rows[0]))
+        w.writeheader()
+        w.writerows(self.rows)
+        from .checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(self.path, buf.getvalue().encode())
+        if self.tb is not None:
+            self.tb.flush()
+        self._plot()
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [r["step"] for r in self.rows]
+        loss = [r["loss"] for r in self.rows]
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot(steps, loss, lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (mean over log interval)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        from .checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(self.path.parent / "loss.png", buf.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ------------------------------------------------------------------------------ the loop
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    # Linear warm-up, then constant, as in the DDPM paper.
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
+
+
+def _sample_grid(ema_model: UNet, schedule: Schedule, cfg: TrainConfig, classes: list[str] | None,
+                 device: torch.device, path: Path, autocast: Callable[[], Any]) -> None:
+    """An EMA sample grid: one row per class for conditional runs (fixed noise across calls)."""
+    size = ema_model.config.image_size
+    if classes:
+        per = max(1, cfg.sample_n // len(classes))
+        labels = torch.arange(len(classes)).repeat_interleave(per)
+        nrow = per
+    else:
+        labels, nrow = None, max(1, int(math.sqrt(cfg.sample_n)))
+    n = len(labels) if labels is not None else cfg.sample_n
+    gen = torch.Generator().manual_seed(cfg.seed + 12345)
+    x_T = torch.randn(n, ema_model.config.in_channels, size, size, generator=gen).to(device)
+    model: Callable = ema_model
+    if labels is not None:
+        model = guided(ema_model, labels.to(device), cfg.sample_guidance)
+    with autocast():
+        x = get_sampler("dpm-solver")(eps_model(model, schedule, cfg.prediction), x_T, schedule,
+                                      steps=cfg.sample_steps)
+    from .data import to_uint8
+
+    save_png(make_grid(to_uint8(x).cpu(), nrow=nrow), path)
+
+
+def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = None) -> Path:
+    """Train a model as ``cfg`` says; returns the path of the final checkpoint.
+
+    ``on_step(step, loss)`` is called on rank 0 after each logged interval (for tests and
+    notebooks). Raises :class:`DDPMError` for bad settings or data, and when the loss stops
+    being finite (the last good checkpoint is left as it was).
+    """
+    d = _init_distributed(cfg.device)
+    try:
+        return _train(cfg, d, on_step)
+    finally:
+        if d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | None) -> Path:
+    from .perf import autocast_context, resolve_precision
+
+    _validate(cfg, d)
+    device = _resolve_device(cfg.device, d)
+    precision = resolve_precision(device, cfg.precision)
+    run_dir = Path(cfg.out)
+    say = print if d.main else (lambda *a, **k: None)
+
+    # ---- resume: the saved run config wins for everything that shapes the model
+    resume_path = latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and resume_path is None:
+        raise DDPMError(f"--resume given but {str(run_dir)!r} has no checkpoint to resume from")
+    if not cfg.resume and latest_checkpoint(run_dir) is not None:
+        raise DDPMError(f"{str(run_dir)!r} already holds a run; pass --resume to continue it or choose another --out")
+
+    # ---- data
+    preset_size = PRESETS[cfg.model].image_size
+    image_size = cfg.image_size or preset_size
+    data = load_dataset(cfg.data, image_size, conditional=cfg.conditional, strict=cfg.strict,
+                        random_crop=cfg.random_crop, data_root=cfg.data_root or None, progress=cfg.progress and d.main)
+    say(f"data: {len(data)} images at {image_size}x{image_size}"
+        + (f", {len(data.classes)} classes: {', '.join(data.classes)}" if data.classes else ", unconditional"))
+
+    # ---- model, schedule, EMA, optimiser (identical on every rank: same seed)
+    torch.manual_seed(cfg.seed)
+    model_cfg = _model_config(cfg, data.classes)
+    schedule = Schedule.from_name(cfg.schedule, cfg.timesteps) if cfg.schedule in ("linear", "cosine") else None
+    if schedule is None:
+        raise DDPMError(f"unknown schedule {cfg.schedule!r}; expected linear or cosine")
+    model = UNet(model_cfg)
+    model.grad_checkpoint = cfg.grad_checkpoint
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = EMA(model, cfg.ema_decay)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                            fused=fused or None)
+    run_config = _run_config(cfg, model_cfg, schedule, data)
+
+    step = 0
+    if resume_path is not None:
+        saved_step, saved_config, state = load_checkpoint(resume_path, "cpu")
+        _check_resume_compatible(saved_config, cfg)
+        if saved_config["model"] != model_cfg.to_dict() or saved_config.get("classes") != data.classes:
+            raise DDPMError(f"the data or model no longer match the run in {str(run_dir)!r} "
+                            "(different classes or model settings); use a new --out")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        step = saved_step
+        say(f"resumed from {resume_path} at step {step}")
+    if step >= cfg.steps:
+        say(f"nothing to do: the run is at step {step} and --steps is {cfg.steps}")
+        return resume_path  # type: ignore[return-value]
+
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", run_config)
+    say(f"model: {cfg.model}, {count_parameters(model) / 1e6:.2f}M parameters, {precision} on {device}"
+        + (f", {d.world} processes" if d.world > 1 else ""))
+    say(f"batch: {cfg.batch_size} global = {d.world} process(es) x {cfg.grad_accum} micro-batch(es) x "
+        f"{cfg.batch_size // (d.world * cfg.grad_accum)} images")
+
+    train_model: torch.nn.Module = model
+    if d.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    stream = BatchStream(len(data), cfg.batch_size, cfg.seed, rank=d.rank, world=d.world, hflip=cfg.hflip)
+    workers = cfg.workers if cfg.workers >= 0 else min(4, os.cpu_count() or 1)
+    it = batches(data, stream, step, workers=workers, pin_memory=device.type == "cuda")
+    null_class = model_cfg.null_class
+    micro = cfg.batch_size // (d.world * cfg.grad_accum)
+
+    def autocast():
+        return autocast_context(device, precision)
+
+    logger = _Logger(run_dir, cfg.tensorboard, step) if d.main else None
+    bar = None
+    if d.main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, desc="training")
+
+    # A SIGTERM (a scheduler pre-empting the job) finishes the current step, saves, and exits.
+    stop_requested = {"flag": False}
+    old_handler = None
+    if d.main and hasattr(signal, "SIGTERM"):
+        try:
+            old_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.__setitem__("flag", True))
+        except ValueError:  # not in the main thread
+            old_handler = None
+
+    def save(at_step: int) -> Path | None:
+        if not d.main:
+            return None
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}
+        path = save_checkpoint(run_dir, at_step, run_config, state, keep=cfg.keep)
+        if logger is not None:
+            logger.flush()
+        return path
+
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    loss_count = 0
+    t_last, step_last = time.perf_counter(), step
+    last_path: Path | None = resume_path
+    model.train()
+    try:
+        while step < cfg.steps:
+            # Everything random in this step derives from (seed, step, rank): data order and
+            # flips (in the stream), timesteps, noise, label dropout, dropout masks.
+            torch.manual_seed(_mix(cfg.seed, step, d.rank, 0xD1CE))
+            gen = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, d.rank, 0x7E57))
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, cfg)
+            x_u8, y = next(it)
+            x = to_model_range(x_u8.to(device, non_blocking=True))
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if y is not None:
+                y = y.to(device, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            for k in range(cfg.grad_accum):
+                sl = slice(k * micro, (k + 1) * micro)
+                # DDP: synchronise gradients only on the last micro-batch.
+                sync = k == cfg.grad_accum - 1 or d.world == 1
+                ctx = train_model.no_sync() if (not sync and hasattr(train_model, "no_sync")) else _nullcontext()
+                with ctx, autocast():
+                    losses = diffusion_loss(train_model, schedule, x[sl], None if y is None else y[sl],
+                                            prediction=cfg.prediction, p_uncond=cfg.p_uncond,
+                                            null_class=null_class, generator=gen)
+                    loss = losses.mean() / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach().double()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.update(model)
+            loss_count += 1
+            step += 1
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = loss_sum / max(loss_count, 1)
+                if d.world > 1:
+                    dist.all_reduce(mean_loss)
+                    mean_loss /= d.world
+                mean = float(mean_loss)
+                if not math.isfinite(mean):
+                    raise DDPMError(
+                        f"loss became {mean} by step {step}; stopped without saving (the last good checkpoint "
+                        f"{last_path or 'none'} is intact). Try a lower --lr, --precision fp32 or --grad-clip 1")
+                now = time.perf_counter()
+                ips = (step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                loss_sum.zero_()
+                loss_count = 0
+                if d.main:
+                    if logger is not None:
+                        logger.log({"step": step, "loss": mean, "lr": _lr_at(step - 1, cfg), "images_per_s": ips,
+                                    "epoch": stream.epoch(step)})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{ips:.1f}", epoch=f"{stream.epoch(step):.1f}")
+                    if on_step is not None:
+                        on_step(step, mean)
+            if bar is not None:
+                bar.update(1)
+
+            want_grid = cfg.sample_every > 0 and step % cfg.sample_every == 0
+            want_save = (cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.steps
+            stop = _agree(stop_requested["flag"], d, device)
+            if stop:
+                want_save = True
+            if want_save and not math.isfinite(float(loss_sum)):
+                raise DDPMError(f"loss became non-finite before step {step}; stopped without saving "
+                                f"(the last good checkpoint {last_path or 'none'} is intact)")
+            if (want_grid or step == cfg.steps) and d.main:
+                _sample_grid(ema.module, schedule, cfg, data.classes, device,
+                             run_dir / "samples" / f"step_{step:09d}.png", autocast)
+            if want_save:
+                last_path = save(step)
+                if d.world > 1:
+                    dist.barrier()
+            if stop:
+                say(f"\nstopped by SIGTERM at step {step}; resume with --resume")
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        if logger is not None:
+            logger.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    if d.world > 1:
+        _check_replicas_agree(model, ema, d, device, say)
+    if d.main and last_path is not None:
+        say(f"checkpoint: {last_path}")
+    return last_path if last_path is not None else run_dir
+
+
+def _check_replicas_agree(model: torch.nn.Module, ema: EMA, d: _Dist, device: torch.device,
+                          say: Callable[..., None]) -> None:
+    """Compare weight and EMA digests across ranks: DDP keeps replicas equal, and a silent
+    divergence (a rank with different data or a non-deterministic kernel) would corrupt the run."""
+    from .checkpoint import weights_sha256
+
+    mine = weights_sha256(model.state_dict()) + weights_sha256(ema.module.state_dict())
+    gathered: list[Any] = [None] * d.world
+    dist.all_gather_object(gathered, mine)
+    if len(set(gathered)) != 1:
+        raise DDPMError(f"the {d.world} processes ended with different weights; the run is not trustworthy")
+    say(f"all {d.world} processes hold identical model and EMA weights (sha256 {mine[:12]}...)")
+
+
+def _agree(flag: bool, d: _Dist, device: torch.device) -> bool:
+    """All ranks stop together if rank 0 was asked to."""
+    if d.world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A :class:`TrainConfig` from a dict (e.g. a TOML file); unknown keys are an error."""
+    known = set(TrainConfig.field_names())
+    norm = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(norm) - known)
+    if unknown:
+        raise DDPMError(f"unknown training option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+    return TrainConfig(**norm)

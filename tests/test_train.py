@@ -1,0 +1,198 @@
+"""End-to-end training on the shared real images: tiny models, a few steps, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import copy_subset
+from ddpm.cli import TRAIN_HELP, main, run_info
+from ddpm.errors import DDPMError
+from ddpm.train import TrainConfig, train
+
+CLASSES = ["airplane", "ship", "cat"]
+
+
+def _tiny(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), model="tiny", image_size=16, steps=4, batch_size=8, lr=1e-3,
+                warmup=2, log_every=1, sample_every=0, save_every=0, sample_n=6, sample_steps=3,
+                progress=False, tensorboard=False, precision="fp32", device="cpu", workers=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def cifar_small(cifar10_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_subset(cifar10_dir / "train", tmp_path_factory.mktemp("cifar_small"), CLASSES, 16)
+
+
+@pytest.fixture(scope="module")
+def landscapes_small(landscapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_subset(landscapes_dir, tmp_path_factory.mktemp("land_small"), None, 48)
+
+
+def test_every_train_option_has_help() -> None:
+    assert set(TRAIN_HELP) == set(TrainConfig.field_names())
+
+
+def test_conditional_cifar_trains_samples_by_class_name(cifar_small: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(_tiny(cifar_small, run, conditional=True, steps=3, save_every=2))
+    info = run_info(str(run))
+    assert info["step"] == 3 and info["classes"] == sorted(CLASSES)
+    assert (run / "metrics.csv").exists() and (run / "loss.png").exists()
+    assert (run / "samples" / "step_000000003.png").exists()
+    out = tmp_path / "ships.png"
+    assert main(["sample", "--run", str(run), "--n", "3", "--class", "ship", "airplane", "--out", str(out),
+                 "--steps", "3", "--individual", str(tmp_path / "ind"), "--device", "cpu"]) == 0
+    grid = Image.open(out)
+    # 2 rows (classes) x 3 images of 16 px with 2 px padding
+    assert grid.size == (3 * 18 + 2, 2 * 18 + 2)
+    assert len(list((tmp_path / "ind").glob("*.png"))) == 6
+
+
+def test_unknown_class_name_lists_valid_ones(cifar_small: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    train(_tiny(cifar_small, run, conditional=True, steps=1))
+    assert main(["sample", "--run", str(run), "--class", "boat", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown class 'boat'; this run's classes are: airplane, cat, ship"
+
+
+def test_unconditional_landscapes_loss_falls(landscapes_small: Path, tmp_path: Path) -> None:
+    losses: list[float] = []
+    train(_tiny(landscapes_small, tmp_path / "run", steps=60, batch_size=16, lr=2e-3, warmup=5, log_every=10),
+          on_step=lambda s, l: losses.append(l))
+    assert len(losses) == 6
+    # The zero-initialised output layer predicts eps = 0 at first, so the loss starts near
+    # E[eps^2] = 1; a working model halves it within a few dozen steps.
+    assert losses[0] > 0.4
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_resume_is_bit_identical(cifar_small: Path, tmp_path: Path) -> None:
+    full, half = tmp_path / "full", tmp_path / "half"
+    train(_tiny(cifar_small, full, conditional=True, steps=6, dropout=0.1))
+    train(_tiny(cifar_small, half, conditional=True, steps=3, dropout=0.1))
+    train(_tiny(cifar_small, half, conditional=True, steps=6, dropout=0.1, resume=True))
+    a, b = run_info(str(full)), run_info(str(half))
+    assert a["step"] == b["step"] == 6
+    assert a["model_sha256"] == b["model_sha256"]
+    assert a["ema_sha256"] == b["ema_sha256"]
+    # and the runs did learn something different from a fresh model
+    fresh = tmp_path / "fresh"
+    train(_tiny(cifar_small, fresh, conditional=True, steps=1, dropout=0.1))
+    assert run_info(str(fresh))["model_sha256"] != a["model_sha256"]
+
+
+def test_resume_refuses_changed_settings_and_existing_run(cifar_small: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(_tiny(cifar_small, run, conditional=True, steps=2))
+    with pytest.raises(DDPMError, match="already holds a run"):
+        train(_tiny(cifar_small, run, conditional=True, steps=4))
+    with pytest.raises(DDPMError, match="--lr"):
+        train(_tiny(cifar_small, run, conditional=True, steps=4, lr=5e-4, resume=True))
+
+
+def test_keeps_last_k_checkpoints(cifar_small: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(_tiny(cifar_small, run, steps=5, save_every=1, keep=2))
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["ckpt_000000004.safetensors", "ckpt_000000005.safetensors"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cifar_small: Path, tmp_path: Path, monkeypatch) -> None:
+    import ddpm.train as train_mod
+
+    run = tmp_path / "run"
+    real = train_mod.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] > 2 else out
+
+    monkeypatch.setattr(train_mod, "diffusion_loss", poisoned)
+    with pytest.raises(DDPMError, match="loss became nan"):
+        train(_tiny(cifar_small, run, steps=6, save_every=2))
+    info = run_info(str(run))
+    assert info["step"] == 2
+    from ddpm.checkpoint import load_run
+
+    r = load_run(run)
+    assert all(np.isfinite(p.detach().numpy()).all() for p in r.model.parameters())
+
+
+def test_checkpoint_has_no_pickle(cifar_small: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(_tiny(cifar_small, run, steps=1))
+    ckpt = next((run / "checkpoints").iterdir())
+    header_len = int.from_bytes(ckpt.read_bytes()[:8], "little")
+    header = json.loads(ckpt.read_bytes()[8 : 8 + header_len])
+    assert header["__metadata__"]["format"] == "ddpm-checkpoint-1"
+    assert b"\x80\x04\x95" not in ckpt.read_bytes()[: 8 + header_len]  # no pickle protocol header
+
+
+def test_toml_config(cifar_small: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = "{cifar_small}"\nmodel = "tiny"\nimage-size = 16\nsteps = 2\nbatch_size = 4\n'
+                   f'sample_every = 0\nsave_every = 0\nprogress = false\ntensorboard = false\nsample_steps = 2\n'
+                   f'sample_n = 4\nprecision = "fp32"\n')
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--steps", "3"]) == 0
+    assert run_info(str(tmp_path / "run"))["step"] == 3
+    bad = tmp_path / "bad.toml"
+    bad.write_text('stepz = 3\n')
+    assert main(["train", "--config", str(bad)]) == 2
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ddpm", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_bad_input_is_one_line_and_nonzero(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "a.png")
+    cases = [
+        (["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r1")], "does not exist"),
+        (["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r2")], "no images found"),
+        (["train", "--data", str(flat), "--conditional", "--out", str(tmp_path / "r3")], "class sub-folders"),
+        (["train", "--data", str(flat), "--model", "huge", "--out", str(tmp_path / "r4")], "unknown model preset"),
+        (["train", "--data", str(flat), "--batch-size", "0", "--out", str(tmp_path / "r5")], "--batch-size"),
+        (["sample", "--run", str(tmp_path / "norun"), "--out", str(tmp_path / "x.png")], "does not exist"),
+        (["info", str(tmp_path / "norun")], "does not exist"),
+    ]
+    # One interpreter for all cases keeps this fast; each case still goes through main().
+    script = (
+        "import sys, json\nfrom ddpm.cli import main\nimport contextlib, io\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        rc = main(args)\n"
+        "    print(json.dumps([rc, err.getvalue()]))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script, json.dumps([c for c, _ in cases])], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    outputs = [json.loads(line) for line in res.stdout.strip().splitlines()]
+    for (args, expected), (rc, err) in zip(cases, outputs):
+        assert rc != 0, args
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (args, err)
+        assert "Traceback" not in err
+
+
+def test_python_m_ddpm_help_lists_defaults(tmp_path: Path) -> None:
+    res = _cli("train", "--help", cwd=tmp_path)
+    assert res.returncode == 0
+    assert "--ema-decay" in res.stdout and "(default: 0.9999)" in res.stdout
+    assert "--grad-checkpoint" in res.stdout
