@@ -22,14 +22,15 @@ __all__ = ["Schedule", "SPACINGS"]
 SPACINGS = ("linspace", "trailing", "leading", "logsnr")
 
 
-def _gather(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _gather(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor, before: float = 1.0) -> torch.Tensor:
     """``table[t]`` reshaped to broadcast over ``like`` ([B] -> [B, 1, 1, 1]) in its dtype.
 
     Negative ``t`` means "before the first step", where abar is 1: the samplers use it for the
-    final step to clean data.
+    final step to clean data. There the table's value is ``before``: 1 for ``sqrt(abar)``, but
+    0 for ``sqrt(1 - abar)``.
     """
     t = t.to(table.device)
-    vals = torch.where(t >= 0, table[t.clamp(min=0)], torch.ones((), dtype=table.dtype))
+    vals = torch.where(t >= 0, table[t.clamp(min=0)], torch.full((), before, dtype=table.dtype))
     vals = vals.to(device=like.device, dtype=like.dtype if like.is_floating_point() else torch.float32)
     return vals.reshape(-1, *([1] * (like.ndim - 1)))
 
@@ -137,8 +138,8 @@ class Schedule:
         return hash(tuple(self.betas.tolist()))
 
     def __repr__(self) -> str:
-        extra = ", ".join(f"{k}={v}" for k, v in self.params.items())
-        return f"Schedule({self.kind}, T={self.T}{', ' + extra if extra and self.kind != 'custom' else ''})"
+        extra = "".join(f", {k}={v}" for k, v in self.params.items() if k != "T")
+        return f"Schedule({self.kind}, T={self.T}{extra})"
 
     # ------------------------------------------------------------------ basic facts
     @property
@@ -189,13 +190,15 @@ class Schedule:
     # ------------------------------------------------------------------ forward process
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Sample ``q(x_t | x0)``: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (eq. 4)."""
-        return _gather(self.sqrt_alphas_cumprod, t, x0) * x0 + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        a, s = self.alpha_sigma(t, x0)
+        return a * x0 + s * noise
 
     # ------------------------------------------------------------------ conversions
     # All of them take t as an int64 tensor [B]; t = -1 means clean data (abar = 1).
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sqrt(abar_t), sqrt(1 - abar_t))`` shaped to broadcast over ``like``."""
-        return _gather(self.sqrt_alphas_cumprod, t, like), _gather(self.sqrt_one_minus_alphas_cumprod, t, like)
+        return (_gather(self.sqrt_alphas_cumprod, t, like),
+                _gather(self.sqrt_one_minus_alphas_cumprod, t, like, before=0.0))
 
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Predicted clean data from predicted noise (eq. 15 solved for x0)."""
@@ -224,7 +227,7 @@ class Schedule:
 
     def score_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Score of the noised marginal, ``grad log p_t(x_t) = -eps / sqrt(1 - abar_t)``."""
-        return -eps / _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return -eps / _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t, before=0.0)
 
     def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of ``q(x_{t-1} | x_t, x0)`` over the full (unspaced) chain."""
