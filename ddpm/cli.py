@@ -52,6 +52,7 @@ TRAIN_HELP: dict[str, str] = {
     "sample_n": "images in each sample grid (conditional: split over the classes)",
     "sample_steps": "DPM-Solver++ steps for the sample grids",
     "sample_guidance": "guidance scale for conditional sample grids",
+    "time_limit": "stop after this many minutes of training, saving a checkpoint (0 = no limit)",
     "resume": "continue the run in --out from its newest checkpoint (bit-exact on CPU)",
     "progress": "show a progress bar",
     "tensorboard": "also log to TensorBoard (when installed)",
@@ -238,7 +239,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train a small class-conditional model on handwritten digits, then sample",
                        formatter_class=_Formatter)
     p.add_argument("--out", default="runs/demo", help="run folder (the digit images are unpacked to OUT/digits)")
-    p.add_argument("--steps", type=int, default=1500, help="training steps")
+    p.add_argument("--steps", type=int, default=800, help="training steps")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto = cuda when available")
     p.set_defaults(func=_cmd_demo)

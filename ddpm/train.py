@@ -85,6 +85,7 @@ class TrainConfig:
     sample_n: int = 64  # images in each sample grid (per class: sample_n // classes, at least 1)
     sample_steps: int = 25  # DPM-Solver++ steps for the sample grids
     sample_guidance: float = 3.0  # guidance scale for conditional sample grids
+    time_limit: float = 0.0  # stop (and save) after this many minutes of training; 0 = no limit
     resume: bool = False  # continue from the newest checkpoint in --out
     progress: bool = True  # show a progress bar
     tensorboard: bool = True  # also log to TensorBoard when it is installed
@@ -157,6 +158,7 @@ def _validate(cfg: TrainConfig, d: _Dist) -> None:
         (cfg.timesteps >= 2, f"--timesteps must be at least 2, got {cfg.timesteps}"),
         (cfg.image_size >= 0, f"--image-size must be positive, got {cfg.image_size}"),
         (cfg.keep >= 1, f"--keep must be at least 1, got {cfg.keep}"),
+        (cfg.time_limit >= 0, f"--time-limit must be >= 0 minutes, got {cfg.time_limit}"),
         (cfg.log_every >= 1, f"--log-every must be at least 1, got {cfg.log_every}"),
         (cfg.sample_every >= 0 and cfg.save_every >= 0, "--sample-every and --save-every must be >= 0"),
         (cfg.batch_size % (d.world * cfg.grad_accum) == 0,
@@ -200,7 +202,7 @@ def _run_config(cfg: TrainConfig, model_cfg: UNetConfig, schedule: Schedule, dat
 
 # Options that may change when resuming (they don't alter what was learned so far).
 _RESUMABLE = {"steps", "out", "resume", "progress", "log_every", "sample_every", "save_every", "keep", "sample_n",
-              "sample_steps", "sample_guidance", "device", "workers", "tensorboard", "compile", "strict",
+              "sample_steps", "sample_guidance", "device", "workers", "tensorboard", "compile", "strict", "time_limit",
               # these change how a step is computed, not what it computes
               "grad_accum", "grad_checkpoint", "channels_last"}
 
@@ -333,11 +335,11 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
 
 
 def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | None) -> Path:
-    from .perf import autocast_context, resolve_precision
+    from .perf import autocast_context, default_precision
 
     _validate(cfg, d)
     device = _resolve_device(cfg.device, d)
-    precision = resolve_precision(device, cfg.precision)
+    precision = default_precision(device) if cfg.precision == "auto" else cfg.precision
     run_dir = Path(cfg.out)
     say = print if d.main else (lambda *a, **k: None)
 
@@ -441,6 +443,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     loss_count = 0
     t_last, step_last = time.perf_counter(), step
+    t_start = t_last
     last_path: Path | None = resume_path
     model.train()
     try:
@@ -505,7 +508,8 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
 
             want_grid = cfg.sample_every > 0 and step % cfg.sample_every == 0
             want_save = (cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.steps
-            stop = _agree(stop_requested["flag"], d, device)
+            out_of_time = cfg.time_limit > 0 and time.perf_counter() - t_start > 60.0 * cfg.time_limit
+            stop = _agree(stop_requested["flag"] or out_of_time, d, device) and step < cfg.steps
             if stop:
                 want_save = True
             if want_save and not math.isfinite(float(loss_sum)):
@@ -519,7 +523,8 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                 if d.world > 1:
                     dist.barrier()
             if stop:
-                say(f"\nstopped by SIGTERM at step {step}; resume with --resume")
+                why = "SIGTERM" if stop_requested["flag"] else f"--time-limit {cfg.time_limit:g} min"
+                say(f"\nstopped by {why} at step {step}; continue with --resume")
                 break
     finally:
         if bar is not None:
