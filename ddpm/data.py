@@ -27,7 +27,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from .errors import DDPMError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "load_image", "load_image_folder", "load_cifar10", "load_dataset",
+__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "load_image", "to_rgb", "load_image_folder", "load_cifar10", "load_dataset",
            "BatchStream", "batches"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -50,7 +50,7 @@ def load_image(path: str | Path, size: int, random_crop: bool = False) -> np.nda
         img.draft("RGB", (2 * size, 2 * size))
         img.load()
         img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
+        img = to_rgb(img)
     w, h = img.size
     if w < 1 or h < 1:
         raise ValueError("image has no pixels")
@@ -66,7 +66,8 @@ def load_image(path: str | Path, size: int, random_crop: bool = False) -> np.nda
     return np.ascontiguousarray(arr[top : top + size, left : left + size])
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16/32-bit scaled (not clipped), alpha composited on white."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         a = np.asarray(img).astype(np.float64)
         # 16-bit PNGs span 0..65535; 32-bit integer or float images are rescaled by their own range.

