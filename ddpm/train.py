@@ -217,7 +217,13 @@ def _check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig) -> None:
 
 # -------------------------------------------------------------------------------- logging
 class _Logger:
-    """CSV + optional TensorBoard + loss-curve PNG; only rank 0 makes one."""
+    """CSV + optional TensorBoard + loss-curve PNG; only rank 0 makes one.
+
+    Each logged row is appended to ``metrics.csv`` at once, so ``tail -f`` follows the run; the
+    loss curve is redrawn when a checkpoint is written.
+    """
+
+    FIELDS = ("step", "loss", "lr", "images_per_s", "epoch")
 
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int) -> None:
         self.path = run_dir / "metrics.csv"
@@ -227,6 +233,15 @@ class _Logger:
                 # Rows past the resumed step came from steps that will be redone.
                 self.rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)
                              if float(r["step"]) <= resume_step]
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=self.FIELDS)
+        w.writeheader()
+        w.writerows(self.rows)
+        from .checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(self.path, buf.getvalue().encode())
         self.tb = None
         if tensorboard:
             try:
@@ -238,26 +253,18 @@ class _Logger:
 
     def log(self, row: dict[str, float]) -> None:
         self.rows.append(row)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.FIELDS).writerow(row)
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step":
                     self.tb.add_scalar(k, v, int(row["step"]))
 
     def flush(self) -> None:
-        if not self.rows:
-            return
-        import io
-
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(self.rows[0]))
-        w.writeheader()
-        w.writerows(self.rows)
-        from .checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(self.path, buf.getvalue().encode())
         if self.tb is not None:
             self.tb.flush()
-        self._plot()
+        if self.rows:
+            self._plot()
 
     def _plot(self) -> None:
         import matplotlib
