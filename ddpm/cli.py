@@ -149,7 +149,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import load_run
-    from .generate import generate, make_grid, save_png
+    from .generate import default_steps, generate, make_grid, save_png
 
     if args.n < 1:
         raise DDPMError(f"--n must be at least 1, got {args.n}")
@@ -157,8 +157,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise DDPMError(f"--steps must be at least 1, got {args.steps}")
     if not args.out.lower().endswith(".png"):
         raise DDPMError(f"--out {args.out!r} must be a .png file")
+    if args.batch_size < 1:
+        raise DDPMError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.nrow < 0:
+        raise DDPMError(f"--nrow must be >= 0, got {args.nrow}")
     device = _device(args.device)
     run = load_run(args.run, device)
+    T = run.schedule.T
+    if args.steps is not None and args.steps > T:
+        raise DDPMError(f"--steps {args.steps} exceeds this run's {T} diffusion steps")
     labels = None
     nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
     if args.classes:
@@ -167,7 +174,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         nrow = args.nrow or args.n
     n = len(labels) if labels is not None else args.n
     options = {"eta": args.eta} if args.sampler == "ddim" else {}
-    images = generate(run, n, labels=labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+    steps = args.steps if args.steps is not None else min(default_steps(args.sampler) or T, T)
+    images = generate(run, n, labels=labels, sampler=args.sampler, steps=steps, guidance=args.guidance,
                       seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema, device=device,
                       precision=args.precision, **options)
     save_png(make_grid(images, nrow=nrow), args.out)
@@ -275,6 +283,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Defaults for ``ddpm train`` from, in rising priority: the built-in defaults, the run's own
+    config.json (with --resume, so ``ddpm train --out RUN --resume --steps N`` is enough), a
+    --config TOML file; flags given on the command line win over all of them."""
+    from .train import config_from_dict
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--out")
+    pre.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False)
+    known, _ = pre.parse_known_args(argv)
+    defaults: dict[str, Any] = {}
+    if known.resume and known.out and (Path(known.out) / "config.json").is_file():
+        try:
+            saved = json.loads((Path(known.out) / "config.json").read_text()).get("train", {})
+        except (OSError, ValueError) as e:
+            raise DDPMError(f"cannot read {known.out}/config.json to resume: {e}") from None
+        defaults.update({k: v for k, v in saved.items() if k not in ("resume", "out")})
+    if known.config:
+        defaults.update({k.replace("-", "_"): v for k, v in _load_toml(known.config).items()})
+    if defaults:
+        config_from_dict(defaults)  # unknown keys and wrong types are errors, not silently ignored
+        train_parser = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+        train_parser.set_defaults(**defaults)
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
     return f"warning: {message}\n"
 
@@ -285,17 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        # A --config file supplies defaults; explicit flags still override them.
-        if argv and argv[0] == "train" and "--config" in argv:
-            i = argv.index("--config")
-            if i + 1 >= len(argv):
-                raise DDPMError("--config needs a file name")
-            values = _load_toml(argv[i + 1])
-            from .train import config_from_dict
-
-            config_from_dict(values)  # unknown keys are an error, not silently ignored
-            train_parser = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
-            train_parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+        if argv[:1] == ["train"]:
+            _train_defaults(parser, argv[1:])
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except DDPMError as e:

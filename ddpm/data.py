@@ -14,7 +14,6 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -162,6 +161,8 @@ def load_image_folder(
 
     # Random crops keep the long side, so budget for up to twice the pixels.
     keep_in_memory = len(files) * image_size * image_size * 3 * (2 if random_crop else 1) <= MEMORY_BUDGET
+    # Decoded pixels go straight into one preallocated array (no list + stack at twice the memory).
+    pixels = np.empty((len(files), image_size, image_size, 3), np.uint8) if keep_in_memory and not random_crop else None
     decoded: list[np.ndarray] = []
     good: list[int] = []
     bad: list[tuple[Path, str]] = []
@@ -174,9 +175,11 @@ def load_image_folder(
                 raise DDPMError(f"cannot read image {str(f)!r} ({_reason(e)}); --strict stops at the first bad file")
             bad.append((f, _reason(e)))
             continue
-        good.append(i)
-        if keep_in_memory:
+        if pixels is not None:
+            pixels[len(good)] = arr
+        elif keep_in_memory:
             decoded.append(arr)
+        good.append(i)
     if bad:
         names = ", ".join(f"{p} ({r})" for p, r in bad[:3])
         warnings.warn(
@@ -190,8 +193,10 @@ def load_image_folder(
     if labels is not None:
         labels = labels[good]
     images: np.ndarray | list[np.ndarray] | None = None
-    if keep_in_memory:
-        images = decoded if random_crop else np.stack(decoded)
+    if pixels is not None:
+        images = pixels[: len(good)]
+    elif keep_in_memory:
+        images = decoded
     return ImageSet(paths, labels, classes, image_size, images, random_crop)
 
 
@@ -377,6 +382,9 @@ def batches(data: ImageSet, stream: BatchStream, start_step: int = 0, *, workers
         _LazyBatches(data, stream, start_step), batch_size=None, shuffle=False, num_workers=workers,
         pin_memory=pin_memory, persistent_workers=True, prefetch_factor=4,
         collate_fn=lambda b: b,
+        # Without its own generator the loader draws worker seeds from the global RNG, which
+        # would shift the training step's random draws after a resume.
+        generator=torch.Generator().manual_seed(_mix(stream.seed, start_step, 0xDA7A)),
     )
     yield from loader
 
@@ -391,6 +399,3 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def steps_per_epoch(n: int, global_batch: int) -> float:
-    """How many global batches make one pass over ``n`` examples."""
-    return n / global_batch if global_batch else math.inf

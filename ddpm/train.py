@@ -15,12 +15,14 @@ takes its slice of every global batch, and rank 0 alone writes files and prints.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
@@ -147,7 +149,15 @@ def _validate(cfg: TrainConfig, d: _Dist) -> None:
         raise DDPMError(f"unknown prediction {cfg.prediction!r}; expected one of {', '.join(PREDICTIONS)}")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise DDPMError(f"unknown precision {cfg.precision!r}; expected auto, fp32 or bf16")
+    numbers = {"lr": cfg.lr, "weight-decay": cfg.weight_decay, "grad-clip": cfg.grad_clip, "ema-decay": cfg.ema_decay,
+               "p-uncond": cfg.p_uncond, "sample-guidance": cfg.sample_guidance, "time-limit": cfg.time_limit}
+    for name, value in numbers.items():
+        if not math.isfinite(value):
+            raise DDPMError(f"--{name} must be a finite number, got {value}")
     checks = [
+        (1 <= cfg.sample_steps <= cfg.timesteps,
+         f"--sample-steps must be between 1 and --timesteps ({cfg.timesteps}), got {cfg.sample_steps}"),
+        (cfg.sample_n >= 1, f"--sample-n must be at least 1, got {cfg.sample_n}"),
         (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
         (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
         (cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),
@@ -360,8 +370,18 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
     # ---- data
     preset_size = PRESETS[cfg.model].image_size
     image_size = cfg.image_size or preset_size
+    data_path = Path(cfg.data).expanduser().resolve()
+    if data_path.is_dir() and (run_dir.expanduser().resolve() == data_path or data_path in run_dir.expanduser().resolve().parents):
+        raise DDPMError(f"--out {str(run_dir)!r} is inside --data {cfg.data!r}; the run's own sample grids would "
+                        "become training images. Put the run folder elsewhere")
+    # Rank 0 loads first (a CIFAR-10 download, one warning about bad files), then the others.
+    if d.world > 1 and not d.main:
+        warnings.filterwarnings("ignore", message="skipped")
+        dist.barrier()
     data = load_dataset(cfg.data, image_size, conditional=cfg.conditional, strict=cfg.strict,
                         random_crop=cfg.random_crop, data_root=cfg.data_root or None, progress=cfg.progress and d.main)
+    if d.world > 1 and d.main:
+        dist.barrier()
     say(f"data: {len(data)} images at {image_size}x{image_size}"
         + (f", {len(data.classes)} classes: {', '.join(data.classes)}" if data.classes else ", unconditional"))
 
@@ -386,12 +406,17 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
     if resume_path is not None:
         saved_step, saved_config, state = load_checkpoint(resume_path, "cpu")
         _check_resume_compatible(saved_config, cfg)
+        if saved_config.get("num_images") not in (None, len(data)):
+            raise DDPMError(f"the data changed since this run began ({saved_config['num_images']} -> {len(data)} "
+                            "images); restore it or start a new --out")
         if saved_config["model"] != model_cfg.to_dict() or saved_config.get("classes") != data.classes:
             raise DDPMError(f"the data or model no longer match the run in {str(run_dir)!r} "
                             "(different classes or model settings); use a new --out")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:  # a CPU checkpoint resumed on a GPU still gets the fused kernel
+            group["fused"], group["foreach"] = (True if fused else None), None
         step = saved_step
         say(f"resumed from {resume_path} at step {step}")
     if step >= cfg.steps:
@@ -429,10 +454,11 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
 
         bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, desc="training")
 
-    # A SIGTERM (a scheduler pre-empting the job) finishes the current step, saves, and exits.
+    # A SIGTERM (a scheduler pre-empting the job; torchrun and SLURM signal every rank) finishes
+    # the current step, saves, and exits.
     stop_requested = {"flag": False}
     old_handler = None
-    if d.main and hasattr(signal, "SIGTERM"):
+    if hasattr(signal, "SIGTERM"):
         try:
             old_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.__setitem__("flag", True))
         except ValueError:  # not in the main thread
@@ -472,7 +498,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                 sl = slice(k * micro, (k + 1) * micro)
                 # DDP: synchronise gradients only on the last micro-batch.
                 sync = k == cfg.grad_accum - 1 or d.world == 1
-                ctx = train_model.no_sync() if (not sync and hasattr(train_model, "no_sync")) else _nullcontext()
+                ctx = train_model.no_sync() if (not sync and hasattr(train_model, "no_sync")) else contextlib.nullcontext()
                 with ctx, autocast():
                     losses = diffusion_loss(train_model, schedule, x[sl], None if y is None else y[sl],
                                             prediction=cfg.prediction, p_uncond=cfg.p_uncond,
@@ -495,8 +521,10 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                 mean = float(mean_loss)
                 if not math.isfinite(mean):
                     raise DDPMError(
-                        f"loss became {mean} by step {step}; stopped without saving (the last good checkpoint "
-                        f"{last_path or 'none'} is intact). Try a lower --lr, --precision fp32 or --grad-clip 1")
+                        f"loss became {mean} by step {step}; stopped without saving ("
+                        + (f"the last good checkpoint {last_path} is intact" if last_path else
+                           "no checkpoint had been written yet")
+                        + "). Try a lower --lr, --precision fp32 or --grad-clip 1")
                 now = time.perf_counter()
                 ips = (step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
@@ -515,20 +543,28 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
 
             want_grid = cfg.sample_every > 0 and step % cfg.sample_every == 0
             want_save = (cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.steps
-            out_of_time = cfg.time_limit > 0 and time.perf_counter() - t_start > 60.0 * cfg.time_limit
-            stop = _agree(stop_requested["flag"] or out_of_time, d, device) and step < cfg.steps
+            stop = False
+            # Under DDP, agreeing on a stop is a collective: do it every few steps, not every step.
+            if d.world == 1 or step % 10 == 0 or want_save:
+                out_of_time = cfg.time_limit > 0 and time.perf_counter() - t_start > 60.0 * cfg.time_limit
+                stop = _any_rank(stop_requested["flag"] or out_of_time, d, device) and step < cfg.steps
             if stop:
                 want_save = True
-            if want_save and not math.isfinite(float(loss_sum)):
-                raise DDPMError(f"loss became non-finite before step {step}; stopped without saving "
-                                f"(the last good checkpoint {last_path or 'none'} is intact)")
-            if (want_grid or step == cfg.steps) and d.main:
-                _sample_grid(ema.module, schedule, cfg, data.classes, device,
-                             run_dir / "samples" / f"step_{step:09d}.png", autocast)
             if want_save:
+                # A finite loss can still come with non-finite updates; never save such weights.
+                ok = math.isfinite(float(loss_sum)) and all(bool(p.isfinite().all()) for p in model.parameters())
+                if _any_rank(not ok, d, device):
+                    raise DDPMError(f"loss or weights became non-finite by step {step}; stopped without saving ("
+                                    + (f"the last good checkpoint {last_path} is intact" if last_path else
+                                       "no checkpoint had been written yet")
+                                    + "). Try a lower --lr, --precision fp32 or --grad-clip 1")
                 last_path = save(step)
                 if d.world > 1:
                     dist.barrier()
+            # The grid comes after the checkpoint, so a failure while sampling loses no training.
+            if (want_grid or step == cfg.steps) and d.main:
+                _sample_grid(ema.module, schedule, cfg, data.classes, device,
+                             run_dir / "samples" / f"step_{step:09d}.png", autocast)
             if stop:
                 why = "SIGTERM" if stop_requested["flag"] else f"--time-limit {cfg.time_limit:g} min"
                 say(f"\nstopped by {why} at step {step}; continue with --resume")
@@ -561,28 +597,28 @@ def _check_replicas_agree(model: torch.nn.Module, ema: EMA, d: _Dist, device: to
     say(f"all {d.world} processes hold identical model and EMA weights (sha256 {mine[:12]}...)")
 
 
-def _agree(flag: bool, d: _Dist, device: torch.device) -> bool:
-    """All ranks stop together if rank 0 was asked to."""
+def _any_rank(flag: bool, d: _Dist, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any: ranks must take the same branch."""
     if d.world == 1:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.broadcast(t, 0)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """A :class:`TrainConfig` from a dict (e.g. a TOML file); unknown keys are an error."""
-    known = set(TrainConfig.field_names())
+    """A :class:`TrainConfig` from a dict (a TOML file, a saved run); unknown keys or values of
+    the wrong type are an error naming the key."""
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
     norm = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(norm) - known)
+    unknown = sorted(set(norm) - set(types))
     if unknown:
-        raise DDPMError(f"unknown training option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        raise DDPMError(f"unknown training option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(types))}")
+    for k, v in norm.items():
+        want = types[k]
+        ok = isinstance(v, want) and not (want is not bool and isinstance(v, bool))
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            norm[k], ok = float(v), True
+        if not ok:
+            raise DDPMError(f"option {k!r} must be {want.__name__}, got {v!r}")
     return TrainConfig(**norm)

@@ -196,3 +196,38 @@ def test_python_m_ddpm_help_lists_defaults(tmp_path: Path) -> None:
     assert res.returncode == 0
     assert "--ema-decay" in res.stdout and "(default: 0.9999)" in res.stdout
     assert "--grad-checkpoint" in res.stdout
+
+
+def test_resume_from_cli_needs_only_out_and_steps(cifar_small: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(cifar_small), "--out", str(run), "--conditional", "--model", "tiny",
+                 "--image-size", "16", "--steps", "2", "--batch-size", "4", "--sample-every", "0", "--sample-steps",
+                 "2", "--sample-n", "3", "--no-progress", "--no-tensorboard", "--precision", "fp32"]) == 0
+    # every other option comes from the run's config.json
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3"]) == 0
+    info = run_info(str(run))
+    assert info["step"] == 3 and info["config"]["train"]["batch_size"] == 4
+
+
+def test_config_file_forms_and_types(cifar_small: Path, tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = "{cifar_small}"\nmodel = "tiny"\nimage_size = 16\nsteps = 1\nbatch_size = 4\n'
+                   'sample_steps = 2\nsample_n = 2\nprogress = false\ntensorboard = false\nprecision = "fp32"\n')
+    assert main(["train", f"--config={cfg}", "--out", str(tmp_path / "run")]) == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text("batch_size = 4.5\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r2")]) == 2
+    assert "option 'batch_size' must be int, got 4.5" in capsys.readouterr().err
+
+
+def test_impossible_settings_are_errors(cifar_small: Path, tmp_path: Path) -> None:
+    with pytest.raises(DDPMError, match="--lr must be a finite number"):
+        train(_tiny(cifar_small, tmp_path / "a", lr=float("inf")))
+    with pytest.raises(DDPMError, match="--sample-steps must be between 1 and --timesteps"):
+        train(_tiny(cifar_small, tmp_path / "b", timesteps=10, sample_steps=25))
+    with pytest.raises(DDPMError, match="inside --data"):
+        train(_tiny(cifar_small, cifar_small / "run"))
+    # a short schedule trains, saves and samples when the grid steps fit in it
+    train(_tiny(cifar_small, tmp_path / "c", timesteps=10, sample_steps=5, steps=2))
+    assert run_info(str(tmp_path / "c"))["step"] == 2
+    assert main(["sample", "--run", str(tmp_path / "c"), "--n", "2", "--out", str(tmp_path / "c.png")]) == 0
