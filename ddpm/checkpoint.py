@@ -2,7 +2,7 @@
 
 A run folder holds ``config.json`` (everything needed to rebuild the model and schedule, class
 names included) and ``checkpoints/ckpt_<step>.safetensors``. One checkpoint is one file:
-tensors (model, EMA, optimiser state, RNG states) plus, in the safetensors metadata, the JSON
+tensors (model, EMA, optimiser state) plus, in the safetensors metadata, the JSON
 config and a JSON skeleton of the nested training state with tensors replaced by references.
 Loading therefore never executes code, and a single ``os.replace`` makes a write atomic.
 """
@@ -33,6 +33,13 @@ _TENSOR_REF = "__tensor__"
 
 
 # ------------------------------------------------------------------------------ atomic files
+def _umask_mode() -> int:
+    """The permissions a plain ``open()`` would give a new file (mkstemp uses 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
     path = Path(path)
@@ -43,6 +50,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -114,6 +122,7 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], stat
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -121,6 +130,10 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], stat
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             old.unlink(missing_ok=True)
+    # Temporary files left by writes that a kill interrupted are full-size: remove them.
+    for stale in ckpt_dir.glob(".ckpt_*.tmp"):
+        if stale.name != Path(tmp).name:
+            stale.unlink(missing_ok=True)
     return path
 
 

@@ -138,6 +138,13 @@ def test_checkpoint_has_no_pickle(cifar_small: Path, tmp_path: Path) -> None:
     header = json.loads(ckpt.read_bytes()[8 : 8 + header_len])
     assert header["__metadata__"]["format"] == "ddpm-checkpoint-1"
     assert b"\x80\x04\x95" not in ckpt.read_bytes()[: 8 + header_len]  # no pickle protocol header
+    # atomic writes go through a private temporary file, but the result has normal permissions
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in (ckpt, run / "samples" / "step_000000001.png", run / "config.json"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
 
 
 def test_toml_config(cifar_small: Path, tmp_path: Path) -> None:
