@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
+
+from . import perf
 
 __all__ = ["UNet", "UNetConfig", "PRESETS", "timestep_embedding"]
 
@@ -127,6 +130,11 @@ PRESETS: dict[str, UNetConfig] = {
 }
 
 
+# nn.Conv2d with float32 weight gradients for small bf16 convolutions on CPU (same parameters and
+# function; see ddpm.perf.conv2d for why).
+Conv2d = perf.Conv2d
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps: [B] -> [B, dim], as in Transformers."""
     half = dim // 2
@@ -144,16 +152,16 @@ class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float, groups: int) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
         self.temb = nn.Linear(temb_dim, cout)
         self.norm2 = nn.GroupNorm(groups, cout)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
         # Zero-initialised last conv: every block starts as the identity, which keeps deep
         # UNets stable early in training (the paper's code does the same).
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.skip = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -163,25 +171,33 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Multi-head self-attention over the spatial positions, through fused SDPA kernels."""
+    """Multi-head self-attention over the spatial positions, through fused SDPA kernels.
+
+    The 1x1 ``qkv`` and ``proj`` convolutions are applied as matmuls over a token view
+    ``[B, HW, C]``: for a channels_last input that view is free and the output is channels_last
+    again, so no layout copies are made (a 1x1 convolution is exactly this matmul).
+    """
 
     def __init__(self, ch: int, heads: int, groups: int) -> None:
         super().__init__()
         self.heads = heads
         self.norm = nn.GroupNorm(groups, ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
+        self.qkv = Conv2d(ch, 3 * ch, 1)
+        self.proj = Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x))  # [B, 3C, H, W]
-        # -> [3, B, heads, HW, C/heads]
-        qkv = qkv.reshape(b, 3, self.heads, c // self.heads, h * w).permute(1, 0, 2, 4, 3)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, HW, C/heads]
-        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)
-        return x + self.proj(out)
+        d = c // self.heads
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, HW, C]; a view if NHWC
+        qkv = F.linear(tokens, self.qkv.weight.view(3 * c, c), self.qkv.bias)  # [B, HW, 3C]
+        # Channel order of the conv's output is (q|k|v, head, d) -> [3, B, heads, HW, d]
+        q, k, v = qkv.view(b, h * w, 3, self.heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, d]
+        out = out.transpose(1, 2).reshape(b, h * w, c)  # [B, HW, C] with channels ordered (head, d)
+        out = F.linear(out, self.proj.weight.view(c, c), self.proj.bias)
+        return x + out.view(b, h, w, c).permute(0, 3, 1, 2)  # back to [B, C, H, W], NHWC in memory
 
 
 class Downsample(nn.Module):
@@ -189,7 +205,7 @@ class Downsample(nn.Module):
 
     def __init__(self, ch: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -200,7 +216,7 @@ class Upsample(nn.Module):
 
     def __init__(self, ch: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -220,17 +236,24 @@ class UNet(nn.Module):
 
     For a conditional network, ``y=None`` (or entries equal to ``config.null_class``) gives the
     unconditional prediction.
+
+    ``grad_checkpoint`` (also a plain attribute, settable at any time) turns on activation
+    checkpointing in training: each residual block (with its attention) keeps only its input
+    and recomputes its activations in the backward pass, trading about a third more compute for
+    much less activation memory. It changes neither the weights nor the function, so it is not
+    part of :class:`UNetConfig` and is not saved in checkpoints.
     """
 
-    def __init__(self, config: UNetConfig) -> None:
+    def __init__(self, config: UNetConfig, grad_checkpoint: bool = False) -> None:
         super().__init__()
         self.config = cfg = config
+        self.grad_checkpoint = bool(grad_checkpoint)
         ch = cfg.base_channels
         temb_dim = 4 * ch
         g = cfg.norm_groups
         self.time_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.class_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.conditional else None
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
@@ -267,7 +290,7 @@ class UNet(nn.Module):
                 res *= 2
 
         self.norm_out = nn.GroupNorm(g, cur)
-        self.conv_out = nn.Conv2d(cur, cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(cur, cfg.out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -295,18 +318,37 @@ class UNet(nn.Module):
         hs = [h]
         for i, level in enumerate(self.down):
             for res, attn in zip(level.res, level.attn):
-                h = attn(res(h, temb))
+                h = self._block(res, attn, h, temb)
                 hs.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)
                 hs.append(h)
-        h = self.mid_res2(self.mid_attn(self.mid_res1(h, temb)), temb)
+        h = self._block(self.mid_res1, self.mid_attn, h, temb)
+        h = self._block(self.mid_res2, None, h, temb)
         for i, level in enumerate(self.up):
             for res, attn in zip(level.res, level.attn):
-                h = attn(res(torch.cat([h, hs.pop()], dim=1), temb))
+                h = self._block(res, attn, h, temb, skip=hs.pop())
             if i < len(self.upsample):
                 h = self.upsample[i](h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _block(self, res: ResBlock, attn: nn.Module | None, h: torch.Tensor, temb: torch.Tensor,
+               skip: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn(res(cat(h, skip), temb))``, recomputed in the backward pass when checkpointing."""
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            # Non-reentrant checkpointing: works with autocast, torch.compile and inputs that do not
+            # require grad, and replays the saved RNG state so dropout masks match the forward pass.
+            # The concatenation happens inside, so only h and the skip (kept anyway) are saved.
+            return torch.utils.checkpoint.checkpoint(_res_attn, res, attn, h, temb, skip, use_reentrant=False)
+        return _res_attn(res, attn, h, temb, skip)
+
+
+def _res_attn(res: ResBlock, attn: nn.Module | None, h: torch.Tensor, temb: torch.Tensor,
+              skip: torch.Tensor | None = None) -> torch.Tensor:
+    if skip is not None:
+        h = torch.cat([h, skip], dim=1)
+    h = res(h, temb)
+    return h if attn is None else attn(h)
 
 
 def count_parameters(model: nn.Module) -> int:

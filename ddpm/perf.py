@@ -1,0 +1,388 @@
+"""Speed settings shared by training, sampling and ``benchmarks/speed.py``.
+
+The trainer, the sampling CLI and the benchmark all call these helpers, so the benchmark
+measures exactly what a user gets. Each helper makes one decision and says why; the numbers
+behind the defaults are in ``docs/benchmarks.md``.
+
+* **Precision.** ``"bf16"`` means bfloat16 *autocast*: weights, optimiser state and the loss
+  stay in float32; convolutions, matmuls and attention run in bfloat16. bf16 has float32's
+  exponent range, so no loss scaling is needed. On CUDA it is used on every GPU that supports
+  it. On a CPU it is only used by default when the processor has native bf16 dot products
+  (AVX512_BF16 on AMD Zen 4+ / Intel Cooper Lake+, or AMX on Sapphire Rapids+): there oneDNN's
+  bf16 convolutions do twice the work per cycle of float32 ones (measured: 1000 vs 476
+  GFLOP/s on a 2-core AMD EPYC). Other CPUs have no fast bf16 kernels (oneDNN converts to
+  float32 or uses reference code), so ``"auto"`` keeps float32 there.
+* **Memory format.** channels_last (NHWC) is the native layout of cuDNN's tensor-core kernels;
+  oneDNN's CPU convolutions accept both, and on the development CPU channels_last was within a
+  few percent of NCHW either way (``docs/benchmarks.md``), so it is the default everywhere.
+* **Compilation.** ``torch.compile`` fuses the GroupNorm -> SiLU -> dtype-cast chains between
+  convolutions; it needs a C++ compiler on CPU and Triton on CUDA, and costs a minute or more
+  of compile time at start-up, so it is opt-in.
+* **Optimiser.** AdamW with ``fused=True`` (CUDA, and CPU since PyTorch 2.4) updates all
+  parameters in one pass instead of about ten element-wise passes.
+* **Small convolutions under CPU bf16.** oneDNN's bf16 weight-gradient kernels for convolutions
+  with few output positions (8x8 maps at batch 16, strided convolutions) are fine on an idle
+  machine, but when the cores are shared with another process they became 10-40x slower (their
+  threads appear to wait for each other by spinning), which made a whole bf16 training step
+  slower than float32. :func:`conv2d` computes just those weight gradients in float32 (a few
+  percent slower on an idle machine, more than 2x faster on a busy one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+import resource
+import shutil
+import sys
+import warnings
+from typing import Any, Callable, ContextManager, Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "PRECISIONS",
+    "bf16_supported",
+    "default_precision",
+    "resolve_precision",
+    "autocast_context",
+    "default_channels_last",
+    "compile_supported",
+    "prepare_model",
+    "make_optimizer",
+    "inference_model",
+    "to_memory_format",
+    "max_rss_bytes",
+    "conv2d",
+    "Conv2d",
+    "use_fp32_weight_grad_for_small_convs",
+]
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def _device(device: torch.device | str) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16, or Arm's BF16).
+
+    ``torch.backends.cpu.get_cpu_capability()`` only reports the vector width ("AVX512"), which
+    Skylake-era CPUs without bf16 also report, so the individual feature flags are checked.
+    """
+    caps: dict[str, Any] = {}
+    get_caps = getattr(torch.cpu, "get_capabilities", None)
+    if get_caps is not None:
+        try:
+            caps = dict(get_caps())
+        except Exception:  # pragma: no cover - depends on the build
+            caps = {}
+    if caps:
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16") or caps.get("amx_tile") or caps.get("bf16"))
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # older PyTorch
+        fn = getattr(torch.cpu, probe, None)
+        if fn is not None and fn():
+            return True
+    # Last resort (Linux): the kernel's list of CPU flags.
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    words = set(flags.split())
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether bf16 autocast is *fast* on ``device`` (not merely possible).
+
+    CUDA: the GPU supports bf16 (compute capability 8.0+, i.e. Ampere or newer).
+    CPU: the processor has native bf16 dot products (see :func:`_cpu_has_native_bf16`);
+    otherwise oneDNN emulates bf16 and float32 is faster. Other devices: False.
+    """
+    device = _device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return _cpu_has_native_bf16()
+    return False
+
+
+def default_precision(device: torch.device | str) -> str:
+    """``"bf16"`` where :func:`bf16_supported`, else ``"fp32"``.
+
+    On the development CPU (AMD EPYC, AVX512_BF16) bf16 autocast trains the DDPM-CIFAR model
+    about 1.5-2x faster than float32 and changes the loss on a fixed batch by well under 1%;
+    see ``docs/benchmarks.md``.
+    """
+    return "bf16" if bf16_supported(device) else "fp32"
+
+
+def resolve_precision(device: torch.device | str, precision: str = "auto") -> str:
+    """The precision that will actually be used: ``"auto"`` becomes :func:`default_precision`,
+    and ``"bf16"`` on a device without fast bf16 falls back to ``"fp32"`` with a warning."""
+    if precision == "auto":
+        return default_precision(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected 'auto' or one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and not bf16_supported(device):
+        warnings.warn(
+            f"bf16 requested but {_device(device)} has no fast bf16 support; using fp32", RuntimeWarning, stacklevel=2
+        )
+        return "fp32"
+    return precision
+
+
+def autocast_context(device: torch.device | str, precision: str = "auto") -> ContextManager[Any]:
+    """A context manager for the forward pass: bf16 autocast, or nothing for fp32.
+
+    Use it around the model call only; the loss (``ddpm.diffusion_loss`` casts to float32),
+    ``backward()`` and the optimiser step stay outside, as the PyTorch AMP recipe says.
+    """
+    device = _device(device)
+    if resolve_precision(device, precision) == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def default_channels_last(device: torch.device | str) -> bool:
+    """Whether to keep activations in channels_last (NHWC) by default: yes on CUDA and CPU.
+
+    cuDNN's tensor-core convolutions are NHWC; oneDNN's CPU convolutions are blocked-NHWC and
+    reorder NCHW tensors on every call. See ``docs/benchmarks.md`` for the measured effect.
+    """
+    return _device(device).type in ("cuda", "cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def compile_supported(device_type: str = "cpu") -> bool:
+    """Whether ``torch.compile``'s default backend (Inductor) can build kernels here.
+
+    CPU kernels are C++ compiled at run time (needs ``$CXX`` or ``g++``/``clang++``); CUDA
+    kernels need Triton. Windows and Python builds Inductor does not support return False.
+    """
+    if not hasattr(torch, "compile") or sys.platform == "win32":
+        return False
+    if device_type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return torch.cuda.is_available()
+    if device_type == "cpu":
+        cxx = os.environ.get("CXX")
+        return any(shutil.which(c) for c in ([cxx] if cxx else []) + ["g++", "clang++"])
+    return False
+
+
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``x`` in channels_last layout if asked and 4-D; otherwise unchanged (no copy)."""
+    if channels_last and x.ndim == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def prepare_model(
+    model: nn.Module,
+    device: torch.device | str,
+    channels_last: bool | None = None,
+    compile: bool = False,
+    compile_mode: str | None = None,
+) -> nn.Module:
+    """Move ``model`` to ``device`` (in place), optionally convert it to channels_last, and
+    return it, wrapped in ``torch.compile`` if ``compile``.
+
+    The returned module is what the training step calls; keep the plain ``model`` for the EMA
+    copy and for ``state_dict()`` (``ddpm.EMA`` also unwraps compiled modules itself).
+    ``channels_last=None`` means :func:`default_channels_last`. ``compile_mode`` is passed to
+    ``torch.compile`` (e.g. ``"reduce-overhead"`` for CUDA graphs at sampling time).
+    """
+    device = _device(device)
+    if channels_last is None:
+        channels_last = default_channels_last(device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        if not compile_supported(device.type):
+            raise RuntimeError(
+                f"torch.compile needs a C++ compiler (CPU) or Triton (CUDA); none found for {device.type}"
+            )
+        return torch.compile(model, mode=compile_mode)
+    return model
+
+
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter],
+    device: torch.device | str,
+    lr: float = 2e-4,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW with the fastest implementation available on ``device``.
+
+    ``fused=True`` is one kernel per parameter group on CUDA and a single vectorised pass on
+    CPU (PyTorch 2.4+); elsewhere ``foreach`` multi-tensor kernels. The update is the same
+    AdamW either way (to float rounding).
+    """
+    device = _device(device)
+    kw: dict[str, Any] = {}
+    if device.type in ("cuda", "cpu") and _torch_at_least(2, 4):
+        kw["fused"] = True
+    else:
+        kw["foreach"] = True
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kw)
+
+
+def inference_model(
+    net: Callable[..., torch.Tensor],
+    device: torch.device | str,
+    precision: str = "auto",
+    channels_last: bool | None = None,
+) -> Callable[..., torch.Tensor]:
+    """Wrap ``net`` for sampling: ``call(x, t, *args) -> float32`` under autocast.
+
+    ``x`` is converted to channels_last if asked (default: :func:`default_channels_last`); the
+    output comes back as contiguous float32 NCHW so the samplers' update arithmetic is float32.
+    ``net.num_classes`` is forwarded so :func:`ddpm.guided` finds the null class. The samplers
+    already run under ``torch.inference_mode``.
+    """
+    device = _device(device)
+    if channels_last is None:
+        channels_last = default_channels_last(device)
+    precision = resolve_precision(device, precision)
+
+    def call(x: torch.Tensor, t: torch.Tensor, *args: Any) -> torch.Tensor:
+        with autocast_context(device, precision):
+            out = net(to_memory_format(x, channels_last), t, *args)
+        return out.float().contiguous()
+
+    inner = getattr(net, "_orig_mod", net)
+    call.num_classes = getattr(inner, "num_classes", None)  # type: ignore[attr-defined]
+    return call
+
+
+# Output positions (batch x height x width) at or below which a bf16 CPU convolution gets its
+# weight gradient in float32; strided convolutions always do. Measured on AMD EPYC (Zen 5),
+# oneDNN 3.12: 16x8x8 = 1024 and 4x16x16 = 1024 collapse under contention, 16x12x12 = 2304 does not.
+SMALL_CONV_POSITIONS = 2048
+# Set to False to get oneDNN's bf16 weight gradients everywhere (for comparison).
+SMALL_CONV_FP32_WEIGHT_GRAD = True
+
+
+def conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv2d``, except that under CPU bf16 autocast, for small or strided outputs, the weight
+    gradient is computed in float32 (see the module docstring; the forward pass and the input
+    gradient stay bf16, and the result is the same function to bf16 rounding)."""
+    if (SMALL_CONV_FP32_WEIGHT_GRAD and x.device.type == "cpu" and torch.is_grad_enabled() and weight.requires_grad
+            and _cpu_autocast_dtype() == torch.bfloat16):
+        stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+        k = weight.shape[-2:]
+        oh = (x.shape[-2] + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
+        ow = (x.shape[-1] + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1
+        if max(stride) > 1 or x.shape[0] * oh * ow <= SMALL_CONV_POSITIONS:
+            return _Bf16ConvFp32WeightGrad.apply(x.to(torch.bfloat16), weight, bias, stride, padding, dilation, groups)
+    return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, same function) that convolves through :func:`conv2d`, so its
+    bf16 weight gradients on CPU are taken in float32 where oneDNN's bf16 kernels stall."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super()._conv_forward(input, weight, bias)
+        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def use_fp32_weight_grad_for_small_convs(model: nn.Module) -> int:
+    """Turn every plain ``nn.Conv2d`` of ``model`` into a :class:`Conv2d`, in place; returns how many.
+
+    Only the class changes (parameters, buffers and state_dict keys stay), so this gives any
+    model, e.g. a peer's UNet in the benchmark, the same float32 weight gradients for small
+    convolutions under CPU bf16 autocast that :class:`ddpm.UNet` has built in.
+    """
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = Conv2d
+            n += 1
+    return n
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The CPU autocast dtype if CPU autocast is on, else None."""
+    try:
+        if not torch.is_autocast_enabled("cpu"):
+            return None
+        return torch.get_autocast_dtype("cpu")
+    except TypeError:  # PyTorch < 2.4 spelling
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
+class _Bf16ConvFp32WeightGrad(torch.autograd.Function):
+    """bf16 convolution whose weight (and bias) gradient is computed in float32."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                groups: int) -> torch.Tensor:
+        w16 = weight.to(torch.bfloat16)
+        b16 = None if bias is None else bias.to(torch.bfloat16)
+        ctx.save_for_backward(x, w16)
+        ctx.conv = (list(stride), list(padding), list(dilation), groups)
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        with torch.autocast("cpu", enabled=False):
+            return torch.nn.functional.conv2d(x, w16, b16, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w16 = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:  # bf16, as plain autocast would
+            gx = torch.ops.aten.convolution_backward(gy, x, w16, None, stride, padding, dilation, False, [0, 0],
+                                                     groups, [True, False, False])[0]
+        want_w, want_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.bias_shape is not None
+        if want_w or want_b:
+            gy32 = gy.float()
+            _, gw, gb = torch.ops.aten.convolution_backward(gy32, x.float(), w16.float(), ctx.bias_shape, stride,
+                                                            padding, dilation, False, [0, 0], groups,
+                                                            [False, want_w, want_b])
+        return gx, gw, gb, None, None, None, None
+
+
+def max_rss_bytes() -> int:
+    """Peak resident memory of this process so far, in bytes (Linux reports KiB, macOS bytes).
+
+    A CPU stand-in for ``torch.cuda.max_memory_allocated``: it never goes down, includes the
+    Python interpreter and the allocator's cached pages, and so is approximate.
+    """
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if platform.system() == "Darwin" else rss * 1024)
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    v = torch.__version__.split("+")[0].split(".")
+    try:
+        return (int(v[0]), int(v[1])) >= (major, minor)
+    except (ValueError, IndexError):  # pragma: no cover - exotic version strings
+        return True
