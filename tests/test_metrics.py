@@ -437,7 +437,9 @@ def test_sampler_sweep_writes_json_and_plot(stub_run, tmp_path):
 
 
 def test_class_accuracy_skipped_when_classes_do_not_match(stub_run, tmp_path):
-    import ddpm.checkpoint as ckpt  # the stand-in
+    # The stand-in: `import ddpm.checkpoint` would find the real module as an attribute of the
+    # package once another test has imported it.
+    ckpt = sys.modules["ddpm.checkpoint"]
 
     run = ckpt.load_run(stub_run.run_dir)
     run.classes = ["red", "green"]
