@@ -213,7 +213,9 @@ def _run_config(cfg: TrainConfig, model_cfg: UNetConfig, schedule: Schedule, dat
 # Options that may change when resuming (they don't alter what was learned so far).
 _RESUMABLE = {"steps", "out", "resume", "progress", "log_every", "sample_every", "save_every", "keep", "sample_n",
               "sample_steps", "sample_guidance", "device", "workers", "tensorboard", "compile", "strict", "time_limit",
-              # these change how a step is computed, not what it computes
+              # These change how a step is computed, not what it optimises. grad_checkpoint keeps a
+              # resume bit-exact; grad_accum (the random draws are split over micro-batches) and
+              # channels_last (other kernels) continue the same run, but not bit-identically.
               "grad_accum", "grad_checkpoint", "channels_last"}
 
 
