@@ -7,8 +7,9 @@ size, threads and device:
   backward, AdamW step, EMA update (``ddpm.EMA`` for every model);
 * sampling: seconds per model evaluation under ``torch.inference_mode`` (EMA weights, eval mode),
   per image per evaluation, and per image for a 1000-step DDPM and a 20-step DPM-Solver run;
-* peak memory of a training step (CUDA: ``max_memory_allocated``; CPU: the rise of the process's
-  peak resident set, approximate) plus the exact size of weights, gradients, AdamW state and EMA;
+* peak memory of a training step: the exact size of what lives between steps (weights, AdamW
+  state, EMA) plus the step's peak above that (gradients, activations, temporaries; CUDA:
+  ``max_memory_allocated``; CPU: the rise of the process's peak resident set, approximate);
 * model FLOPs per image (``torch.utils.flop_counter``) and the achieved FLOP/s as a fraction of
   the machine's peak for the same dtype, measured in the same run by timing a large matmul and a
   channels_last convolution.
@@ -23,9 +24,16 @@ The entries of a suite:
   architecture as ours; at 64x64 configured like our ``ddpm-64`` preset, 74.1M), default settings;
 * ``lucidrains``: ``denoising_diffusion_pytorch.Unet(dim=128, dim_mults=(1,2,2,2))`` (28.5M; at
   64x64 ``dim_mults=(1,2,2,4)``), default settings;
-* ``diffusers+ours`` / ``lucidrains+ours``: the peers with our settings, for fairness;
+* ``diffusers+ours`` / ``lucidrains+ours``: the peers with our settings, for fairness (including
+  ``perf.use_fp32_weight_grad_for_small_convs``, which ``ddpm.UNet`` has built in);
 * ``ours-gc`` (with ``--grad-checkpoint``): ours with activation checkpointing and ``--grad-accum``
-  micro-batches, for the memory it saves and the compute it costs.
+  micro-batches, for the memory it saves and the compute it costs;
+* ``ours-eager`` (with ``--compile``): ours without ``torch.compile``, to show what compiling buys;
+* ``ours-nofix`` (with ``--compare-small-conv-fix``): ours with oneDNN's bf16 weight gradients for
+  small convolutions too.
+
+``--quick`` runs only ours, diffusers and lucidrains, two rounds, the 64x64 suite at a quarter of
+the batch. ``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` here (see below).
 
 Entries are timed interleaved (one step of each, round after round), so that load from other
 processes falls on all of them alike; ratios ours/peer are taken per round and their median is
@@ -33,13 +41,14 @@ reported. Wall-clock figures are the median over rounds. On a CPU the script als
 CPU-time figure (images per CPU-second times threads), which is much less sensitive to other
 processes on a shared machine.
 
-    python benchmarks/speed.py --quick                       # about 3 minutes on a 2-core CPU
-    python benchmarks/speed.py --json docs/speed-cpu.json    # the figures in docs/benchmarks.md
+    python benchmarks/speed.py --quick        # under 2 minutes on a busy 2-core CPU
+    python benchmarks/speed.py --grad-checkpoint --compare-small-conv-fix --loss-curve 100 --rounds 4 --json cpu.json
     python benchmarks/speed.py --device cuda --batch-size 128 --compile --grad-checkpoint --json gpu.json
 
 Peers are skipped (with a note) when their packages are not installed:
 ``pip install diffusers`` and ``pip install --no-deps denoising-diffusion-pytorch einops ema-pytorch
-accelerate``.
+accelerate psutil`` (its ``Unet`` import pulls in the whole package; ``pytorch-fid`` must also be
+importable).
 """
 
 from __future__ import annotations
