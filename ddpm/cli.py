@@ -130,7 +130,8 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_sample)
 
 
-def _device(name: str):
+def parse_device(name: str):
+    """``--device`` as a torch.device: auto, cpu, cuda or cuda:N; a one-line error otherwise."""
     import torch
 
     if name == "auto":
@@ -161,7 +162,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise DDPMError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.nrow < 0:
         raise DDPMError(f"--nrow must be >= 0, got {args.nrow}")
-    device = _device(args.device)
+    device = parse_device(args.device)
     run = load_run(args.run, device)
     T = run.schedule.T
     if args.steps is not None and args.steps > T:

@@ -14,6 +14,13 @@ from typing import Sequence
 
 from .errors import DDPMError
 
+
+def parse_device(name: str):
+    """The one ``--device`` parser, shared with ``ddpm.cli``."""
+    from .cli import parse_device as parse
+
+    return parse(name)
+
 __all__ = ["register", "main"]
 
 SAMPLER_CHOICES = ("ancestral", "ddim", "langevin", "dpm-solver")
@@ -93,19 +100,6 @@ def _add_fid(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_fid)
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DDPMError(f"--device {name} asked for but CUDA is not available; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise DDPMError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
-
-
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise DDPMError(f"{name} must be at least 1, got {value}")
@@ -122,7 +116,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         _positive("--sweep-steps", k)
     if not Path(args.run).is_dir():
         raise DDPMError(f"run folder {args.run!r} does not exist; expected the --out folder of 'ddpm train'")
-    common = dict(batch_size=args.batch_size, seed=args.seed, device=_device(args.device), use_ema=not args.no_ema,
+    common = dict(batch_size=args.batch_size, seed=args.seed, device=parse_device(args.device), use_ema=not args.no_ema,
                   inception=args.inception, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                   ref_max=args.ref_max, cifar_root=args.cifar_root, feature_batch_size=args.feature_batch_size,
                   kid_subset=args.kid_subset, kid_subsets=args.kid_subsets, progress=not args.quiet)
@@ -146,7 +140,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
 
     _positive("--batch-size", args.batch_size)
     _positive("--image-size", args.image_size)
-    r = evaluate.fid_folders(args.dir_a, args.dir_b, batch_size=args.batch_size, device=_device(args.device),
+    r = evaluate.fid_folders(args.dir_a, args.dir_b, batch_size=args.batch_size, device=parse_device(args.device),
                              inception=args.inception, image_size=args.image_size, cache_dir=args.cache_dir,
                              use_cache=not args.no_cache, progress=not args.quiet)
     print(f"FID: {r['fid']:.4f}")

@@ -12,13 +12,7 @@ from torch import nn
 from ddpm import EMA, Schedule, diffusion_loss, drop_labels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and immune to OpenMP spinning on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _set(model: nn.Module, value: float) -> None:

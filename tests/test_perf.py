@@ -15,13 +15,7 @@ from ddpm import UNet, UNetConfig, count_parameters, guided, perf
 from ddpm.unet import AttnBlock
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: a second thread buys nothing and is slow on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:

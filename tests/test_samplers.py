@@ -57,15 +57,7 @@ SHAPE = (2000, 3, 8, 8)
 K_SE = 4.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These chains are memory-bound elementwise updates: a second thread buys little, and on a
-    busy 2-core machine OpenMP threads spinning against other processes made them 20-40x slower
-    (measured: ancestral 1000 steps 2.5 s on one thread, 107 s on two). Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

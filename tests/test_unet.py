@@ -13,14 +13,7 @@ from ddpm import PRESETS, UNet, UNetConfig, count_parameters, guided
 from ddpm.unet import timestep_embedding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions: a second thread buys little, and on a busy 2-core machine OpenMP threads
-    spinning against other processes made these passes 10-100x slower (measured). Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
