@@ -231,13 +231,36 @@ def make_optimizer(
     CPU (PyTorch 2.4+); elsewhere ``foreach`` multi-tensor kernels. The update is the same
     AdamW either way (to float rounding).
     """
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                             **opt_kernel_flags(device))
+
+
+def opt_kernel_flags(device: torch.device | str) -> dict[str, bool | None]:
+    """The ``fused``/``foreach`` optimiser flags that are fastest on ``device``.
+
+    Also applied to param groups loaded from a checkpoint, which carry the flags of the machine
+    that saved them (a CPU run resumed on a GPU should still get the fused kernel).
+    """
     device = _device(device)
-    kw: dict[str, Any] = {}
     if device.type in ("cuda", "cpu") and _torch_at_least(2, 4):
-        kw["fused"] = True
-    else:
-        kw["foreach"] = True
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kw)
+        return {"fused": True, "foreach": None}
+    return {"fused": None, "foreach": True}
+
+
+def match_state_strides(opt: torch.optim.Optimizer) -> None:
+    """Give every per-parameter optimiser state tensor its parameter's memory layout.
+
+    Checkpoints store tensors contiguous, so after ``load_state_dict`` the Adam moments of a
+    channels_last weight are NCHW while the weight is NHWC. The fused AdamW kernels (CPU and
+    CUDA, PyTorch 2.14) walk parameter, gradient and moments in memory order, so mismatched
+    layouts silently pair the wrong elements; the foreach path does not care.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def inference_model(

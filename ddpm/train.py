@@ -354,7 +354,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
 
 
 def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | None) -> Path:
-    from .perf import autocast_context, default_precision
+    from .perf import autocast_context, default_precision, make_optimizer, match_state_strides, opt_kernel_flags
 
     _validate(cfg, d)
     device = _resolve_device(cfg.device, d)
@@ -399,9 +399,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     ema = EMA(model, cfg.ema_decay)
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                            fused=fused or None)
+    opt = make_optimizer(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run_config = _run_config(cfg, model_cfg, schedule, data)
 
     step = 0
@@ -417,8 +415,11 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
-        for group in opt.param_groups:  # a CPU checkpoint resumed on a GPU still gets the fused kernel
-            group["fused"], group["foreach"] = (True if fused else None), None
+        # The saved groups carry the saving machine's fused/foreach flags; use this device's best.
+        fastest = opt_kernel_flags(device)
+        for group in opt.param_groups:
+            group.update(fastest)
+        match_state_strides(opt)
         step = saved_step
         say(f"resumed from {resume_path} at step {step}")
     if step >= cfg.steps:

@@ -399,3 +399,37 @@ def test_use_fp32_weight_grad_for_small_convs_keeps_weights_and_function():
     torch.testing.assert_close(model(x), ref)
     assert perf.use_fp32_weight_grad_for_small_convs(model) == 0  # already converted
     assert isinstance(UNet(UNetConfig.preset("tiny")).conv_in, perf.Conv2d)
+
+
+def test_resumed_fused_adamw_state_follows_channels_last_weights() -> None:
+    """Checkpointed moments come back contiguous; the fused kernel needs them in the weight's layout."""
+    import copy
+
+    from ddpm.perf import make_optimizer, match_state_strides
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+
+    def steps(opt: torch.optim.Optimizer, model: torch.nn.Module, first: int) -> None:
+        for s in range(first, first + 3):
+            g = torch.Generator().manual_seed(s)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g).to(memory_format=torch.channels_last) if p.dim() == 4 \
+                    else torch.randn(p.shape, generator=g)
+            opt.step()
+
+    a = copy.deepcopy(conv)
+    opt_a = make_optimizer(a.parameters(), "cpu", lr=1e-2)
+    steps(opt_a, a, 0)
+    saved = copy.deepcopy(opt_a.state_dict())
+    for st in saved["state"].values():  # what a safetensors round trip gives back
+        for k in ("exp_avg", "exp_avg_sq"):
+            st[k] = st[k].contiguous()
+    b = copy.deepcopy(a)
+    opt_b = make_optimizer(b.parameters(), "cpu", lr=1e-2)
+    opt_b.load_state_dict(saved)
+    match_state_strides(opt_b)
+    steps(opt_a, a, 3)
+    steps(opt_b, b, 3)
+    assert torch.equal(a.weight, b.weight)
+    assert opt_b.state[b.weight]["exp_avg"].stride() == b.weight.stride()
