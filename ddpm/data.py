@@ -29,7 +29,8 @@ from .errors import DDPMError
 __all__ = ["IMAGE_EXTENSIONS", "ImageSet", "load_image", "to_rgb", "load_image_folder", "load_cifar10", "load_dataset",
            "BatchStream", "batches"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# GIF and multi-page TIFF files give their first frame.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Keep decoded data in memory up to this many bytes; above it, decode lazily in workers.
 MEMORY_BUDGET = int(os.environ.get("DDPM_DATA_MEMORY", 6 * 2**30))
 

@@ -66,19 +66,23 @@ def generate(
         from tqdm import tqdm
 
         batches = tqdm(batches, desc=f"sampling ({sampler})", unit="batch", dynamic_ncols=True, leave=False)
-    from .perf import autocast_context  # local: perf depends on nothing here
+    from .perf import default_channels_last, inference_model
 
+    channels_last = default_channels_last(device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    # Autocast and layout live inside the network call; the samplers' arithmetic stays float32.
+    call = inference_model(net, device, precision, channels_last=channels_last)
     for k in batches:
         b = min(batch_size, n - k * batch_size)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
         x_T = torch.randn(b, net.config.in_channels, size, size, generator=gen).to(device)
         if labels is not None:
-            model = guided(net, labels[k * batch_size : k * batch_size + b].to(device), guidance)
+            model = guided(call, labels[k * batch_size : k * batch_size + b].to(device), guidance)
         else:
-            model = net
+            model = call
         model = eps_model(model, run.schedule, run.prediction)
-        with autocast_context(device, precision):
-            x = sample_fn(model, x_T, run.schedule, steps=steps, clip=clip, generator=gen, **sampler_options)
+        x = sample_fn(model, x_T, run.schedule, steps=steps, clip=clip, generator=gen, **sampler_options)
         out.append(to_uint8(x).cpu())
     return torch.cat(out)
 

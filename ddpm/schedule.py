@@ -30,7 +30,7 @@ def _gather(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor, before: fl
     0 for ``sqrt(1 - abar)``.
     """
     t = t.to(table.device)
-    vals = torch.where(t >= 0, table[t.clamp(min=0)], torch.full((), before, dtype=table.dtype))
+    vals = torch.where(t >= 0, table[t.clamp(min=0)], torch.full((), before, dtype=table.dtype, device=table.device))
     vals = vals.to(device=like.device, dtype=like.dtype if like.is_floating_point() else torch.float32)
     return vals.reshape(-1, *([1] * (like.ndim - 1)))
 
@@ -76,6 +76,9 @@ class Schedule:
         }
         for name, value in tables.items():
             object.__setattr__(self, name, value)
+        # Copies of the tables on other devices, made on first use: gathering on the device that
+        # holds ``t`` avoids a device-to-host copy (a GPU sync) in every training step.
+        object.__setattr__(self, "_device_tables", {})
         object.__setattr__(self, "params", dict(self.params))
 
     # ------------------------------------------------------------------ constructors
@@ -110,6 +113,17 @@ class Schedule:
         if name == "cosine":
             return cls.cosine(T)
         raise ValueError(f"unknown schedule {name!r}; expected 'linear' or 'cosine'")
+
+    def _table(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Table ``name`` on the device of ``t`` (cached), so gathering needs no transfer of ``t``."""
+        table = getattr(self, name)
+        if t.device == table.device or t.device.type == "mps":  # MPS has no float64: gather on the CPU
+            return table
+        key = (name, t.device)
+        cached = self._device_tables.get(key)
+        if cached is None:
+            cached = self._device_tables[key] = table.to(t.device)
+        return cached
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -197,8 +211,8 @@ class Schedule:
     # All of them take t as an int64 tensor [B]; t = -1 means clean data (abar = 1).
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sqrt(abar_t), sqrt(1 - abar_t))`` shaped to broadcast over ``like``."""
-        return (_gather(self.sqrt_alphas_cumprod, t, like),
-                _gather(self.sqrt_one_minus_alphas_cumprod, t, like, before=0.0))
+        return (_gather(self._table("sqrt_alphas_cumprod", t), t, like),
+                _gather(self._table("sqrt_one_minus_alphas_cumprod", t), t, like, before=0.0))
 
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Predicted clean data from predicted noise (eq. 15 solved for x0)."""
@@ -227,9 +241,10 @@ class Schedule:
 
     def score_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Score of the noised marginal, ``grad log p_t(x_t) = -eps / sqrt(1 - abar_t)``."""
-        return -eps / _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t, before=0.0)
+        return -eps / _gather(self._table("sqrt_one_minus_alphas_cumprod", t), t, x_t, before=0.0)
 
     def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of ``q(x_{t-1} | x_t, x0)`` over the full (unspaced) chain."""
-        mean = _gather(self.posterior_mean_coef1, t, x_t) * x0 + _gather(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, _gather(self.posterior_variance, t, x_t)
+        mean = (_gather(self._table("posterior_mean_coef1", t), t, x_t) * x0
+                + _gather(self._table("posterior_mean_coef2", t), t, x_t) * x_t)
+        return mean, _gather(self._table("posterior_variance", t), t, x_t)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +170,14 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def _plain_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 class AttnBlock(nn.Module):
     """Multi-head self-attention over the spatial positions, through fused SDPA kernels.
 
@@ -186,6 +194,18 @@ class AttnBlock(nn.Module):
         self.proj = Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "AttnBlock":
+        super()._apply(fn, recurse)
+        # ``.to(memory_format=torch.channels_last)`` gives these [C', C, 1, 1] weights strides that
+        # differ from plain contiguous ones only in the size-1 dims. forward() uses them through a
+        # matmul view whose gradient has plain strides, and DDP compares the two exactly (it warns
+        # and copies every step). The layout means nothing for a 1x1 kernel, so keep it plain.
+        for conv in (self.qkv, self.proj):
+            w = conv.weight
+            if w.stride() != _plain_strides(w.shape):
+                w.data = w.data.clone(memory_format=torch.contiguous_format)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

@@ -130,3 +130,14 @@ def test_batches_shapes_and_flips(tmp_path: Path) -> None:
         seen_flipped |= bool((left == 0).any())
         seen_plain |= bool((left == 255).any())
     assert seen_flipped and seen_plain
+
+
+def test_gif_and_tiff_folders_are_read(tmp_path: Path) -> None:
+    frames = [Image.fromarray(np.full((12, 12, 3), v, np.uint8)).convert("P") for v in (40, 220)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])  # first frame is used
+    _save(Image.fromarray(np.full((12, 12), 50000, np.uint16)), tmp_path / "deep.tif")
+    _save(Image.fromarray(np.full((12, 12, 3), 90, np.uint8)), tmp_path / "plain.TIFF")
+    data = load_image_folder(tmp_path, 8, progress=False)
+    assert len(data) == 3
+    means = sorted(int(round(float(data.get(i).mean()))) for i in range(3))
+    assert abs(means[0] - 40) <= 2 and abs(means[1] - 90) <= 1 and abs(means[2] - round(50000 / 65535 * 255)) <= 1

@@ -295,3 +295,19 @@ def test_timesteps_endpoints_and_full_chain():
 def test_bad_input_raises_value_error_with_a_clear_message(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_tables_are_gathered_on_the_device_of_t_and_cached() -> None:
+    """On a GPU, moving t to the CPU tables would sync every step; the tables come to t instead.
+    The meta device stands in for a GPU here: no data, but devices and caching are real."""
+    s = Schedule.linear(100)
+    t = torch.tensor([0, 5, -1], device="meta")
+    x = torch.empty(3, 3, 4, 4, device="meta")
+    a, sig = s.alpha_sigma(t, x)
+    assert a.device.type == sig.device.type == "meta" and a.shape == (3, 1, 1, 1)
+    first = s._table("sqrt_alphas_cumprod", t)
+    assert first.device.type == "meta" and s._table("sqrt_alphas_cumprod", t) is first
+    assert s.sqrt_alphas_cumprod.device.type == "cpu"  # the CPU tables themselves are untouched
+    cpu_t = torch.tensor([0, 5, -1])
+    torch.testing.assert_close(s.alpha_sigma(cpu_t, torch.zeros(3, 1))[1].flatten(),
+                               s.sqrt_one_minus_alphas_cumprod[[0, 5, 5]].float() * torch.tensor([1.0, 1.0, 0.0]))

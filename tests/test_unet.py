@@ -251,3 +251,33 @@ def test_bad_preset_keys_and_sizes_raise_value_error():
     model = UNet(UNetConfig.preset("small"))  # 3 levels: sizes must be multiples of 4
     with pytest.raises(ValueError, match=r"image size \(18, 16\) must be a multiple of 4"):
         model(torch.randn(1, 3, 18, 16), torch.tensor([0]))
+
+
+def test_channels_last_keeps_attention_weights_plain_so_ddp_sees_matching_grad_strides(tmp_path) -> None:
+    """DDP compares gradient and parameter strides exactly and warns (and copies every step) when
+    they differ; the attention's 1x1 weights, used through a matmul view, must stay plain."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from ddpm.unet import AttnBlock
+
+    model = randomised(UNet(UNetConfig.preset("tiny"))).train()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 700])
+    expected = model(x, t)
+    model.to(memory_format=torch.channels_last)
+    blocks = [m for m in model.modules() if isinstance(m, AttnBlock)]
+    assert blocks and all(m.qkv.weight.stride() == (m.qkv.weight.shape[1], 1, 1, 1) for m in blocks)
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last), t), expected)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DDP(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ddp(x.contiguous(memory_format=torch.channels_last), t).square().mean().backward()
+        assert not [w for w in caught if "strides" in str(w.message)], [str(w.message) for w in caught]
+    finally:
+        dist.destroy_process_group()
