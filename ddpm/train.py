@@ -346,10 +346,17 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
     being finite (the last good checkpoint is left as it was).
     """
     d = _init_distributed(cfg.device)
+    finished = False
     try:
-        return _train(cfg, d, on_step)
+        path = _train(cfg, d, on_step)
+        finished = True
+        return path
     finally:
         if d.world > 1 and dist.is_initialized():
+            if finished:
+                # Rank 0 draws the last grid alone; without this the other ranks tear down the
+                # process group under it, and gloo then aborted rank 0 at exit now and then.
+                dist.barrier()
             dist.destroy_process_group()
 
 
