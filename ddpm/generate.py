@@ -50,7 +50,9 @@ def generate(
         raise DDPMError(f"--n must be at least 1, got {n}")
     net = run.ema_model if use_ema and run.ema_model is not None else run.model
     device = torch.device(device) if device is not None else next(net.parameters()).device
-    net = net.to(device).eval()
+    from .perf import inference_model, prepare_model  # local: perf depends on nothing here
+
+    net = prepare_model(net, device).eval()  # on the device, channels_last where that is the default
     sample_fn = get_sampler(sampler)
     steps = default_steps(sampler) if steps is None else steps
     if labels is not None:
@@ -66,13 +68,8 @@ def generate(
         from tqdm import tqdm
 
         batches = tqdm(batches, desc=f"sampling ({sampler})", unit="batch", dynamic_ncols=True, leave=False)
-    from .perf import default_channels_last, inference_model
-
-    channels_last = default_channels_last(device)
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
     # Autocast and layout live inside the network call; the samplers' arithmetic stays float32.
-    call = inference_model(net, device, precision, channels_last=channels_last)
+    call = inference_model(net, device, precision)
     for k in batches:
         b = min(batch_size, n - k * batch_size)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + k)

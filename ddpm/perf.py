@@ -53,6 +53,9 @@ __all__ = [
     "compile_supported",
     "prepare_model",
     "make_optimizer",
+    "opt_kernel_flags",
+    "load_optimizer_state",
+    "match_state_strides",
     "inference_model",
     "to_memory_format",
     "max_rss_bytes",
@@ -238,13 +241,27 @@ def make_optimizer(
 def opt_kernel_flags(device: torch.device | str) -> dict[str, bool | None]:
     """The ``fused``/``foreach`` optimiser flags that are fastest on ``device``.
 
-    Also applied to param groups loaded from a checkpoint, which carry the flags of the machine
-    that saved them (a CPU run resumed on a GPU should still get the fused kernel).
+    :func:`load_optimizer_state` applies them to param groups loaded from a checkpoint, which
+    carry the flags of the machine that saved them.
     """
     device = _device(device)
     if device.type in ("cuda", "cpu") and _torch_at_least(2, 4):
         return {"fused": True, "foreach": None}
     return {"fused": None, "foreach": True}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any], device: torch.device | str) -> None:
+    """``opt.load_state_dict(state)`` made safe and fast for a state saved elsewhere.
+
+    The saved param groups carry the saving machine's ``fused``/``foreach`` flags, replaced by
+    this device's best; and the moments get their weights' memory layout back (see
+    :func:`match_state_strides`).
+    """
+    opt.load_state_dict(state)
+    fastest = opt_kernel_flags(device)
+    for group in opt.param_groups:
+        group.update(fastest)
+    match_state_strides(opt)
 
 
 def match_state_strides(opt: torch.optim.Optimizer) -> None:

@@ -114,6 +114,10 @@ class Schedule:
             return cls.cosine(T)
         raise ValueError(f"unknown schedule {name!r}; expected 'linear' or 'cosine'")
 
+    def _at(self, name: str, t: torch.Tensor, like: torch.Tensor, before: float = 1.0) -> torch.Tensor:
+        """:func:`_gather` from table ``name``, taken on the device of ``t``."""
+        return _gather(self._table(name, t), t, like, before)
+
     def _table(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """Table ``name`` on the device of ``t`` (cached), so gathering needs no transfer of ``t``."""
         table = getattr(self, name)
@@ -211,8 +215,8 @@ class Schedule:
     # All of them take t as an int64 tensor [B]; t = -1 means clean data (abar = 1).
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sqrt(abar_t), sqrt(1 - abar_t))`` shaped to broadcast over ``like``."""
-        return (_gather(self._table("sqrt_alphas_cumprod", t), t, like),
-                _gather(self._table("sqrt_one_minus_alphas_cumprod", t), t, like, before=0.0))
+        return (self._at("sqrt_alphas_cumprod", t, like),
+                self._at("sqrt_one_minus_alphas_cumprod", t, like, before=0.0))
 
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Predicted clean data from predicted noise (eq. 15 solved for x0)."""
@@ -241,10 +245,10 @@ class Schedule:
 
     def score_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Score of the noised marginal, ``grad log p_t(x_t) = -eps / sqrt(1 - abar_t)``."""
-        return -eps / _gather(self._table("sqrt_one_minus_alphas_cumprod", t), t, x_t, before=0.0)
+        return -eps / self._at("sqrt_one_minus_alphas_cumprod", t, x_t, before=0.0)
 
     def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of ``q(x_{t-1} | x_t, x0)`` over the full (unspaced) chain."""
-        mean = (_gather(self._table("posterior_mean_coef1", t), t, x_t) * x0
-                + _gather(self._table("posterior_mean_coef2", t), t, x_t) * x_t)
-        return mean, _gather(self._table("posterior_variance", t), t, x_t)
+        mean = (self._at("posterior_mean_coef1", t, x_t) * x0
+                + self._at("posterior_mean_coef2", t, x_t) * x_t)
+        return mean, self._at("posterior_variance", t, x_t)

@@ -361,7 +361,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
 
 
 def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | None) -> Path:
-    from .perf import autocast_context, default_precision, make_optimizer, match_state_strides, opt_kernel_flags
+    from .perf import autocast_context, default_precision, load_optimizer_state, make_optimizer, prepare_model
 
     _validate(cfg, d)
     device = _resolve_device(cfg.device, d)
@@ -402,9 +402,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
         raise DDPMError(f"unknown schedule {cfg.schedule!r}; expected linear or cosine")
     model = UNet(model_cfg)
     model.grad_checkpoint = cfg.grad_checkpoint
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    prepare_model(model, device, channels_last=cfg.channels_last)
     ema = EMA(model, cfg.ema_decay)
     opt = make_optimizer(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run_config = _run_config(cfg, model_cfg, schedule, data)
@@ -421,12 +419,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                             "(different classes or model settings); use a new --out")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        # The saved groups carry the saving machine's fused/foreach flags; use this device's best.
-        fastest = opt_kernel_flags(device)
-        for group in opt.param_groups:
-            group.update(fastest)
-        match_state_strides(opt)
+        load_optimizer_state(opt, state["optimizer"], device)
         step = saved_step
         say(f"resumed from {resume_path} at step {step}")
     if step >= cfg.steps:

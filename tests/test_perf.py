@@ -405,7 +405,7 @@ def test_resumed_fused_adamw_state_follows_channels_last_weights() -> None:
     """Checkpointed moments come back contiguous; the fused kernel needs them in the weight's layout."""
     import copy
 
-    from ddpm.perf import make_optimizer, match_state_strides
+    from ddpm.perf import load_optimizer_state, make_optimizer
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
@@ -427,8 +427,7 @@ def test_resumed_fused_adamw_state_follows_channels_last_weights() -> None:
             st[k] = st[k].contiguous()
     b = copy.deepcopy(a)
     opt_b = make_optimizer(b.parameters(), "cpu", lr=1e-2)
-    opt_b.load_state_dict(saved)
-    match_state_strides(opt_b)
+    load_optimizer_state(opt_b, saved, "cpu")
     steps(opt_a, a, 3)
     steps(opt_b, b, 3)
     assert torch.equal(a.weight, b.weight)
