@@ -2,15 +2,17 @@
 and a plain diffusers UNet2DModel + DDPMScheduler loop.
 
 Each trainer gets the same wall-clock budget, data (the shared CIFAR-10 train subset at 32x32),
-batch size, learning rate, EMA and threads; each is sampled with DDIM at the same number of
-steps (each peer with its own sampler), and scored with FID and KID against the test subset.
-Ours is trained class-conditionally (10% label dropout) and sampled unconditionally (guidance 0)
-for the comparison, which handicaps it (only one batch element in ten trains the unconditional
-model); it is then sampled at guidance 1, 2, 3 and 5 for class accuracy (a linear probe on
-Inception features fitted on the reference set). ``--trainers ours-uncond`` trains ours
-unconditionally, like the peers, for the like-for-like comparison.
+batch size and threads, and is scored with FID and KID of ``--n`` samples against the test subset.
+The trainers of ours are *arms* of a recipe ablation (``ARMS`` below: network target, schedule,
+loss weighting, noise-level density, learning-rate and EMA schedules); each is sampled with our
+default sampler (``--sampler``, ``--sample-steps``) and, with ``--also``, with other samplers on
+the same checkpoint. Conditional arms (``-cond``) are sampled unconditionally (guidance 0) for FID
+and at ``--guidance`` scales for class accuracy (a linear probe on Inception features fitted on
+the reference set). The peers keep their libraries' defaults and are sampled with DDIM at
+``--peer-steps`` steps (each with its own sampler). Arms run strictly one after another; results
+are appended to ``--out`` after each, so an interrupted ablation keeps what it measured.
 
-    python benchmarks/quality.py --minutes 20 --out docs/quality.json
+    python benchmarks/quality.py --minutes 10 --trainers baseline recipe lucidrains --out q.json
 
 The CIFAR images here are JPEG-compressed and the subsets small, so the FIDs are not comparable
 with published ones; they compare the three trainers under identical conditions.
@@ -51,6 +53,37 @@ def unpack_cifar(cache: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- peers
+# The recipe ablation's arms: TrainConfig fields on top of COMMON. "baseline" is the recipe of the
+# 20-minute benchmark of 2026-11-26 (the DDPM paper's eps / linear / uniform, constant lr).
+LEGACY = {"prediction": "eps", "schedule": "linear", "loss_weighting": "uniform", "t_sampling": "uniform",
+          "lr_schedule": "constant", "ema_rampup": 0.0, "warmup": 200, "ema_decay": 0.999}
+ARMS: dict[str, dict] = {
+    "baseline": dict(LEGACY),
+    "v": {**LEGACY, "prediction": "v"},
+    "v-sigmoid": {**LEGACY, "prediction": "v", "schedule": "sigmoid"},
+    "v-cosine": {**LEGACY, "prediction": "v", "schedule": "cosine"},
+    "v-sigmoid-decay": {**LEGACY, "prediction": "v", "schedule": "sigmoid", "lr_schedule": "cosine", "warmup": 100,
+                        "ema_rampup": 0.05},
+    "v-sigmoid-minsnr": {**LEGACY, "prediction": "v", "schedule": "sigmoid", "loss_weighting": "min-snr"},
+    "v-sigmoid-decay-lognormal": {**LEGACY, "prediction": "v", "schedule": "sigmoid", "lr_schedule": "cosine",
+                                  "warmup": 100, "ema_rampup": 0.05, "t_sampling": "lognormal"},
+    "v-sigmoid-decay-minsnr": {**LEGACY, "prediction": "v", "schedule": "sigmoid", "lr_schedule": "cosine",
+                               "warmup": 100, "ema_rampup": 0.05, "loss_weighting": "min-snr"},
+    "v-lognormal": {**LEGACY, "prediction": "v", "schedule": "sigmoid", "t_sampling": "lognormal"},
+    "x0-sigmoid": {**LEGACY, "prediction": "x0", "schedule": "sigmoid", "loss_weighting": "min-snr"},
+    "v-sigmoid-ztsnr": {**LEGACY, "prediction": "v", "schedule": "sigmoid", "zero_terminal_snr": True},
+    "v-sigmoid-decay-nodrop": {**LEGACY, "prediction": "v", "schedule": "sigmoid", "lr_schedule": "cosine",
+                               "warmup": 100, "ema_rampup": 0.05, "dropout": 0.0},
+    "recipe": {},  # today's defaults of `ddpm train`
+}
+
+
+def arm_settings(name: str) -> tuple[bool, dict]:
+    """``(conditional, TrainConfig overrides)`` of arm ``name`` (``NAME`` or ``NAME-cond``)."""
+    conditional = name.endswith("-cond")
+    return conditional, dict(ARMS[name.removesuffix("-cond")])
+
+
 def lucidrains_model(dim: int, mults: tuple[int, ...]):
     from denoising_diffusion_pytorch import GaussianDiffusion, Unet
 
@@ -82,6 +115,8 @@ def train_peer(kind: str, model, data, args) -> tuple[torch.nn.Module, int]:
     t0, step = time.perf_counter(), 0
     while time.perf_counter() - t0 < 60 * args.minutes:
         x = to_model_range(next(it)[0])
+        if kind == "lucidrains":
+            x = (x + 1) / 2  # GaussianDiffusion takes [0, 1] and normalises to [-1, 1] itself
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         if kind == "lucidrains":
@@ -127,21 +162,29 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget per trainer")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-4 * 5)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--steps", type=int, default=50, help="DDIM sampling steps for every model")
-    p.add_argument("--n", type=int, default=500, help="samples per model for FID/KID")
-    p.add_argument("--n-guided", type=int, default=100, help="samples per guidance scale (class accuracy)")
-    p.add_argument("--ref-n", type=int, default=1000, help="test images used as the reference")
-    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0])
-    p.add_argument("--trainers", nargs="+", default=["ours", "lucidrains", "diffusers"],
-                   choices=["ours", "ours-uncond", "lucidrains", "diffusers"],
-                   help="ours trains class-conditionally (for class accuracy), ours-uncond unconditionally")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of every trainer")
+    p.add_argument("--warmup", type=int, default=200, help="the peers' warm-up steps (arms set their own)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="the peers' EMA decay (arms set their own)")
+    p.add_argument("--model", default="small", help="our UNet preset")
+    p.add_argument("--sampler", default="dpm-solver", help="our sampler for FID")
+    p.add_argument("--sample-steps", type=int, default=20, help="its steps")
+    p.add_argument("--also", nargs="*", default=[], metavar="SAMPLER:STEPS",
+                   help="more of our samplers scored on the same checkpoint, e.g. ancestral:250 ddim:50")
+    p.add_argument("--peer-steps", type=int, default=50, help="DDIM steps of the peers' own samplers")
+    p.add_argument("--n", type=int, default=1000, help="samples per model for FID/KID")
+    p.add_argument("--n-guided", type=int, default=200, help="samples per guidance scale (class accuracy)")
+    p.add_argument("--ref-n", type=int, default=2000, help="test images used as the reference")
+    p.add_argument("--guidance", type=float, nargs="+", default=[3.0])
+    p.add_argument("--trainers", nargs="+", default=["baseline", "recipe", "lucidrains", "diffusers"],
+                   help=f"arms of ours ({', '.join(ARMS)}; NAME-cond trains with labels) and peers "
+                        "(lucidrains, diffusers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=str(Path.home() / ".cache" / "ddpm" / "quality"))
-    p.add_argument("--out", default=None, help="write every figure as JSON here")
+    p.add_argument("--out", default=None, help="JSON results, rewritten after each trainer")
     args = p.parse_args()
+    for kind in args.trainers:
+        if kind not in ("lucidrains", "diffusers") and kind.removesuffix("-cond") not in ARMS:
+            p.error(f"unknown trainer {kind!r}")
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     cifar = unpack_cifar(work)
@@ -154,69 +197,79 @@ def main() -> None:
     probe = reference_probe(ref)
 
     def score(images: torch.Tensor) -> dict:
+        t0 = time.perf_counter()
         feats = inception_features(images, batch_size=50, device="cpu")
         mu, sigma = gaussian_stats(feats)
         km, ks = kid(feats, ref.features, subset_size=min(len(feats), len(ref.features), 1000))
-        return {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "kid_mean": km, "kid_std": ks, "feats": feats}
+        return {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "kid_mean": km, "kid_std": ks,
+                "score_s": time.perf_counter() - t0}
 
     data = load_image_folder(cifar / "train", 32, conditional=True, progress=False)
     results: dict = {"settings": vars(args), "torch": torch.__version__, "machine": os.uname().machine,
                      "reference": f"{len(ref.features)} CIFAR-10 test-subset images (JPEG)", "trainers": {}}
+    if args.out and Path(args.out).is_file():  # add to an earlier sequence of arms
+        results["trainers"] = json.loads(Path(args.out).read_text()).get("trainers", {})
     for kind in args.trainers:
         print(f"== {kind}: training for {args.minutes} min", flush=True)
         t0 = time.perf_counter()
-        if kind in ("ours", "ours-uncond"):
-            conditional = kind == "ours"
-            run_dir = work / f"{kind.replace('-', '_')}_run"
+        if kind not in ("lucidrains", "diffusers"):
+            conditional, overrides = arm_settings(kind)
+            run_dir = work / f"arm_{kind}_s{args.seed}"
             import shutil
 
             shutil.rmtree(run_dir, ignore_errors=True)
             cfg = ddpm.train.TrainConfig(
-                data=str(cifar / "train"), out=str(run_dir), conditional=conditional, model="small", steps=10**9,
-                batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, seed=args.seed,
-                time_limit=args.minutes, sample_every=0, save_every=0, log_every=50, progress=False,
-                tensorboard=False, device="cpu")
+                data=str(cifar / "train"), out=str(run_dir), conditional=conditional, model=args.model, steps=10**9,
+                batch_size=args.batch_size, lr=args.lr, seed=args.seed, time_limit=args.minutes, sample_every=0,
+                save_every=0, log_every=50, progress=False, tensorboard=False, device="cpu", **overrides)
             ddpm.train.train(cfg)
             run = ddpm.checkpoint.load_run(run_dir)
             steps_done, params = run.step, ddpm.count_parameters(run.model)
             train_s = time.perf_counter() - t0
+            entry = {"settings": overrides, "conditional": conditional, "params": params, "steps": steps_done,
+                     "train_s": train_s, "images_per_s": steps_done * args.batch_size / train_s, "samplers": {}}
             labels = torch.zeros(args.n, dtype=torch.long) if conditional else None  # guidance 0: unconditional
-            images = ddpm.generate.generate(run, args.n, labels=labels, sampler="ddim", steps=args.steps,
-                                            guidance=0.0, seed=args.seed, batch_size=100)
-            entry = {"params": params, "steps": steps_done, "train_s": train_s, "images_per_s": steps_done * args.batch_size / train_s}
-            s = score(images)
-            entry.update({k: v for k, v in s.items() if k != "feats"})
+            for spec in [f"{args.sampler}:{args.sample_steps}", *args.also]:
+                name, _, st = spec.partition(":")
+                t1 = time.perf_counter()
+                imgs = ddpm.generate.generate(run, args.n, labels=labels, sampler=name, steps=int(st) if st else None,
+                                              guidance=0.0, seed=args.seed, batch_size=100, progress=False)
+                sample_s = time.perf_counter() - t1
+                entry["samplers"][spec] = {**score(imgs), "sample_s": sample_s}
+                if spec == f"{args.sampler}:{args.sample_steps}":
+                    images = imgs
+                    entry.update({k: entry["samplers"][spec][k] for k in ("fid", "kid_mean", "kid_std")})
+                print(f"  {kind} {spec}: FID {entry['samplers'][spec]['fid']:.2f} ({sample_s:.0f} s sampling)", flush=True)
             entry["guided"] = {}
             for g in args.guidance if conditional else []:
-                labels = torch.arange(args.n_guided) % 10
-                imgs = ddpm.generate.generate(run, args.n_guided, labels=labels, sampler="ddim", steps=args.steps,
-                                              guidance=g, seed=args.seed + 1, batch_size=100)
+                labels_g = torch.arange(args.n_guided) % 10
+                imgs = ddpm.generate.generate(run, args.n_guided, labels=labels_g, sampler=args.sampler,
+                                              steps=args.sample_steps, guidance=g, seed=args.seed + 1, batch_size=100,
+                                              progress=False)
                 feats = inception_features(imgs, batch_size=50, device="cpu")
-                acc = class_accuracy(probe, feats, labels.numpy())
-                mu, sigma = gaussian_stats(feats)
-                entry["guided"][str(g)] = {"class_accuracy": acc["overall"], "per_class": acc["per_class"],
-                                           "fid_small_n": frechet_distance(mu, sigma, ref.mu, ref.sigma)}
+                acc = class_accuracy(probe, feats, labels_g.numpy())
+                entry["guided"][str(g)] = {"class_accuracy": acc["overall"], "per_class": acc["per_class"]}
+                ddpm.generate.save_png(ddpm.generate.make_grid(imgs[:100], nrow=10), work / f"grid_{kind}_g{g:g}.png")
         else:
             model = lucidrains_model(64, (1, 2, 2)) if kind == "lucidrains" else diffusers_model((64, 128, 128))
             params = sum(p.numel() for p in model.parameters())
             ema_model, steps_done = train_peer(kind, model, data, args)
             train_s = time.perf_counter() - t0
-            images = sample_peer(kind, ema_model, args.n, args.steps, args.seed)
-            entry = {"params": params, "steps": steps_done, "train_s": train_s, "images_per_s": steps_done * args.batch_size / train_s}
-            s = score(images)
-            entry.update({k: v for k, v in s.items() if k != "feats"})
+            t1 = time.perf_counter()
+            images = sample_peer(kind, ema_model, args.n, args.peer_steps, args.seed)
+            entry = {"params": params, "steps": steps_done, "train_s": train_s,
+                     "images_per_s": steps_done * args.batch_size / train_s, "sample_s": time.perf_counter() - t1}
+            entry.update(score(images))
         ddpm.generate.save_png(ddpm.generate.make_grid(images[:64], nrow=8), work / f"grid_{kind}.png")
-        results["trainers"][kind] = entry
-        print(json.dumps({kind: entry}, indent=1), flush=True)
-    print("\ntrainer      params   steps   img/s    FID      KID")
+        results["trainers"][f"{kind}" if args.seed == 0 else f"{kind}@seed{args.seed}"] = entry
+        print(json.dumps({kind: entry}, indent=1, default=float), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    print("\ntrainer                 params   steps   img/s    FID      KID     class acc")
     for kind, e in results["trainers"].items():
-        print(f"{kind:<11} {e['params'] / 1e6:5.2f}M {e['steps']:7d} {e['images_per_s']:7.1f} {e['fid']:8.2f} "
-              f"{e['kid_mean']:.4f}±{e['kid_std']:.4f}")
-    if "ours" in results["trainers"]:
-        for g, e in results["trainers"]["ours"]["guided"].items():
-            print(f"ours guidance {g}: class accuracy {e['class_accuracy']}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2, default=float) + "\n")
+        acc = " ".join(f"g{g}:{v['class_accuracy']:.3f}" for g, v in e.get("guided", {}).items())
+        print(f"{kind:<22} {e['params'] / 1e6:5.2f}M {e['steps']:7d} {e['images_per_s']:7.1f} {e['fid']:8.2f} "
+              f"{e['kid_mean']:.4f}±{e['kid_std']:.4f} {acc}")
 
 
 if __name__ == "__main__":

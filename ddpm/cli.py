@@ -22,9 +22,22 @@ TRAIN_HELP: dict[str, str] = {
     "model": "UNet preset: ddpm-cifar10 (35.7M, the paper's), ddpm-64, small, tiny",
     "base_channels": "override the preset's base width (0 = keep)",
     "dropout": "override the preset's dropout (negative = keep)",
-    "schedule": "noise schedule: linear (DDPM) or cosine (improved DDPM)",
+    "schedule": "noise schedule: linear (Ho et al. 2020), cosine (Nichol & Dhariwal 2021) or sigmoid (Jabri et al. 2022)",
+    "logsnr_shift": "add this to every step's log-SNR (Hoogeboom et al. 2023); 2*ln(32/size) keeps a 32px "
+                    "schedule's noisiness at a larger size, e.g. -1.39 at 64x64",
+    "zero_terminal_snr": "rescale the schedule so its last step is pure noise (Lin et al. 2023; needs v or x0)",
+    "loss_weighting": "weight of each noise level in the loss: uniform (Ho et al. 2020) or min-snr (Hang et al. 2023)",
+    "min_snr_gamma": "gamma of --loss-weighting min-snr: the cap on the signal-to-noise ratio used as weight",
+    "t_sampling": "how training noise levels are drawn: uniform over t (Ho et al. 2020) or lognormal, a normal "
+                  "density over log-SNR (EDM's log-normal sigma, Karras et al. 2022)",
+    "t_logsnr_mean": "mean log-SNR of --t-sampling lognormal (EDM: 2.4)",
+    "t_logsnr_std": "standard deviation of the log-SNR of --t-sampling lognormal (EDM: 2.4)",
+    "lr_schedule": "learning rate after warm-up: constant, or cosine / linear decay to 0 at --steps or at "
+                   "--time-limit, whichever comes first",
+    "ema_rampup": "EDM's EMA: half-life = this fraction of the images seen so far (0 = fixed --ema-decay)",
+    "ema_halflife_kimg": "cap on the EMA half-life with --ema-rampup, in thousands of images",
     "timesteps": "number of diffusion steps T",
-    "prediction": "network target: eps (the paper) or v",
+    "prediction": "network target: eps (Ho et al. 2020), v (Salimans & Ho 2022) or x0",
     "steps": "optimiser steps in all; a resumed run continues up to this",
     "batch_size": "GLOBAL batch size: summed over all processes and --grad-accum micro-batches",
     "grad_accum": "micro-batches per step on each process (gradient accumulation)",
@@ -32,7 +45,7 @@ TRAIN_HELP: dict[str, str] = {
     "warmup": "linear learning-rate warm-up steps",
     "weight_decay": "AdamW weight decay",
     "grad_clip": "clip the global gradient norm to this (0 = off)",
-    "ema_decay": "EMA decay of the sampling weights (warm-up (1+n)/(10+n) included)",
+    "ema_decay": "EMA decay of the sampling weights (warm-up (1+n)/(10+n) included); unused with --ema-rampup",
     "p_uncond": "probability of replacing a label by the null class, per sample (guidance training)",
     "seed": "random seed: initialisation, data order, noise",
     "hflip": "random horizontal flips",
@@ -52,7 +65,8 @@ TRAIN_HELP: dict[str, str] = {
     "sample_n": "images in each sample grid (conditional: split over the classes)",
     "sample_steps": "DPM-Solver++ steps for the sample grids",
     "sample_guidance": "guidance scale for conditional sample grids",
-    "time_limit": "stop after this many minutes of training, saving a checkpoint (0 = no limit)",
+    "time_limit": "stop after this many minutes of training, counted over all resumes of the run, saving a "
+                  "checkpoint (0 = no limit); with a decaying --lr-schedule the rate reaches 0 then",
     "resume": "continue the run in --out from its newest checkpoint (bit-exact on CPU)",
     "progress": "show a progress bar",
     "tensorboard": "also log to TensorBoard (when installed)",
@@ -301,6 +315,10 @@ def _train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
             saved = json.loads((Path(known.out) / "config.json").read_text()).get("train", {})
         except (OSError, ValueError) as e:
             raise DDPMError(f"cannot read {known.out}/config.json to resume: {e}") from None
+        from .train import LEGACY_RECIPE
+
+        # A run saved before an option existed was trained as the option's legacy value says.
+        defaults.update({k: v for k, v in LEGACY_RECIPE.items() if k not in saved})
         defaults.update({k: v for k, v in saved.items() if k not in ("resume", "out")})
     if known.config:
         defaults.update({k.replace("-", "_"): v for k, v in _load_toml(known.config).items()})

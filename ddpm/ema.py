@@ -8,7 +8,25 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "edm_ema_decay"]
+
+
+def edm_ema_decay(images_seen: int, batch_size: int, halflife_kimg: float = 500.0, rampup: float = 0.05) -> float:
+    """Per-step EMA decay whose half-life grows with the run (Karras et al. 2022, EDM, appendix F).
+
+    The half-life, in images, is ``min(halflife_kimg * 1000, rampup * images_seen)``: early on the
+    average covers only the last ``rampup`` fraction of training (the weights change fast), later
+    at most ``halflife_kimg`` thousand images. One step of ``batch_size`` images then decays by
+    ``0.5 ** (batch_size / half_life)``. ``rampup = 0`` gives the fixed half-life alone.
+    Raises ``ValueError`` for a non-positive half-life or batch, or a negative ramp-up.
+    """
+    if halflife_kimg <= 0 or batch_size < 1 or rampup < 0:
+        raise ValueError(f"need halflife_kimg > 0, batch_size >= 1 and rampup >= 0, got {halflife_kimg}, "
+                         f"{batch_size}, {rampup}")
+    half_life = halflife_kimg * 1000.0
+    if rampup > 0:
+        half_life = min(half_life, rampup * images_seen)
+    return 0.5 ** (batch_size / max(half_life, 1e-8))
 
 
 class EMA:
@@ -36,9 +54,10 @@ class EMA:
         return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the average towards ``model``'s current weights."""
-        d = self.current_decay()
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        """Move the average towards ``model``'s current weights, by ``decay`` when given (e.g.
+        :func:`edm_ema_decay`), else by :meth:`current_decay`."""
+        d = self.current_decay() if decay is None else float(decay)
         src = _unwrap(model)
         ema_p = [p for p in self.module.parameters()]
         cur_p = [p.detach() for p in src.parameters()]

@@ -5,8 +5,10 @@ Every sampler has the same form::
     NAME(model, x_T, schedule, *, steps=..., clip=True, generator=None, callback=None, **options)
 
 ``model(x, t) -> eps`` is any callable; ``t`` is an int64 tensor [B] of indices into
-``schedule.alphas_cumprod``. Wrap a class-conditional network with :func:`ddpm.guided`, a
-v-prediction network with :func:`eps_model`. ``x_T`` is the starting noise; further noise is
+``schedule.alphas_cumprod``. Wrap a class-conditional network with :func:`ddpm.guided`, and a
+network that predicts v or x0 with :func:`eps_model`: the :class:`Denoiser` it returns is still
+an eps callable, and also hands the samplers its x0 prediction directly, which stays exact where
+``x0 = (x - sigma eps) / alpha`` would divide by an ``alpha`` near or at zero. ``x_T`` is the starting noise; further noise is
 drawn from ``generator`` so a seed fixes the whole chain. ``callback(i, t, x, x0)`` is called
 after each step with the step index, timestep, new sample and the current prediction of x0.
 
@@ -23,20 +25,61 @@ import torch
 
 from .schedule import Schedule
 
-__all__ = ["ancestral", "ddim", "langevin", "dpm_solver", "SAMPLERS", "get_sampler", "eps_model",
+__all__ = ["ancestral", "ddim", "langevin", "dpm_solver", "SAMPLERS", "get_sampler", "eps_model", "Denoiser",
            "ancestral_step", "ddim_step", "model_evaluations"]
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]]
 
 
+class Denoiser:
+    """A network adapted to the samplers: ``denoiser(x, t) -> eps`` and ``denoiser.predict(x, t)
+    -> (eps, x0)``, both float32 like ``x`` ([B, C, H, W]).
+
+    ``prediction`` names what ``net(x, t)`` returns: ``eps``, ``v`` (Salimans & Ho 2022) or
+    ``x0``. The conversions are the schedule's; x0 is computed from the network's own output
+    (for v: ``alpha x - sigma v``), never through eps, so a zero-SNR step (alpha = 0) is exact.
+    """
+
+    def __init__(self, net: Callable[..., torch.Tensor], schedule: Schedule, prediction: str = "eps") -> None:
+        if prediction not in ("eps", "v", "x0"):
+            raise ValueError(f"unknown prediction {prediction!r}; expected 'eps', 'v' or 'x0'")
+        self.net, self.schedule, self.prediction = net, schedule, prediction
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(eps, x0)`` predicted at ``x`` = x_t, timesteps ``t`` (int64 [B])."""
+        out = self.net(x, t).float()
+        s = self.schedule
+        if self.prediction == "eps":
+            if s.zero_terminal_snr and bool((t == s.T - 1).any()):
+                raise ValueError("an eps-predicting network cannot give x0 at a zero-SNR step; it must predict v or x0")
+            return out, s.x0_from_eps(x, t, out)
+        if self.prediction == "v":
+            return s.eps_from_v(x, t, out), s.x0_from_v(x, t, out)
+        return s.eps_from_x0(x, t, out), out
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.predict(x, t)[0]
+
+
 def eps_model(net: Callable[..., torch.Tensor], schedule: Schedule, prediction: str = "eps") -> Model:
-    """Adapt a network that predicts ``prediction`` ("eps" or "v") to the samplers' eps contract."""
-    if prediction == "eps":
-        return net
-    if prediction == "v":
-        return lambda x, t: schedule.eps_from_v(x, t, net(x, t).float())
-    raise ValueError(f"unknown prediction {prediction!r}; expected 'eps' or 'v'")
+    """Adapt a network that predicts ``prediction`` ("eps", "v" or "x0") to the samplers (a :class:`Denoiser`)."""
+    return Denoiser(net, schedule, prediction)
+
+
+def _predict(model: Model, x: torch.Tensor, t: int, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(eps, x0)`` from any sampler model: a :class:`Denoiser` gives both, a plain eps callable
+    gets x0 from eps (which needs ``abar_t > 0``)."""
+    tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+    predict = getattr(model, "predict", None)
+    if predict is not None:
+        eps, x0 = predict(x, tt)
+        return eps.float(), x0.float()
+    eps = model(x, tt).float()
+    a = _abar(schedule, t)
+    if a <= 0:
+        raise ValueError("an eps model cannot be sampled at a zero-SNR step; wrap a v or x0 network with eps_model()")
+    return eps, (x - (1 - a) ** 0.5 * eps) / a**0.5
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -54,8 +97,9 @@ def _eval(model: Model, x: torch.Tensor, t: int) -> torch.Tensor:
     return model(x, tt).float()
 
 
-def _x0(x: torch.Tensor, eps: torch.Tensor, abar: float, clip: bool) -> torch.Tensor:
-    x0 = (x - (1 - abar) ** 0.5 * eps) / abar**0.5
+def _x0(x: torch.Tensor, eps: torch.Tensor, abar: float, clip: bool, x0: torch.Tensor | None = None) -> torch.Tensor:
+    if x0 is None:
+        x0 = (x - (1 - abar) ** 0.5 * eps) / abar**0.5
     return x0.clamp(-1, 1) if clip else x0
 
 
@@ -79,8 +123,12 @@ def ancestral_step(
     variance: str = "small",
     clip: bool = True,
     noise: torch.Tensor | None = None,
+    x0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One reverse step ``x_t -> x_{t_prev}`` of the DDPM chain; returns ``(x_prev, x0_pred)``.
+
+    ``x0``, when given, is the network's own prediction of the clean data (used instead of
+    the one derived from ``eps``; needed where ``abar_t = 0``).
 
     With ``t_prev = t - 1`` this is Algorithm 2 of Ho et al. 2020; with a larger gap it is the
     same step on the respaced chain whose betas are ``1 - abar_t / abar_{t_prev}`` (Nichol &
@@ -89,7 +137,7 @@ def ancestral_step(
     a_t, a_prev = _abar(schedule, t), _abar(schedule, t_prev)
     beta = 1 - a_t / a_prev  # beta of the (possibly respaced) step
     # 1. predicted x0 (eq. 15), optionally clipped to the data range
-    x0 = _x0(x, eps, a_t, clip)
+    x0 = _x0(x, eps, a_t, clip, x0)
     # 2. posterior mean of q(x_{t_prev} | x_t, x0) (eq. 7)
     coef_x0 = a_prev**0.5 * beta / (1 - a_t)
     coef_xt = (1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)
@@ -131,9 +179,9 @@ def ancestral(
     x = x_T.float()
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        eps = _eval(model, x, t)
+        eps, x0 = _predict(model, x, t, schedule)
         noise = _randn_like(x, generator) if t_prev >= 0 else None
-        x, x0 = ancestral_step(x, eps, t, t_prev, schedule, variance=variance, clip=clip, noise=noise)
+        x, x0 = ancestral_step(x, eps, t, t_prev, schedule, variance=variance, clip=clip, noise=noise, x0=x0)
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -150,17 +198,19 @@ def ddim_step(
     eta: float = 0.0,
     clip: bool = True,
     noise: torch.Tensor | None = None,
+    x0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step ``x_t -> x_{t_prev}`` (Song et al. 2021, eq. 12); returns ``(x_prev, x0_pred)``.
 
     When ``clip`` changes x0, the noise is re-derived from the clipped x0 so that the step stays
     on the line between them (as in improved-diffusion); without clipping this equals diffusers'
-    ``DDIMScheduler.step``.
+    ``DDIMScheduler.step``. ``x0``, when given, is the network's own prediction of the clean data.
     """
     a_t, a_prev = _abar(schedule, t), _abar(schedule, t_prev)
     # 1. predicted x0, and the noise consistent with it
-    x0 = _x0(x, eps, a_t, clip)
-    if clip:
+    given = x0 is not None
+    x0 = _x0(x, eps, a_t, clip, x0)
+    if clip or given:
         eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
     # 2. sigma_t(eta) (eq. 16): eta = 1 is the DDPM posterior, eta = 0 deterministic
     sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
@@ -192,9 +242,9 @@ def ddim(
     x = x_T.float()
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        eps = _eval(model, x, t)
+        eps, x0 = _predict(model, x, t, schedule)
         noise = _randn_like(x, generator) if eta > 0 and t_prev >= 0 else None
-        x, x0 = ddim_step(x, eps, t, t_prev, schedule, eta=eta, clip=clip, noise=noise)
+        x, x0 = ddim_step(x, eps, t, t_prev, schedule, eta=eta, clip=clip, noise=noise, x0=x0)
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -244,9 +294,9 @@ def langevin(
                 s_norm = score.flatten(1).norm(dim=1).clamp(min=1e-12)
                 step = (2 * alpha * (snr * z_norm / s_norm) ** 2).reshape(-1, *([1] * (x.ndim - 1)))
                 x = x + step * score + (2 * step).sqrt() * z
-        eps = _eval(model, x, t)
+        eps, x0 = _predict(model, x, t, schedule)
         noise = _randn_like(x, generator) if t_prev >= 0 else None
-        x, x0 = ancestral_step(x, eps, t, t_prev, schedule, variance=variance, clip=clip, noise=noise)
+        x, x0 = ancestral_step(x, eps, t, t_prev, schedule, variance=variance, clip=clip, noise=noise, x0=x0)
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -285,15 +335,17 @@ def dpm_solver(
     for i, t in enumerate(ts):
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
         a_t = _abar(schedule, t)
-        eps = _eval(model, x, t)
-        x0 = _x0(x, eps, a_t, clip)
+        eps, x0 = _predict(model, x, t, schedule)
+        x0 = _x0(x, eps, a_t, clip, x0)
         if t_next < 0:
             x = x0
         else:
             a_n = _abar(schedule, t_next)
             alpha_t, sigma_t = a_t**0.5, (1 - a_t) ** 0.5
             alpha_n, sigma_n = a_n**0.5, (1 - a_n) ** 0.5
-            h = math.log(alpha_n / sigma_n) - math.log(alpha_t / sigma_t)
+            # lambda = log(alpha / sigma) is -inf at a zero-SNR start: h is then +inf, e^{-h} = 0
+            # and the step is x_next = sigma_n x_t + alpha_n D (with sigma_t = 1), as it should be.
+            h = math.log(alpha_n / sigma_n) - (math.log(alpha_t / sigma_t) if alpha_t > 0 else -math.inf)
             if order == 2 and prev_x0 is not None:
                 r = prev_h / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0

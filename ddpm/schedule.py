@@ -17,9 +17,37 @@ from typing import Any
 
 import torch
 
-__all__ = ["Schedule", "SPACINGS"]
+__all__ = ["Schedule", "SPACINGS", "SCHEDULES"]
 
 SPACINGS = ("linspace", "trailing", "leading", "logsnr")
+SCHEDULES = ("linear", "cosine", "sigmoid")
+
+
+def _reshape_abar(betas: torch.Tensor, logsnr_shift: float, zero_terminal_snr: bool) -> torch.Tensor:
+    """Betas of ``betas``' schedule with its log-SNR shifted and/or its last step at zero SNR.
+
+    ``logsnr_shift`` adds a constant to ``log(abar / (1 - abar))`` at every step (Hoogeboom et
+    al. 2023, "simple diffusion": ``2 log(base / size)`` keeps a schedule tuned at resolution
+    ``base`` equally noisy at resolution ``size``). ``zero_terminal_snr`` rescales
+    ``sqrt(abar)`` linearly so that its first value is kept and its last becomes exactly 0
+    (Lin et al. 2023, Algorithm 1): the last step is then pure noise, as sampling assumes.
+    """
+    abar = torch.cumprod(1.0 - betas, 0)
+    if logsnr_shift:
+        abar = torch.sigmoid(torch.logit(abar) + logsnr_shift)
+    if zero_terminal_snr:
+        root = abar.sqrt()
+        first, last = root[0].clone(), root[-1].clone()
+        root = (root - last) * first / (first - last)
+        abar = root.square()
+        abar[-1] = 0.0
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return 1.0 - abar / prev
+
+
+def _check_T(T: int) -> None:
+    if T < 1:
+        raise ValueError(f"T must be at least 1, got {T}")
 
 
 def _gather(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor, before: float = 1.0) -> torch.Tensor:
@@ -51,10 +79,14 @@ class Schedule:
         betas = torch.as_tensor(self.betas, dtype=torch.float64).detach().cpu().clone()
         if betas.ndim != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
-        if not torch.all((betas > 0) & (betas < 1)):
-            raise ValueError("every beta must lie in the open interval (0, 1)")
+        # The last beta may be exactly 1: a zero-terminal-SNR schedule ends in pure noise.
+        if not (torch.all((betas[:-1] > 0) & (betas[:-1] < 1)) and 0 < betas[-1] <= 1) or (
+                betas.numel() == 1 and betas[0] == 1):
+            raise ValueError("every beta must lie in the open interval (0, 1) (the last one may be exactly 1)")
         alphas = 1.0 - betas
         abar = torch.cumprod(alphas, 0)
+        if betas[-1] == 1.0:
+            abar[-1] = 0.0  # exactly, not a rounding residue
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
         post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
         tables = {
@@ -73,6 +105,9 @@ class Schedule:
             ),
             "posterior_mean_coef1": betas * abar_prev.sqrt() / (1.0 - abar),
             "posterior_mean_coef2": (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar),
+            # lambda_t = log(abar / (1 - abar)), the log signal-to-noise ratio (Kingma et al. 2021);
+            # -inf at a zero-SNR last step.
+            "log_snr": torch.log(abar) - torch.log1p(-abar),
         }
         for name, value in tables.items():
             object.__setattr__(self, name, value)
@@ -83,36 +118,80 @@ class Schedule:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "Schedule":
-        """The DDPM paper's schedule: betas linear from ``beta_start`` to ``beta_end`` over ``T`` steps."""
-        if T < 1:
-            raise ValueError(f"T must be at least 1, got {T}")
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, *,
+               logsnr_shift: float = 0.0, zero_terminal_snr: bool = False) -> "Schedule":
+        """The DDPM paper's schedule: betas linear from ``beta_start`` to ``beta_end`` over ``T`` steps.
+
+        ``logsnr_shift`` and ``zero_terminal_snr`` modify it as described in :meth:`from_name`.
+        """
+        _check_T(T)
         betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-        return cls(betas, "linear", {"T": T, "beta_start": beta_start, "beta_end": beta_end})
+        return cls._made(betas, "linear", {"T": T, "beta_start": beta_start, "beta_end": beta_end},
+                         logsnr_shift, zero_terminal_snr)
 
     @classmethod
-    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "Schedule":
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999, *,
+               logsnr_shift: float = 0.0, zero_terminal_snr: bool = False) -> "Schedule":
         """Nichol & Dhariwal 2021: ``abar(t) = cos^2(((t/T + s) / (1 + s)) pi/2)``, betas clipped at ``max_beta``."""
-        if T < 1:
-            raise ValueError(f"T must be at least 1, got {T}")
+        _check_T(T)
         steps = torch.arange(T + 1, dtype=torch.float64) / T
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
-        return cls(betas, "cosine", {"T": T, "s": s, "max_beta": max_beta})
+        return cls._made(betas, "cosine", {"T": T, "s": s, "max_beta": max_beta}, logsnr_shift, zero_terminal_snr)
+
+    @classmethod
+    def sigmoid(cls, T: int = 1000, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
+                max_beta: float = 0.999, *, logsnr_shift: float = 0.0, zero_terminal_snr: bool = False) -> "Schedule":
+        """Jabri et al. 2022 (RIN), the default of lucidrains' denoising-diffusion-pytorch:
+        ``abar(u) = (sig(end/tau) - sig((u (end - start) + start) / tau)) / (sig(end/tau) - sig(start/tau))``
+        for ``u = t/T``, normalised so ``abar(0) = 1``, betas clipped at ``max_beta``.
+
+        It spends more of its steps at middling noise levels than the linear schedule, whose
+        high-noise half carries almost no signal at 32x32.
+        """
+        _check_T(T)
+        if not end > start or tau <= 0:
+            raise ValueError(f"the sigmoid schedule needs end > start and tau > 0, got start={start}, end={end}, tau={tau}")
+        u = torch.arange(T + 1, dtype=torch.float64) / T
+        v_start, v_end = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64)), torch.sigmoid(
+            torch.tensor(end / tau, dtype=torch.float64))
+        f = (v_end - torch.sigmoid((u * (end - start) + start) / tau)) / (v_end - v_start)
+        betas = (1 - f[1:] / f[:-1]).clamp(min=1e-12, max=max_beta)
+        return cls._made(betas, "sigmoid", {"T": T, "start": start, "end": end, "tau": tau, "max_beta": max_beta},
+                         logsnr_shift, zero_terminal_snr)
+
+    @classmethod
+    def _made(cls, betas: torch.Tensor, kind: str, params: dict[str, Any], logsnr_shift: float,
+              zero_terminal_snr: bool) -> "Schedule":
+        if not math.isfinite(logsnr_shift):
+            raise ValueError(f"logsnr_shift must be a finite number, got {logsnr_shift}")
+        if zero_terminal_snr and betas.numel() < 2:
+            raise ValueError("a zero-terminal-SNR schedule needs T >= 2")
+        if logsnr_shift or zero_terminal_snr:
+            betas = _reshape_abar(betas, float(logsnr_shift), bool(zero_terminal_snr))
+            params = {**params, "logsnr_shift": float(logsnr_shift), "zero_terminal_snr": bool(zero_terminal_snr)}
+        return cls(betas, kind, params)
 
     @classmethod
     def from_betas(cls, betas: Any) -> "Schedule":
-        """A schedule from explicit betas (any 1-D sequence in (0, 1))."""
+        """A schedule from explicit betas (any 1-D sequence in (0, 1); the last may be 1)."""
         return cls(torch.as_tensor(betas, dtype=torch.float64), "custom", {})
 
     @classmethod
-    def from_name(cls, name: str, T: int = 1000) -> "Schedule":
-        """``"linear"`` or ``"cosine"`` with default parameters and ``T`` steps."""
-        if name == "linear":
-            return cls.linear(T)
-        if name == "cosine":
-            return cls.cosine(T)
-        raise ValueError(f"unknown schedule {name!r}; expected 'linear' or 'cosine'")
+    def from_name(cls, name: str, T: int = 1000, *, logsnr_shift: float = 0.0,
+                  zero_terminal_snr: bool = False) -> "Schedule":
+        """``"linear"``, ``"cosine"`` or ``"sigmoid"`` with default parameters and ``T`` steps.
+
+        ``logsnr_shift`` adds a constant to every step's log-SNR (negative = noisier; Hoogeboom
+        et al. 2023 use ``2 log(32 / image_size)`` for a schedule tuned at 32x32).
+        ``zero_terminal_snr`` makes the last step pure noise (Lin et al. 2023); only networks that
+        predict ``v`` or ``x0`` can be trained on it (``eps`` carries no information there).
+        Raises ``ValueError`` for an unknown name.
+        """
+        makers = {"linear": cls.linear, "cosine": cls.cosine, "sigmoid": cls.sigmoid}
+        if name not in makers:
+            raise ValueError(f"unknown schedule {name!r}; expected one of {', '.join(SCHEDULES)}")
+        return makers[name](T, logsnr_shift=logsnr_shift, zero_terminal_snr=zero_terminal_snr)
 
     def _at(self, name: str, t: torch.Tensor, like: torch.Tensor, before: float = 1.0) -> torch.Tensor:
         """:func:`_gather` from table ``name``, taken on the device of ``t``."""
@@ -132,7 +211,7 @@ class Schedule:
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict from which :meth:`from_dict` rebuilds an identical schedule."""
-        if self.kind in ("linear", "cosine"):
+        if self.kind in SCHEDULES:
             return {"kind": self.kind, **self.params}
         return {"kind": "custom", "betas": self.betas.tolist()}
 
@@ -141,13 +220,12 @@ class Schedule:
         """Inverse of :meth:`to_dict`."""
         d = dict(d)
         kind = d.pop("kind", None)
-        if kind == "linear":
-            return cls.linear(**d)
-        if kind == "cosine":
-            return cls.cosine(**d)
+        makers = {"linear": cls.linear, "cosine": cls.cosine, "sigmoid": cls.sigmoid}
+        if kind in makers:
+            return makers[kind](**d)
         if kind == "custom":
             return cls.from_betas(d["betas"])
-        raise ValueError(f"unknown schedule kind {kind!r}; expected 'linear', 'cosine' or 'custom'")
+        raise ValueError(f"unknown schedule kind {kind!r}; expected one of {', '.join(SCHEDULES)} or 'custom'")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Schedule) and torch.equal(self.betas, other.betas)
@@ -160,6 +238,11 @@ class Schedule:
         return f"Schedule({self.kind}, T={self.T}{extra})"
 
     # ------------------------------------------------------------------ basic facts
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether the last step is pure noise (``abar_{T-1} = 0``)."""
+        return bool(self.alphas_cumprod[-1] == 0)
+
     @property
     def T(self) -> int:
         """Number of diffusion steps."""
@@ -186,11 +269,15 @@ class Schedule:
         elif spacing == "linspace":
             ts = torch.round(torch.linspace(T - 1, 0, steps, dtype=torch.float64))
         elif spacing == "logsnr":
-            lam = 0.5 * torch.log(self.alphas_cumprod / (1 - self.alphas_cumprod))  # decreasing in t
-            targets = torch.linspace(float(lam[-1]), float(lam[0]), steps + 1, dtype=torch.float64)[:-1]
+            lam = 0.5 * self.log_snr  # decreasing in t
+            # A zero-SNR last step has lambda = -inf: space from the step before it, then start
+            # at T-1 itself (below), since sampling must begin from pure noise there.
+            lam_min = float(lam[-1]) if math.isfinite(float(lam[-1])) else float(lam[-2])
+            targets = torch.linspace(lam_min, float(lam[0]), steps + 1, dtype=torch.float64)[:-1]
             # nearest timestep for each target lambda (searchsorted needs increasing values)
             idx = torch.searchsorted(lam.flip(0).contiguous(), targets.contiguous()).clamp(max=T - 1)
             ts = (T - 1 - idx).tolist()
+            ts[0] = T - 1
             # Near t = 0 several targets can round to one step: push them apart so that every
             # timestep is used once and the order stays strictly decreasing.
             for i in range(steps - 2, -1, -1):

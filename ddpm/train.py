@@ -34,16 +34,18 @@ import torch.distributed as dist
 from . import __version__
 from .checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import BatchStream, ImageSet, _mix, batches, load_dataset, to_model_range
-from .ema import EMA
+from .ema import EMA, edm_ema_decay
 from .errors import DDPMError
 from .generate import make_grid, save_png
 from .guidance import guided
-from .losses import PREDICTIONS, diffusion_loss
+from .losses import PREDICTIONS, T_SAMPLINGS, WEIGHTINGS, diffusion_loss, timestep_probabilities
 from .samplers import eps_model, get_sampler
-from .schedule import Schedule
+from .schedule import SCHEDULES, Schedule
 from .unet import PRESETS, UNet, UNetConfig, count_parameters
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "train", "lr_at", "LR_SCHEDULES", "LEGACY_RECIPE"]
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass
@@ -57,17 +59,27 @@ class TrainConfig:
     model: str = "ddpm-cifar10"  # UNet preset (see ddpm.PRESETS)
     base_channels: int = 0  # override the preset's width; 0 = keep
     dropout: float = -1.0  # override the preset's dropout; negative = keep
-    schedule: str = "linear"  # linear (DDPM) or cosine (improved DDPM)
+    schedule: str = "linear"  # linear (DDPM), cosine (improved DDPM) or sigmoid (Jabri et al. 2022)
+    logsnr_shift: float = 0.0  # add this to every step's log-SNR (simple diffusion); negative = noisier
+    zero_terminal_snr: bool = False  # rescale the schedule so its last step is pure noise (v or x0 only)
     timesteps: int = 1000  # T, the number of diffusion steps
-    prediction: str = "eps"  # network target: eps (the paper) or v
+    prediction: str = "eps"  # network target: eps (the paper), v or x0
+    loss_weighting: str = "uniform"  # uniform (the paper) or min-snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0  # gamma of min-snr
+    t_sampling: str = "uniform"  # training noise levels: uniform over t, or lognormal over log-SNR
+    t_logsnr_mean: float = 2.4  # mean of the lognormal density's log-SNR
+    t_logsnr_std: float = 2.4  # its standard deviation
     steps: int = 100_000  # optimiser steps in all (a resumed run continues up to this)
     batch_size: int = 64  # global batch size: summed over all processes and accumulation steps
     grad_accum: int = 1  # split each process's batch into this many micro-batches
     lr: float = 2e-4  # AdamW learning rate (the paper's CIFAR-10 value)
     warmup: int = 1000  # linear learning-rate warm-up steps (the paper used 5000)
+    lr_schedule: str = "constant"  # after warm-up: constant, or cosine / linear decay to 0 at the run's end
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    ema_decay: float = 0.9999  # EMA decay (with warm-up (1+n)/(10+n))
+    ema_decay: float = 0.9999  # EMA decay (with warm-up (1+n)/(10+n)); used when ema_rampup is 0
+    ema_rampup: float = 0.0  # > 0: EDM's EMA, half-life = this fraction of the images seen so far...
+    ema_halflife_kimg: float = 500.0  # ...capped at this many thousand images
     p_uncond: float = 0.1  # probability of dropping a label to the null class, per sample
     seed: int = 0  # seeds data order, noise and initialisation
     hflip: bool = True  # random horizontal flips
@@ -87,7 +99,7 @@ class TrainConfig:
     sample_n: int = 64  # images in each sample grid (per class: sample_n // classes, at least 1)
     sample_steps: int = 25  # DPM-Solver++ steps for the sample grids
     sample_guidance: float = 3.0  # guidance scale for conditional sample grids
-    time_limit: float = 0.0  # stop (and save) after this many minutes of training; 0 = no limit
+    time_limit: float = 0.0  # stop (and save) after this many minutes of training in all, resumes included; 0 = none
     resume: bool = False  # continue from the newest checkpoint in --out
     progress: bool = True  # show a progress bar
     tensorboard: bool = True  # also log to TensorBoard when it is installed
@@ -96,6 +108,15 @@ class TrainConfig:
     def field_names(cls) -> list[str]:
         """Names of all options."""
         return [f.name for f in fields(cls)]
+
+
+# What the recipe options meant before they existed: a run saved without one of these keys was
+# trained this way, and resumes and samples this way whatever today's defaults are.
+LEGACY_RECIPE: dict[str, Any] = {
+    "logsnr_shift": 0.0, "zero_terminal_snr": False, "loss_weighting": "uniform", "min_snr_gamma": 5.0,
+    "t_sampling": "uniform", "t_logsnr_mean": 2.4, "t_logsnr_std": 2.4, "lr_schedule": "constant",
+    "ema_rampup": 0.0, "ema_halflife_kimg": 500.0,
+}
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -145,12 +166,19 @@ def _validate(cfg: TrainConfig, d: _Dist) -> None:
         raise DDPMError("no training data given; pass --data PATH (a folder of images) or --data cifar10")
     if cfg.model not in PRESETS:
         raise DDPMError(f"unknown model preset {cfg.model!r}; expected one of {', '.join(PRESETS)}")
-    if cfg.prediction not in PREDICTIONS:
-        raise DDPMError(f"unknown prediction {cfg.prediction!r}; expected one of {', '.join(PREDICTIONS)}")
+    choices = [("prediction", PREDICTIONS), ("schedule", SCHEDULES), ("loss_weighting", WEIGHTINGS),
+               ("t_sampling", T_SAMPLINGS), ("lr_schedule", LR_SCHEDULES)]
+    for name, allowed in choices:
+        if getattr(cfg, name) not in allowed:
+            raise DDPMError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}; expected one of {', '.join(allowed)}")
+    if cfg.zero_terminal_snr and cfg.prediction == "eps":
+        raise DDPMError("--zero-terminal-snr needs --prediction v or x0 (eps carries no information at zero SNR)")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise DDPMError(f"unknown precision {cfg.precision!r}; expected auto, fp32 or bf16")
     numbers = {"lr": cfg.lr, "weight-decay": cfg.weight_decay, "grad-clip": cfg.grad_clip, "ema-decay": cfg.ema_decay,
-               "p-uncond": cfg.p_uncond, "sample-guidance": cfg.sample_guidance, "time-limit": cfg.time_limit}
+               "p-uncond": cfg.p_uncond, "sample-guidance": cfg.sample_guidance, "time-limit": cfg.time_limit,
+               "logsnr-shift": cfg.logsnr_shift, "min-snr-gamma": cfg.min_snr_gamma, "t-logsnr-mean": cfg.t_logsnr_mean,
+               "t-logsnr-std": cfg.t_logsnr_std, "ema-rampup": cfg.ema_rampup, "ema-halflife-kimg": cfg.ema_halflife_kimg}
     for name, value in numbers.items():
         if not math.isfinite(value):
             raise DDPMError(f"--{name} must be a finite number, got {value}")
@@ -164,6 +192,10 @@ def _validate(cfg: TrainConfig, d: _Dist) -> None:
         (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
         (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
         (0.0 <= cfg.ema_decay <= 1.0, f"--ema-decay must be in [0, 1], got {cfg.ema_decay}"),
+        (0.0 <= cfg.ema_rampup <= 1.0, f"--ema-rampup must be in [0, 1], got {cfg.ema_rampup}"),
+        (cfg.ema_halflife_kimg > 0, f"--ema-halflife-kimg must be positive, got {cfg.ema_halflife_kimg}"),
+        (cfg.min_snr_gamma > 0, f"--min-snr-gamma must be positive, got {cfg.min_snr_gamma}"),
+        (cfg.t_logsnr_std > 0, f"--t-logsnr-std must be positive, got {cfg.t_logsnr_std}"),
         (0.0 <= cfg.p_uncond < 1.0, f"--p-uncond must be in [0, 1), got {cfg.p_uncond}"),
         (cfg.timesteps >= 2, f"--timesteps must be at least 2, got {cfg.timesteps}"),
         (cfg.image_size >= 0, f"--image-size must be positive, got {cfg.image_size}"),
@@ -309,9 +341,24 @@ class _Logger:
 
 
 # ------------------------------------------------------------------------------ the loop
-def _lr_at(step: int, cfg: TrainConfig) -> float:
-    # Linear warm-up, then constant, as in the DDPM paper.
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
+def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Learning rate of optimiser step ``step`` (0-based) after ``elapsed_s`` seconds of training.
+
+    A linear warm-up over ``cfg.warmup`` steps (the DDPM paper), times a decay after it:
+    ``constant`` (the paper), ``cosine`` (Loshchilov & Hutter 2017) or ``linear``, both reaching
+    0 at the end of the run. The end is ``cfg.steps``, or ``cfg.time_limit`` minutes when that
+    comes first: progress is ``max(step / steps, elapsed / time_limit)``, so a run bounded by
+    wall-clock time anneals to 0 as its time runs out.
+    """
+    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0
+    if cfg.lr_schedule == "constant":
+        return cfg.lr * warm
+    progress = step / cfg.steps
+    if cfg.time_limit > 0:
+        progress = max(progress, elapsed_s / (60.0 * cfg.time_limit))
+    progress = min(max(progress, 0.0), 1.0)
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1.0 - progress
+    return cfg.lr * warm * decay
 
 
 def _sample_grid(ema_model: UNet, schedule: Schedule, cfg: TrainConfig, classes: list[str] | None,
@@ -397,9 +444,10 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
     # ---- model, schedule, EMA, optimiser (identical on every rank: same seed)
     torch.manual_seed(cfg.seed)
     model_cfg = _model_config(cfg, data.classes)
-    schedule = Schedule.from_name(cfg.schedule, cfg.timesteps) if cfg.schedule in ("linear", "cosine") else None
-    if schedule is None:
-        raise DDPMError(f"unknown schedule {cfg.schedule!r}; expected linear or cosine")
+    schedule = Schedule.from_name(cfg.schedule, cfg.timesteps, logsnr_shift=cfg.logsnr_shift,
+                                  zero_terminal_snr=cfg.zero_terminal_snr)
+    t_probabilities = (None if cfg.t_sampling == "uniform" else
+                       timestep_probabilities(schedule, cfg.t_sampling, cfg.t_logsnr_mean, cfg.t_logsnr_std))
     model = UNet(model_cfg)
     model.grad_checkpoint = cfg.grad_checkpoint
     prepare_model(model, device, channels_last=cfg.channels_last)
@@ -408,6 +456,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
     run_config = _run_config(cfg, model_cfg, schedule, data)
 
     step = 0
+    train_seconds = 0.0  # training wall-clock of earlier sessions of this run: --time-limit counts it
     if resume_path is not None:
         saved_step, saved_config, state = load_checkpoint(resume_path, "cpu")
         _check_resume_compatible(saved_config, cfg)
@@ -420,6 +469,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         load_optimizer_state(opt, state["optimizer"], device)
+        train_seconds = float(state.get("train_seconds", 0.0))
         step = saved_step
         say(f"resumed from {resume_path} at step {step}")
     if step >= cfg.steps:
@@ -470,7 +520,8 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
     def save(at_step: int) -> Path | None:
         if not d.main:
             return None
-        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                 "train_seconds": train_seconds + time.perf_counter() - t_start}
         path = save_checkpoint(run_dir, at_step, run_config, state, keep=cfg.keep)
         if logger is not None:
             logger.flush()
@@ -488,8 +539,9 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
             # flips (in the stream), timesteps, noise, label dropout, dropout masks.
             torch.manual_seed(_mix(cfg.seed, step, d.rank, 0xD1CE))
             gen = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, d.rank, 0x7E57))
+            lr = lr_at(step, cfg, train_seconds + time.perf_counter() - t_start)
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, cfg)
+                group["lr"] = lr
             x_u8, y = next(it)
             x = to_model_range(x_u8.to(device, non_blocking=True))
             if cfg.channels_last:
@@ -504,15 +556,17 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                 ctx = train_model.no_sync() if (not sync and hasattr(train_model, "no_sync")) else contextlib.nullcontext()
                 with ctx, autocast():
                     losses = diffusion_loss(train_model, schedule, x[sl], None if y is None else y[sl],
-                                            prediction=cfg.prediction, p_uncond=cfg.p_uncond,
-                                            null_class=null_class, generator=gen)
+                                            prediction=cfg.prediction, weighting=cfg.loss_weighting,
+                                            min_snr_gamma=cfg.min_snr_gamma, t_probabilities=t_probabilities,
+                                            p_uncond=cfg.p_uncond, null_class=null_class, generator=gen)
                     loss = losses.mean() / cfg.grad_accum
                 loss.backward()
                 loss_sum += loss.detach().double()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            ema.update(model)
+            ema.update(model, None if cfg.ema_rampup == 0 else
+                       edm_ema_decay((step + 1) * cfg.batch_size, cfg.batch_size, cfg.ema_halflife_kimg, cfg.ema_rampup))
             loss_count += 1
             step += 1
 
@@ -535,7 +589,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                 loss_count = 0
                 if d.main:
                     if logger is not None:
-                        logger.log({"step": step, "loss": mean, "lr": _lr_at(step - 1, cfg), "images_per_s": ips,
+                        logger.log({"step": step, "loss": mean, "lr": lr, "images_per_s": ips,
                                     "epoch": stream.epoch(step)})
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{ips:.1f}", epoch=f"{stream.epoch(step):.1f}")
@@ -549,7 +603,8 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
             stop = False
             # Under DDP, agreeing on a stop is a collective: do it every few steps, not every step.
             if d.world == 1 or step % 10 == 0 or want_save:
-                out_of_time = cfg.time_limit > 0 and time.perf_counter() - t_start > 60.0 * cfg.time_limit
+                out_of_time = (cfg.time_limit > 0
+                               and train_seconds + time.perf_counter() - t_start > 60.0 * cfg.time_limit)
                 stop = _any_rank(stop_requested["flag"] or out_of_time, d, device) and step < cfg.steps
             if stop:
                 want_save = True

@@ -270,7 +270,7 @@ def test_loss_trains_a_real_network(sched):
 
 
 def test_bad_loss_arguments_raise(sched):
-    with pytest.raises(ValueError, match="unknown prediction 'x0'"):
-        diffusion_loss(ZeroModel(), sched, _x0(2), prediction="x0")
+    with pytest.raises(ValueError, match="unknown prediction 'score'"):
+        diffusion_loss(ZeroModel(), sched, _x0(2), prediction="score")
     with pytest.raises(ValueError, match="labels were given but null_class is None"):
         diffusion_loss(ZeroModel(), sched, _x0(2), torch.tensor([0, 1]))

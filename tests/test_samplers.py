@@ -447,13 +447,15 @@ def test_eps_model_adapts_v_prediction(sched):
     xt = sched.add_noise(x0, eps, t)
     v_net = lambda x, tt: sched.v_from_eps(x0, eps, tt)  # noqa: E731 - a perfect v-network for this batch
     assert torch.allclose(S.eps_model(v_net, sched, "v")(xt, t), eps, atol=1e-5)
-    assert S.eps_model(_toy_model, sched, "eps") is _toy_model
+    x0_net = lambda x, tt: x0  # noqa: E731 - a perfect x0-network for this batch
+    assert torch.allclose(S.eps_model(x0_net, sched, "x0")(xt, t), eps, atol=1e-4)
+    assert torch.equal(S.eps_model(_toy_model, sched, "eps")(xt, t), _toy_model(xt, t))
 
 
 @pytest.mark.parametrize("call,match", [
     (lambda s: S.get_sampler("euler"), "unknown sampler 'euler'"),
     (lambda s: S.model_evaluations("heun", 10), "unknown sampler 'heun'"),
-    (lambda s: S.eps_model(_toy_model, s, "x0"), "unknown prediction 'x0'"),
+    (lambda s: S.eps_model(_toy_model, s, "score"), "unknown prediction 'score'"),
     (lambda s: S.ancestral(_toy_model, torch.zeros(1, 1), s, steps=2, variance="medium"), "unknown variance"),
     (lambda s: S.ancestral(_toy_model, torch.zeros(1, 1), s, steps=0), "steps must be between 1 and T=1000"),
     (lambda s: S.ddim(_toy_model, torch.zeros(1, 1), s, steps=1001), "steps must be between 1 and T=1000"),

@@ -238,3 +238,63 @@ def test_impossible_settings_are_errors(cifar_small: Path, tmp_path: Path) -> No
     train(_tiny(cifar_small, tmp_path / "c", timesteps=10, sample_steps=5, steps=2))
     assert run_info(str(tmp_path / "c"))["step"] == 2
     assert main(["sample", "--run", str(tmp_path / "c"), "--n", "2", "--out", str(tmp_path / "c.png")]) == 0
+
+
+RECIPE_ON = dict(prediction="v", schedule="sigmoid", logsnr_shift=-0.5, zero_terminal_snr=True,
+                 loss_weighting="min-snr", t_sampling="lognormal", lr_schedule="cosine", ema_rampup=0.05,
+                 ema_halflife_kimg=0.5)
+
+
+def test_resume_is_bit_identical_with_every_recipe_option_on(cifar_small: Path, tmp_path: Path) -> None:
+    full, half = tmp_path / "full", tmp_path / "half"
+    train(_tiny(cifar_small, full, conditional=True, steps=6, **RECIPE_ON))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_4(step: int, loss: float) -> None:
+        if step == 4:
+            raise Killed  # the learning rate decays over the planned 6 steps: stop the run, don't shorten it
+
+    with pytest.raises(Killed):
+        train(_tiny(cifar_small, half, conditional=True, steps=6, save_every=3, **RECIPE_ON), on_step=kill_after_step_4)
+    train(_tiny(cifar_small, half, conditional=True, steps=6, resume=True, **RECIPE_ON))
+    a, b = run_info(str(full)), run_info(str(half))
+    assert a["step"] == b["step"] == 6
+    assert a["model_sha256"] == b["model_sha256"] and a["ema_sha256"] == b["ema_sha256"]
+    cfg = json.loads((full / "config.json").read_text())
+    assert cfg["prediction"] == "v" and cfg["schedule"]["kind"] == "sigmoid"
+    assert cfg["schedule"]["zero_terminal_snr"] is True and cfg["schedule"]["logsnr_shift"] == -0.5
+    # the run samples from its own schedule and target, every sampler, no flags
+    for sampler in ("dpm-solver", "ddim", "ancestral", "langevin"):
+        assert main(["sample", "--run", str(full), "--n", "2", "--class", "ship", "--sampler", sampler,
+                     "--steps", "4", "--out", str(tmp_path / f"{sampler}.png")]) == 0
+
+
+def test_a_run_saved_before_the_recipe_options_resumes_with_its_own_recipe(cifar_small: Path, tmp_path: Path) -> None:
+    """config.json of a run from before the options existed has none of their keys: resuming it
+    must keep training as it was trained (LEGACY_RECIPE), whatever today's defaults are."""
+    from ddpm.train import LEGACY_RECIPE
+
+    run = tmp_path / "old"
+    train(_tiny(cifar_small, run, steps=2, prediction="eps", schedule="linear"))
+    path = run / "config.json"
+    cfg = json.loads(path.read_text())
+    for key in LEGACY_RECIPE:
+        cfg["train"].pop(key)
+    path.write_text(json.dumps(cfg))
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3"]) == 0
+    saved = json.loads(path.read_text())["train"]
+    assert {k: saved[k] for k in LEGACY_RECIPE} == LEGACY_RECIPE
+    assert saved["prediction"] == "eps" and saved["schedule"] == "linear"
+
+
+def test_recipe_settings_are_checked(cifar_small: Path, tmp_path: Path) -> None:
+    with pytest.raises(DDPMError, match="--zero-terminal-snr needs --prediction v or x0"):
+        train(_tiny(cifar_small, tmp_path / "a", prediction="eps", zero_terminal_snr=True))
+    with pytest.raises(DDPMError, match="unknown --lr-schedule 'step'; expected one of constant, cosine, linear"):
+        train(_tiny(cifar_small, tmp_path / "b", lr_schedule="step"))
+    with pytest.raises(DDPMError, match="unknown --schedule 'quadratic'"):
+        train(_tiny(cifar_small, tmp_path / "c", schedule="quadratic"))
+    with pytest.raises(DDPMError, match="--t-logsnr-std must be positive"):
+        train(_tiny(cifar_small, tmp_path / "d", t_sampling="lognormal", t_logsnr_std=0.0))
