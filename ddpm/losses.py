@@ -63,10 +63,13 @@ def loss_weights(schedule: Schedule, t: torch.Tensor, prediction: str, weighting
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {', '.join(PREDICTIONS)}")
     if weighting == "uniform":
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
-    snr = schedule._table("log_snr", t)[t].exp()
+    table = schedule._table("log_snr", t)
+    snr = table[t.to(table.device)].exp().to(t.device)
     capped = snr.clamp(max=gamma)
     if prediction == "eps":
-        w = capped / snr  # snr > 0 here: eps targets are refused on zero-SNR schedules
+        if bool((snr == 0).any()):
+            raise ValueError("min-snr weights of an eps target are undefined at zero SNR; predict v or x0")
+        w = capped / snr
     elif prediction == "v":
         w = capped / (snr + 1)
     else:
@@ -82,7 +85,10 @@ def timestep_probabilities(schedule: Schedule, t_sampling: str = "uniform", mean
     each step the mass of the interval of ``lambda`` it stands for (between the midpoints to its
     neighbours; the first and last steps take the tails). The defaults, 2.4 and 2.4, are EDM's
     ``ln sigma ~ N(-1.2, 1.2^2)`` for data of standard deviation 0.5 written as log-SNR
-    (``lambda = -2 ln sigma``). Raises ``ValueError`` for an unknown density or ``std <= 0``.
+    (``lambda = -2 ln sigma``). On a zero-terminal-SNR schedule the last step (lambda = -inf)
+    gets no mass: the lower tail goes to the step before it, and the network learns the pure-noise
+    step from its neighbours (for v targets min-snr also weights it 0, as Hang et al.'s formula
+    gives). Raises ``ValueError`` for an unknown density or ``std <= 0``.
     """
     if t_sampling not in T_SAMPLINGS:
         raise ValueError(f"unknown timestep sampling {t_sampling!r}; expected one of {', '.join(T_SAMPLINGS)}")

@@ -46,14 +46,16 @@ class Denoiser:
             raise ValueError(f"unknown prediction {prediction!r}; expected 'eps', 'v' or 'x0'")
         self.net, self.schedule, self.prediction = net, schedule, prediction
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(eps, x0)`` predicted at ``x`` = x_t, timesteps ``t`` (int64 [B])."""
+    def predict(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(eps, x0)`` predicted at ``x`` = x_t, timesteps ``t`` (int64 [B]).
+
+        For an eps network x0 is None: the samplers derive it from eps as they always have, so
+        such runs sample exactly as before this adapter existed.
+        """
         out = self.net(x, t).float()
         s = self.schedule
         if self.prediction == "eps":
-            if s.zero_terminal_snr and bool((t == s.T - 1).any()):
-                raise ValueError("an eps-predicting network cannot give x0 at a zero-SNR step; it must predict v or x0")
-            return out, s.x0_from_eps(x, t, out)
+            return out, None
         if self.prediction == "v":
             return s.eps_from_v(x, t, out), s.x0_from_v(x, t, out)
         return s.eps_from_x0(x, t, out), out
@@ -67,19 +69,22 @@ def eps_model(net: Callable[..., torch.Tensor], schedule: Schedule, prediction: 
     return Denoiser(net, schedule, prediction)
 
 
-def _predict(model: Model, x: torch.Tensor, t: int, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(eps, x0)`` from any sampler model: a :class:`Denoiser` gives both, a plain eps callable
-    gets x0 from eps (which needs ``abar_t > 0``)."""
+def _predict(model: Model, x: torch.Tensor, t: int, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(eps, x0)`` from any sampler model: a v or x0 :class:`Denoiser` gives both; for an eps
+    model x0 is None and the step derives it from eps, as in the papers (needs ``abar_t > 0``)."""
     tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
     predict = getattr(model, "predict", None)
     if predict is not None:
         eps, x0 = predict(x, tt)
-        return eps.float(), x0.float()
-    eps = model(x, tt).float()
+        if x0 is not None:
+            return eps.float(), x0.float()
+    else:
+        eps = model(x, tt)
+    eps = eps.float()
     a = _abar(schedule, t)
     if a <= 0:
         raise ValueError("an eps model cannot be sampled at a zero-SNR step; wrap a v or x0 network with eps_model()")
-    return eps, (x - (1 - a) ** 0.5 * eps) / a**0.5
+    return eps, None
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -252,7 +252,8 @@ _RESUMABLE = {"steps", "out", "resume", "progress", "log_every", "sample_every",
 
 
 def _check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    old = saved.get("train", {})
+    # A run saved before a recipe option existed was trained with the option's legacy value.
+    old = {**LEGACY_RECIPE, **saved.get("train", {})}
     changed = [k for k, v in asdict(cfg).items() if k not in _RESUMABLE and k in old and old[k] != v]
     if changed:
         desc = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
@@ -470,6 +471,9 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
         ema.load_state_dict(state["ema"])
         load_optimizer_state(opt, state["optimizer"], device)
         train_seconds = float(state.get("train_seconds", 0.0))
+        if cfg.time_limit > 0 and train_seconds >= 60.0 * cfg.time_limit and saved_step < cfg.steps:
+            raise DDPMError(f"the run in {str(run_dir)!r} has used its --time-limit of {cfg.time_limit:g} min "
+                            f"({train_seconds / 60:.1f} min of training); pass a larger --time-limit to continue it")
         step = saved_step
         say(f"resumed from {resume_path} at step {step}")
     if step >= cfg.steps:
@@ -527,6 +531,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
             logger.flush()
         return path
 
+    elapsed = train_seconds  # seconds of training in this run so far, the same on every rank
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     loss_count = 0
     t_last, step_last = time.perf_counter(), step
@@ -539,7 +544,10 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
             # flips (in the stream), timesteps, noise, label dropout, dropout masks.
             torch.manual_seed(_mix(cfg.seed, step, d.rank, 0xD1CE))
             gen = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, d.rank, 0x7E57))
-            lr = lr_at(step, cfg, train_seconds + time.perf_counter() - t_start)
+            if d.world == 1:
+                elapsed = train_seconds + time.perf_counter() - t_start
+            # else: the value all ranks agreed on at the last check below, so their rates stay equal
+            lr = lr_at(step, cfg, elapsed)
             for group in opt.param_groups:
                 group["lr"] = lr
             x_u8, y = next(it)
@@ -566,7 +574,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             ema.update(model, None if cfg.ema_rampup == 0 else
-                       edm_ema_decay((step + 1) * cfg.batch_size, cfg.batch_size, cfg.ema_halflife_kimg, cfg.ema_rampup))
+                       edm_ema_decay(step * cfg.batch_size, cfg.batch_size, cfg.ema_halflife_kimg, cfg.ema_rampup))
             loss_count += 1
             step += 1
 
@@ -603,8 +611,8 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
             stop = False
             # Under DDP, agreeing on a stop is a collective: do it every few steps, not every step.
             if d.world == 1 or step % 10 == 0 or want_save:
-                out_of_time = (cfg.time_limit > 0
-                               and train_seconds + time.perf_counter() - t_start > 60.0 * cfg.time_limit)
+                elapsed = _agree_elapsed(train_seconds + time.perf_counter() - t_start, d, device)
+                out_of_time = cfg.time_limit > 0 and elapsed > 60.0 * cfg.time_limit
                 stop = _any_rank(stop_requested["flag"] or out_of_time, d, device) and step < cfg.steps
             if stop:
                 want_save = True
@@ -625,7 +633,8 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                              run_dir / "samples" / f"step_{step:09d}.png", autocast)
             if stop:
                 why = "SIGTERM" if stop_requested["flag"] else f"--time-limit {cfg.time_limit:g} min"
-                say(f"\nstopped by {why} at step {step}; continue with --resume")
+                say(f"\nstopped by {why} at step {step}; continue with --resume"
+                    + (" and a larger --time-limit (it counts the whole run)" if not stop_requested["flag"] else ""))
                 break
     finally:
         if bar is not None:
@@ -653,6 +662,16 @@ def _check_replicas_agree(model: torch.nn.Module, ema: EMA, d: _Dist, device: to
     if len(set(gathered)) != 1:
         raise DDPMError(f"the {d.world} processes ended with different weights; the run is not trustworthy")
     say(f"all {d.world} processes hold identical model and EMA weights (sha256 {mine[:12]}...)")
+
+
+def _agree_elapsed(seconds: float, d: _Dist, device: torch.device) -> float:
+    """The largest of the ranks' training clocks: a time-based learning-rate decay must give
+    every rank the same rate, or DDP's replicas (which share gradients, not weights) drift apart."""
+    if d.world == 1:
+        return seconds
+    t = torch.tensor([seconds], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def _any_rank(flag: bool, d: _Dist, device: torch.device) -> bool:

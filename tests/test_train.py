@@ -298,3 +298,19 @@ def test_recipe_settings_are_checked(cifar_small: Path, tmp_path: Path) -> None:
         train(_tiny(cifar_small, tmp_path / "c", schedule="quadratic"))
     with pytest.raises(DDPMError, match="--t-logsnr-std must be positive"):
         train(_tiny(cifar_small, tmp_path / "d", t_sampling="lognormal", t_logsnr_std=0.0))
+
+
+def test_time_limit_counts_the_whole_run_across_resumes(cifar_small: Path, tmp_path: Path) -> None:
+    from ddpm.checkpoint import latest_checkpoint, load_checkpoint
+
+    run = tmp_path / "run"
+    train(_tiny(cifar_small, run, steps=2))
+    _, _, state = load_checkpoint(latest_checkpoint(run), only=("train_seconds",))
+    used = state["train_seconds"]
+    assert 0 < used < 600
+    # a limit the run has already used up: a clear refusal, not a one-step session at lr 0
+    with pytest.raises(DDPMError, match="has used its --time-limit"):
+        train(_tiny(cifar_small, run, steps=4, resume=True, time_limit=used / 120))
+    train(_tiny(cifar_small, run, steps=4, resume=True, time_limit=60.0))
+    _, _, state = load_checkpoint(latest_checkpoint(run), only=("train_seconds",))
+    assert state["train_seconds"] > used
