@@ -43,7 +43,11 @@ def x0_error_by_timestep(run_dir: str, images: torch.Tensor, timesteps: list[int
         tt = torch.full((len(images),), t, dtype=torch.long)
         noise = torch.randn(images.shape, generator=g)
         x_t = run.schedule.add_noise(images, noise, tt)
-        x0_hat = torch.cat([denoiser.predict(x_t[i:i + 128], tt[i:i + 128])[1] for i in range(0, len(images), 128)])
+        parts = []
+        for i in range(0, len(images), 128):
+            eps, x0 = denoiser.predict(x_t[i:i + 128], tt[i:i + 128])
+            parts.append(x0 if x0 is not None else run.schedule.x0_from_eps(x_t[i:i + 128], tt[i:i + 128], eps))
+        x0_hat = torch.cat(parts)
         rows.append({"t": t, "log_snr": float(run.schedule.log_snr[t]),
                      "mse": float((x0_hat - images).pow(2).mean()),
                      "mse_const": float((mean - images).pow(2).mean()),

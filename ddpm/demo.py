@@ -56,7 +56,7 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 800, seed: int = 0, 
     run_dir = out / "run"
     cfg = TrainConfig(
         data=str(data_dir), out=str(run_dir), conditional=True, image_size=16, model=model,
-        steps=steps, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.995, p_uncond=0.1, seed=seed,
+        steps=steps, batch_size=64, lr=1e-3, warmup=100, p_uncond=0.1, seed=seed,
         hflip=False,  # a mirrored 2 or 7 is not a digit
         sample_every=0, save_every=500, log_every=25, sample_n=80, device=device,
         resume=latest_checkpoint(run_dir) is not None, dropout=0.0,

@@ -59,11 +59,11 @@ class TrainConfig:
     model: str = "ddpm-cifar10"  # UNet preset (see ddpm.PRESETS)
     base_channels: int = 0  # override the preset's width; 0 = keep
     dropout: float = -1.0  # override the preset's dropout; negative = keep
-    schedule: str = "linear"  # linear (DDPM), cosine (improved DDPM) or sigmoid (Jabri et al. 2022)
+    schedule: str = "sigmoid"  # linear (DDPM), cosine (improved DDPM) or sigmoid (Jabri et al. 2022)
     logsnr_shift: float = 0.0  # add this to every step's log-SNR (simple diffusion); negative = noisier
     zero_terminal_snr: bool = False  # rescale the schedule so its last step is pure noise (v or x0 only)
     timesteps: int = 1000  # T, the number of diffusion steps
-    prediction: str = "eps"  # network target: eps (the paper), v or x0
+    prediction: str = "v"  # network target: eps (the paper), v or x0
     loss_weighting: str = "uniform"  # uniform (the paper) or min-snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # gamma of min-snr
     t_sampling: str = "uniform"  # training noise levels: uniform over t, or lognormal over log-SNR
@@ -73,12 +73,12 @@ class TrainConfig:
     batch_size: int = 64  # global batch size: summed over all processes and accumulation steps
     grad_accum: int = 1  # split each process's batch into this many micro-batches
     lr: float = 2e-4  # AdamW learning rate (the paper's CIFAR-10 value)
-    warmup: int = 1000  # linear learning-rate warm-up steps (the paper used 5000)
-    lr_schedule: str = "constant"  # after warm-up: constant, or cosine / linear decay to 0 at the run's end
+    warmup: int = 100  # linear learning-rate warm-up steps (the paper used 5000)
+    lr_schedule: str = "cosine"  # after warm-up: constant, or cosine / linear decay to 0 at the run's end
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     ema_decay: float = 0.9999  # EMA decay (with warm-up (1+n)/(10+n)); used when ema_rampup is 0
-    ema_rampup: float = 0.0  # > 0: EDM's EMA, half-life = this fraction of the images seen so far...
+    ema_rampup: float = 0.05  # > 0: EDM's EMA, half-life = this fraction of the images seen so far...
     ema_halflife_kimg: float = 500.0  # ...capped at this many thousand images
     p_uncond: float = 0.1  # probability of dropping a label to the null class, per sample
     seed: int = 0  # seeds data order, noise and initialisation
@@ -112,6 +112,7 @@ class TrainConfig:
 
 # What the recipe options meant before they existed: a run saved without one of these keys was
 # trained this way, and resumes and samples this way whatever today's defaults are.
+# (prediction, schedule and warmup predate them and were always saved.)
 LEGACY_RECIPE: dict[str, Any] = {
     "logsnr_shift": 0.0, "zero_terminal_snr": False, "loss_weighting": "uniform", "min_snr_gamma": 5.0,
     "t_sampling": "uniform", "t_logsnr_mean": 2.4, "t_logsnr_std": 2.4, "lr_schedule": "constant",

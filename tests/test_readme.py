@@ -19,3 +19,16 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one() -> None:
     assert tests.endswith("python -m pytest -q")
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in ci, "the README's test command and .ci/run must be the same line"
+
+
+def test_readme_library_example_runs() -> None:
+    """The library example, on the tiny preset and a random batch, trains a step and samples."""
+    import torch
+
+    code = (ROOT / "README.md").read_text().split("```python", 1)[1].split("```", 1)[0]
+    code = code.replace('"ddpm-cifar10"', '"tiny"')
+    g = torch.Generator().manual_seed(0)
+    scope = {"images": torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, "labels": torch.tensor([0, 3, 8, 9])}
+    exec(compile(code, "README.md", "exec"), scope)
+    x = scope["x"]
+    assert x.shape == (16, 3, 32, 32) and torch.isfinite(x).all() and scope["images_seen"] == 4
