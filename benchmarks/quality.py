@@ -69,7 +69,7 @@ ARMS: dict[str, dict] = {
                                   "warmup": 100, "ema_rampup": 0.05, "t_sampling": "lognormal"},
     "v-sigmoid-decay-minsnr": {**LEGACY, "prediction": "v", "schedule": "sigmoid", "lr_schedule": "cosine",
                                "warmup": 100, "ema_rampup": 0.05, "loss_weighting": "min-snr"},
-    "v-lognormal": {**LEGACY, "prediction": "v", "schedule": "sigmoid", "t_sampling": "lognormal"},
+    "v-sigmoid-lognormal": {**LEGACY, "prediction": "v", "schedule": "sigmoid", "t_sampling": "lognormal"},
     "x0-sigmoid": {**LEGACY, "prediction": "x0", "schedule": "sigmoid", "loss_weighting": "min-snr"},
     "v-sigmoid-ztsnr": {**LEGACY, "prediction": "v", "schedule": "sigmoid", "zero_terminal_snr": True},
     "v-sigmoid-decay-nodrop": {**LEGACY, "prediction": "v", "schedule": "sigmoid", "lr_schedule": "cosine",
