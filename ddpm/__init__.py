@@ -13,7 +13,7 @@ The pieces compose::
 from . import samplers
 from .ema import EMA, edm_ema_decay
 from .guidance import guided
-from .losses import diffusion_loss, drop_labels
+from .losses import diffusion_loss, drop_labels, timestep_probabilities
 from .samplers import eps_model
 from .schedule import Schedule
 from .unet import PRESETS, UNet, UNetConfig, count_parameters
@@ -21,4 +21,4 @@ from .unet import PRESETS, UNet, UNetConfig, count_parameters
 __version__ = "0.1.0"
 
 __all__ = ["EMA", "PRESETS", "Schedule", "UNet", "UNetConfig", "count_parameters", "diffusion_loss",
-           "drop_labels", "edm_ema_decay", "eps_model", "guided", "samplers", "__version__"]
+           "drop_labels", "edm_ema_decay", "eps_model", "guided", "samplers", "timestep_probabilities", "__version__"]

@@ -66,19 +66,19 @@ class TrainConfig:
     prediction: str = "v"  # network target: eps (the paper), v or x0
     loss_weighting: str = "uniform"  # uniform (the paper) or min-snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # gamma of min-snr
-    t_sampling: str = "uniform"  # training noise levels: uniform over t, or lognormal over log-SNR
+    t_sampling: str = "lognormal"  # training noise levels: uniform over t, or lognormal over log-SNR
     t_logsnr_mean: float = 2.4  # mean of the lognormal density's log-SNR
     t_logsnr_std: float = 2.4  # its standard deviation
     steps: int = 100_000  # optimiser steps in all (a resumed run continues up to this)
     batch_size: int = 64  # global batch size: summed over all processes and accumulation steps
     grad_accum: int = 1  # split each process's batch into this many micro-batches
     lr: float = 2e-4  # AdamW learning rate (the paper's CIFAR-10 value)
-    warmup: int = 200  # linear learning-rate warm-up steps (the paper used 5000)
-    lr_schedule: str = "constant"  # after warm-up: constant, or cosine / linear decay to 0 at the run's end
+    warmup: int = 100  # linear learning-rate warm-up steps (the paper used 5000)
+    lr_schedule: str = "cosine"  # after warm-up: constant, or cosine / linear decay to 0 at the run's end
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     ema_decay: float = 0.9999  # EMA decay (with warm-up (1+n)/(10+n)); used when ema_rampup is 0
-    ema_rampup: float = 0.0  # > 0: EDM's EMA, half-life = this fraction of the images seen so far...
+    ema_rampup: float = 0.05  # > 0: EDM's EMA, half-life = this fraction of the images seen so far...
     ema_halflife_kimg: float = 500.0  # ...capped at this many thousand images
     p_uncond: float = 0.1  # probability of dropping a label to the null class, per sample
     seed: int = 0  # seeds data order, noise and initialisation
