@@ -317,3 +317,13 @@ def test_time_limit_counts_the_whole_run_across_resumes(cifar_small: Path, tmp_p
     train(_tiny(cifar_small, run, steps=4, resume=True, time_limit=60.0))
     _, _, state = load_checkpoint(latest_checkpoint(run), only=("train_seconds",))
     assert state["train_seconds"] > used
+
+
+def test_demo_trains_and_writes_its_grid(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    from ddpm.demo import run_demo
+
+    grid = run_demo(tmp_path / "demo", steps=2, device="cpu")
+    img = np.asarray(Image.open(grid))
+    assert img.shape == (4 * (10 * 18 + 2), 4 * (10 * 18 + 2), 3)  # 10 x 10 digits of 16 px, padding 2, 4x
+    assert run_info(str(tmp_path / "demo" / "run"))["step"] == 2
