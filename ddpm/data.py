@@ -26,8 +26,8 @@ from PIL import Image, ImageFile, ImageOps
 
 from .errors import DDPMError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "load_image", "to_rgb", "load_image_folder", "load_cifar10", "load_dataset",
-           "BatchStream", "batches"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "load_image", "to_rgb", "is_hidden", "scan_images", "class_name",
+           "class_folders", "remove_empty_classes", "load_image_folder", "load_cifar10", "load_dataset", "BatchStream", "batches"]
 
 # GIF and multi-page TIFF files give their first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -113,8 +113,59 @@ class ImageSet:
         return load_image(self.paths[index], self.image_size, self.random_crop)
 
 
-def _scan(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is hidden: it starts with '.' (``.ipynb_checkpoints``,
+    ``.DS_Store``, macOS's ``._photo.jpg`` AppleDouble files). Hidden entries hold copies and
+    metadata, never data, so every scan of images and classes skips them."""
+    return name.startswith(".")
+
+
+def scan_images(root: str | Path) -> list[Path]:
+    """Image files under ``root`` at any depth, sorted; hidden files and folders are skipped.
+
+    Symbolic links to folders are not followed (as ``Path.rglob`` does not). A sub-folder that
+    cannot be listed is a warning naming it, not a silent loss of its images. This is the one
+    scan used for training data, class folders and evaluation references.
+    """
+    root = Path(root)
+    unreadable: list[str] = []
+
+    def note(e: OSError) -> None:
+        unreadable.append(f"{e.filename} ({e.strerror})")
+
+    found: list[Path] = []
+    for folder, dirs, names in os.walk(root, onerror=note):
+        dirs[:] = [d for d in dirs if not is_hidden(d)]  # pruned in place: os.walk skips them
+        base = Path(folder)
+        found.extend(base / n for n in names if not is_hidden(n) and Path(n).suffix.lower() in IMAGE_EXTENSIONS)
+    if unreadable:
+        warnings.warn(f"could not list {len(unreadable)} folder(s), their images are skipped: "
+                      f"{', '.join(unreadable[:3])}{' ...' if len(unreadable) > 3 else ''}", stacklevel=2)
+    # Path order (part by part), as before: the data order of existing runs must not change.
+    return sorted(p for p in found if p.is_file())
+
+
+def class_name(folder_name: str) -> str:
+    """A class folder's name as printable text: bytes that are not UTF-8 (a folder unzipped from
+    a Windows archive, ``b"caf\\xe9"``) become backslash escapes (``caf\\xe9``), so the name can
+    be printed, stored in JSON and typed as ``--class 'caf\\xe9'``. UTF-8 names are unchanged."""
+    return os.fsencode(folder_name).decode("utf-8", "backslashreplace")
+
+
+def class_folders(root: Path) -> list[tuple[str, Path]]:
+    """``(class name, folder)`` for every visible sub-folder of ``root``, sorted by folder name.
+
+    Raises :class:`DDPMError` when two folders give the same printable name.
+    """
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not is_hidden(d.name))
+    named = [(class_name(d.name), d) for d in dirs]
+    seen: dict[str, Path] = {}
+    for name, d in named:
+        if name in seen:
+            raise DDPMError(f"class folders {str(seen[name])!r} and {str(d)!r} both read as class {name!r}; "
+                            "rename one of them")
+        seen[name] = d
+    return named
 
 
 def load_image_folder(
@@ -125,11 +176,14 @@ def load_image_folder(
     strict: bool = False,
     random_crop: bool = False,
     progress: bool = True,
+    drop_empty_classes: bool = False,
 ) -> ImageSet:
     """Every image under ``root`` (any depth); with ``conditional``, ``root/<class>/...`` labels.
 
-    Unreadable files (truncated, zero bytes, not an image) are skipped with one warning that
-    counts them and names the first few; with ``strict`` the first one is an error.
+    Hidden files and folders (names starting with '.') are skipped. Unreadable files (truncated,
+    zero bytes, not an image) are skipped with one warning that counts them and names the first
+    few; with ``strict`` the first one is an error. A class whose images are all unreadable is a
+    :class:`DDPMError`, or with ``drop_empty_classes`` a warning and the class left out.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -137,23 +191,21 @@ def load_image_folder(
     if not root.is_dir():
         raise DDPMError(f"data path {str(root)!r} is a file; expected a folder of images or 'cifar10'")
     if conditional:
-        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        per_class = [(d.name, _scan(d)) for d in class_dirs]
+        class_dirs = class_folders(root)
+        per_class = [(name, scan_images(d)) for name, d in class_dirs]
         per_class = [(name, files) for name, files in per_class if files]
         if not per_class:
-            loose = len(_scan(root))
+            loose = len(scan_images(root))
             raise DDPMError(
                 f"--conditional needs class sub-folders (root/<class>/*.jpg) but {str(root)!r} has "
                 f"{len(class_dirs)} sub-folders with images and {loose} images in all; drop --conditional "
                 "to train unconditionally"
             )
-        if len(per_class) < 2:
-            warnings.warn(f"only one class folder ({per_class[0][0]!r}) under {root}; guidance needs at least two")
         classes = [name for name, _ in per_class]
         files = [f for _, fs in per_class for f in fs]
         labels = np.array([i for i, (_, fs) in enumerate(per_class) for _ in fs], dtype=np.int64)
     else:
-        files = _scan(root)
+        files = scan_images(root)
         classes, labels = None, None
     if not files:
         raise DDPMError(
@@ -192,13 +244,40 @@ def load_image_folder(
         raise DDPMError(f"none of the {len(files)} image files under {str(root)!r} could be read")
     paths = [str(files[i]) for i in good]
     if labels is not None:
-        labels = labels[good]
+        # A class whose images all failed to decode would still be offered for sampling, from
+        # an embedding that never saw an image.
+        classes, labels, empty = remove_empty_classes(classes, labels[good])
+        if empty and not drop_empty_classes:
+            raise DDPMError(f"class folder(s) {_names(empty)} under {str(root)!r} have no readable images; fix "
+                            "or remove them, or pass --drop-empty-classes to train without them")
+        if empty:
+            warnings.warn(f"dropped {len(empty)} class(es) with no readable images: {_names(empty)}", stacklevel=2)
+        if len(classes) < 2:
+            warnings.warn(f"only one class folder ({classes[0]!r}) under {root}; guidance needs at least two",
+                          stacklevel=2)
     images: np.ndarray | list[np.ndarray] | None = None
     if pixels is not None:
         images = pixels[: len(good)]
     elif keep_in_memory:
         images = decoded
     return ImageSet(paths, labels, classes, image_size, images, random_crop)
+
+
+def remove_empty_classes(classes: list[str], labels: np.ndarray) -> tuple[list[str], np.ndarray, list[str]]:
+    """``(classes, labels, removed)``: the classes no label points at removed, labels (int64 [N])
+    renumbered to match, and the names removed."""
+    counts = np.bincount(labels, minlength=len(classes))
+    keep = np.flatnonzero(counts > 0)
+    if len(keep) == len(classes):
+        return classes, labels, []
+    remap = np.full(len(classes), -1, dtype=np.int64)
+    remap[keep] = np.arange(len(keep))
+    removed = [c for c, k in zip(classes, counts) if k == 0]
+    return [classes[i] for i in keep], remap[labels], removed
+
+
+def _names(items: Sequence[str], limit: int = 5) -> str:
+    return ", ".join(repr(c) for c in items[:limit]) + (" ..." if len(items) > limit else "")
 
 
 def _reason(e: BaseException) -> str:
@@ -256,12 +335,13 @@ def load_dataset(
     random_crop: bool = False,
     data_root: str | None = None,
     progress: bool = True,
+    drop_empty_classes: bool = False,
 ) -> ImageSet:
     """``data`` is a folder path or ``"cifar10"`` (torchvision's copy under ``data_root``)."""
     if data.lower() == "cifar10" and not Path(data).exists():
         return load_cifar10(data_root, image_size, train=True, conditional=conditional)
     return load_image_folder(data, image_size, conditional=conditional, strict=strict, random_crop=random_crop,
-                             progress=progress)
+                             progress=progress, drop_empty_classes=drop_empty_classes)
 
 
 # ------------------------------------------------------------------------------------ batches

@@ -51,7 +51,9 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 800, seed: int = 0, 
     from .generate import generate, make_grid, save_png
     from .train import TrainConfig, train
 
-    out = Path(out)
+    from .outputs import check_writable
+
+    out = check_writable(out, "--out")
     data_dir = write_digits(out / "digits")
     run_dir = out / "run"
     cfg = TrainConfig(

@@ -16,6 +16,8 @@ the Inception network through the same resize to 299x299.
 Cache files (``$DDPM_CACHE/fid``, default ``~/.cache/ddpm/fid``) are ``.npz`` without pickles,
 named by a hash of the reference's file list (absolute paths, sizes, mtimes), the image size,
 the subset size and the extractor's sha256, and written atomically (temp file, then rename).
+The cache only saves time: a cache folder that cannot be written (a read-only home in a
+container or on a cluster) is one warning, and the figures are computed all the same.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ from .errors import DDPMError
 from .inception import FeatureExtractor
 from .metrics import (LinearProbe, class_accuracy, fit_linear_probe, frechet_distance, gaussian_stats, kid,
                       precision_recall)
+from .outputs import check_writable
 
 __all__ = ["ReferenceDataError", "FeatureSet", "default_cache_dir", "reference_stats", "reference_probe",
-           "evaluate_run", "fid_folders", "sampler_sweep", "format_summary", "write_json"]
+           "evaluate_run", "fid_folders", "sampler_sweep", "sweep_steps", "DEFAULT_SWEEP_STEPS", "format_summary",
+           "write_json"]
 
 _CACHE_VERSION = 1
 _SAMPLERS = ("ancestral", "ddim", "langevin", "dpm-solver")
@@ -88,6 +92,34 @@ def _first_line(e: BaseException) -> str:
     return (s.splitlines()[0] if s else type(e).__name__)[:160]
 
 
+# Cache folders already warned about in this process: one warning each, however many writes fail.
+_CACHE_WARNED: set[str] = set()
+
+
+def _in_cache(path: Path) -> bool:
+    """Whether a cache file is there to read (an unreadable cache folder counts as empty)."""
+    return os.path.isfile(path)
+
+
+def _write_cache(path: Path, write) -> bool:
+    """Call ``write(path)``; True when the cache file was written.
+
+    The cache only saves time, so a folder that cannot be written (a read-only home in a
+    container or on a cluster, a full disk) costs a one-line warning, once per folder, and the
+    result is still returned; the atomic writers leave no partial file behind.
+    """
+    try:
+        write(path)
+        return True
+    except OSError as e:
+        folder = str(path.parent)
+        if folder not in _CACHE_WARNED:
+            _CACHE_WARNED.add(folder)
+            warnings.warn(f"cannot write the cache folder {folder!r} ({e.strerror or _first_line(e)}); continuing "
+                          "without caching (--cache-dir or $DDPM_CACHE picks a writable folder, --no-cache skips it)")
+        return False
+
+
 # ----------------------------------------------------------------------- reference statistics
 @dataclass
 class FeatureSet:
@@ -116,24 +148,27 @@ class FeatureSet:
 
 
 def _list_folder(root: Path) -> tuple[list[Path], np.ndarray | None, list[str] | None]:
-    """Image files under ``root`` (sorted, any depth). If every image sits inside a top-level
-    sub-folder, those sub-folders are classes (torchvision's ImageFolder convention)."""
-    from .data import IMAGE_EXTENSIONS
+    """Image files under ``root`` (sorted, any depth, hidden files and folders skipped). If every
+    image sits inside a top-level sub-folder, those sub-folders are classes (torchvision's
+    ImageFolder convention)."""
+    from .data import IMAGE_EXTENSIONS, class_name, scan_images
 
     if not root.exists():
         raise ReferenceDataError(f"reference folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise ReferenceDataError(f"reference {str(root)!r} is a file; expected a folder of images, "
                                  "a .npz of statistics, or 'cifar10'")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = scan_images(root)
     if not files:
         raise ReferenceDataError(f"no images found under {str(root)!r}; expected files ending in "
                                  f"{', '.join(IMAGE_EXTENSIONS)}")
     tops = [p.relative_to(root).parts for p in files]
     if all(len(parts) > 1 for parts in tops):
-        classes = sorted({parts[0] for parts in tops})
+        # Named as training names its classes, so a run's classes match the reference's.
+        names = [class_name(parts[0]) for parts in tops]
+        classes = sorted(set(names))
         index = {c: i for i, c in enumerate(classes)}
-        return files, np.array([index[parts[0]] for parts in tops], dtype=np.int64), classes
+        return files, np.array([index[c] for c in names], dtype=np.int64), classes
     return files, None, None
 
 
@@ -198,6 +233,8 @@ def _save_featureset(fs: FeatureSet, path: Path) -> None:
 def _load_featureset(path: Path, key: str | None = None) -> FeatureSet:
     """Read a cache file, or any ``.npz`` holding at least ``mu`` and ``sigma`` (pytorch-fid's
     statistics files). Raises ReferenceDataError naming the file when it can't be used."""
+    from .data import class_name
+
     try:
         with np.load(path, allow_pickle=False) as z:
             names = set(z.files)
@@ -210,7 +247,8 @@ def _load_featureset(path: Path, key: str | None = None) -> FeatureSet:
                 mu=z["mu"].astype(np.float64), sigma=z["sigma"].astype(np.float64),
                 features=z["features"] if "features" in names else None,
                 labels=z["labels"].astype(np.int64) if "labels" in names else None,
-                classes=[str(c) for c in z["classes"]] if "classes" in names else None,
+                # Caches written before class names were escaped may hold raw non-UTF-8 names.
+                classes=[class_name(str(c)) for c in z["classes"]] if "classes" in names else None,
                 source=str(z["source"]) if "source" in names else str(path),
                 key=stored_key or _hash(["npz", str(path.resolve())]), cache_path=path, cached=True)
     except Exception as e:  # zipfile, OSError, ValueError, KeyError: all mean "unusable"
@@ -270,7 +308,7 @@ def reference_stats(
     key = _hash({"v": _CACHE_VERSION, "files": listing, "image_size": image_size, "max_images": max_images,
                  "extractor": extractor.sha256})
     cache_path = cache / f"{_slug(path.resolve().name)}-{image_size or 'native'}-{key[:20]}.npz"
-    if use_cache and cache_path.exists():
+    if use_cache and _in_cache(cache_path):
         try:
             return _load_featureset(cache_path, key)
         except ReferenceDataError as e:
@@ -284,11 +322,19 @@ def reference_stats(
         warnings.warn(f"skipped {len(bad)} unreadable image file(s) of {len(files)}: {names}{' ...' if len(bad) > 3 else ''}")
     if len(good) < 2:
         raise ReferenceDataError(f"only {len(good)} readable image(s) under {str(path)!r}; need at least 2 for statistics")
-    labels = labels[good] if labels is not None else None
+    if labels is not None:
+        from .data import remove_empty_classes
+
+        # A class with no readable image has no features to fit the probe on: leave it out, so a
+        # run class of that name is reported as missing from the reference.
+        classes, labels, empty = remove_empty_classes(classes, labels[good])
+        if empty:
+            warnings.warn(f"reference classes with no readable images left out: {', '.join(map(repr, empty[:5]))}"
+                          f"{' ...' if len(empty) > 5 else ''}")
     mu, sigma = gaussian_stats(feats)
     fs = FeatureSet(mu, sigma, feats, labels, classes, str(path.resolve()), key, cache_path)
-    if use_cache:
-        _save_featureset(fs, cache_path)
+    if not (use_cache and _write_cache(cache_path, lambda p: _save_featureset(fs, p))):
+        fs.cache_path = None
     return fs
 
 
@@ -301,7 +347,7 @@ def _cifar_stats(split: str, image_size: int | None, max_images: int | None, bat
     key = _hash({"v": _CACHE_VERSION, "cifar10": split, "files": listing, "image_size": image_size,
                  "max_images": max_images, "extractor": extractor.sha256})
     cache_path = cache / f"cifar10-{split}-{image_size or 32}-{key[:20]}.npz"
-    if use_cache and listing is not None and cache_path.exists():
+    if use_cache and listing is not None and _in_cache(cache_path):
         try:
             return _load_featureset(cache_path, key)
         except ReferenceDataError as e:
@@ -325,8 +371,8 @@ def _cifar_stats(split: str, image_size: int | None, max_images: int | None, bat
     feats = _extract(batches, len(images), extractor, progress, f"reference cifar10:{split}")
     mu, sigma = gaussian_stats(feats)
     fs = FeatureSet(mu, sigma, feats, labels, list(ds.classes or []), f"cifar10:{split}", key, cache_path)
-    if use_cache:
-        _save_featureset(fs, cache_path)
+    if not (use_cache and _write_cache(cache_path, lambda p: _save_featureset(fs, p))):
+        fs.cache_path = None
     return fs
 
 
@@ -341,7 +387,7 @@ def reference_probe(ref: FeatureSet, *, l2: float = 1e-2, cache_dir: str | os.Pa
                                  "class sub-folders (ref/<class>/*.jpg) or cifar10")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = cache / f"probe-{_hash([ref.key, l2, holdout, _CACHE_VERSION])[:20]}.npz"
-    if use_cache and path.exists():
+    if use_cache and _in_cache(path):
         try:
             return LinearProbe.load(path)
         except Exception as e:
@@ -356,7 +402,7 @@ def reference_probe(ref: FeatureSet, *, l2: float = 1e-2, cache_dir: str | os.Pa
     probe = fit_linear_probe(feats, ref.labels, ref.classes, l2=l2)
     probe.holdout_accuracy = acc
     if use_cache:
-        probe.save(path)
+        _write_cache(path, probe.save)
     return probe
 
 
@@ -390,12 +436,31 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def _resolve_steps(sampler: str, steps: int | None, T: int) -> int:
-    if steps is not None:
-        return int(steps)
-    gen = _module("ddpm.generate")
-    default = getattr(gen, "default_steps", lambda s: None)(sampler)
-    return int(default) if default is not None else int(T)
+def _resolve_steps(sampler: str, steps: int | None, T: int, option: str = "--steps") -> int:
+    return _module("ddpm.samplers").resolve_steps(sampler, steps, T, option)
+
+
+# The sweep's default step counts; those above a run's T are dropped (with a warning).
+DEFAULT_SWEEP_STEPS = (10, 20, 50, 100)
+
+
+def sweep_steps(steps_list: Sequence[int] | None, T: int) -> list[int]:
+    """The step counts a sweep runs on a schedule of ``T`` steps.
+
+    ``None`` is :data:`DEFAULT_SWEEP_STEPS` without the counts above ``T`` (a warning names
+    them; ``[T]`` if none is left). Counts given explicitly must all lie in ``1..T``, else
+    :class:`DDPMError`.
+    """
+    if steps_list is not None:
+        # The sampler only matters for a default count; an explicit one is checked against T alone.
+        return [_resolve_steps("ddim", k, T, "--sweep-steps") for k in steps_list]
+    kept = [k for k in DEFAULT_SWEEP_STEPS if k <= T]
+    if len(kept) < len(DEFAULT_SWEEP_STEPS):
+        dropped = [k for k in DEFAULT_SWEEP_STEPS if k > T]
+        kept = kept or [T]
+        warnings.warn(f"sweep steps {', '.join(map(str, dropped))} exceed this run's {T} diffusion steps; sweeping "
+                      f"{', '.join(map(str, kept))}")
+    return kept
 
 
 @dataclass
@@ -413,10 +478,12 @@ class _Context:
 
 
 def _prepare(run_dir, ref, *, device, inception, cache_dir, ref_max, feature_batch_size, cifar_root, probe_l2,
-             use_cache, progress) -> _Context:
+             use_cache, progress, check_run=None) -> _Context:
     t0 = time.perf_counter()
     dev = _resolve_device(device)
     run = _module("ddpm.checkpoint").load_run(run_dir, device=dev)
+    if check_run is not None:
+        check_run(run)  # settings that depend on the run (steps <= T) fail before the reference work
     t1 = time.perf_counter()
     ref_fs = reference_stats(ref, image_size=run.image_size, max_images=ref_max, batch_size=feature_batch_size,
                              device=dev, inception=inception, cache_dir=cache_dir, use_cache=use_cache,
@@ -527,13 +594,18 @@ def evaluate_run(
     Conditional runs get ``n`` samples spread evenly over their classes (labels ``i % C``) and
     a class accuracy from the reference's linear probe, per class and overall. Returns a dict of
     settings, metrics and timings; prints a summary when ``verbose``; writes JSON to ``out``.
+    ``steps`` above the run's T and an ``out`` that cannot be written are a :class:`DDPMError`
+    before any sampling or reference statistics.
     """
     if n < 2:
         raise DDPMError(f"--n must be at least 2 for FID statistics, got {n}")
+    if out is not None:
+        check_writable(out, "--out", is_file=True)
     t0 = time.perf_counter()
     ctx = _prepare(run_dir, ref, device=device, inception=inception, cache_dir=cache_dir, ref_max=ref_max,
                    feature_batch_size=feature_batch_size, cifar_root=cifar_root, probe_l2=probe_l2,
-                   use_cache=use_cache, progress=progress)
+                   use_cache=use_cache, progress=progress,
+                   check_run=lambda run: _resolve_steps(sampler, steps, run.schedule.T))
     res = _evaluate(ctx, n=n, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size, seed=seed,
                     use_ema=use_ema, feature_batch_size=feature_batch_size, kid_subset=kid_subset,
                     kid_subsets=kid_subsets, pr=compute_pr, progress=progress)
@@ -616,7 +688,7 @@ def sampler_sweep(
     n: int = 2000,
     *,
     samplers: Sequence[str] = _SAMPLERS,
-    steps_list: Sequence[int] = (10, 20, 50, 100),
+    steps_list: Sequence[int] | None = None,
     guidances: Sequence[float] = (1.0,),
     batch_size: int = 64,
     seed: int = 0,
@@ -639,20 +711,30 @@ def sampler_sweep(
 
     Every configuration starts from the same seed (common random numbers make the comparison
     less noisy). Writes ``out`` (JSON, rewritten after each configuration so an interrupted
-    sweep keeps its results) and a plot next to it with the suffix ``.png``.
+    sweep keeps its results) and a plot next to it with the suffix ``.png``. ``steps_list=None``
+    sweeps 10, 20, 50 and 100 steps, leaving out (with a warning) those above the run's T; an
+    explicit count above T is a :class:`DDPMError`, raised, like an unwritable ``out``, before
+    any work.
     """
     if n < 2:
         raise DDPMError(f"--n must be at least 2 for FID statistics, got {n}")
+    out = Path(out)
+    check_writable(out, "--out", is_file=True)
+    check_writable(out.with_suffix(".png"), "the sweep plot", is_file=True)
+    steps_used: list[int] = []
+
+    def check_run(run: Any) -> None:
+        steps_used[:] = sweep_steps(steps_list, run.schedule.T)
+
     ctx = _prepare(run_dir, ref, device=device, inception=inception, cache_dir=cache_dir, ref_max=ref_max,
                    feature_batch_size=feature_batch_size, cifar_root=cifar_root, probe_l2=probe_l2,
-                   use_cache=use_cache, progress=progress)
+                   use_cache=use_cache, progress=progress, check_run=check_run)
     if not ctx.run.classes:
         guidances = [1.0]  # unconditional: guidance does not apply
-    out = Path(out)
     report = {**_header(ctx, ref), "n": n, "seed": seed, "use_ema": use_ema, "results": []}
     for g in guidances:
         for s in samplers:
-            for k in steps_list:
+            for k in steps_used:
                 r = _evaluate(ctx, n=n, sampler=s, steps=k, guidance=g, batch_size=batch_size, seed=seed,
                               use_ema=use_ema, feature_batch_size=feature_batch_size, kid_subset=kid_subset,
                               kid_subsets=kid_subsets, pr=False, progress=progress)

@@ -13,14 +13,15 @@ from .checkpoint import Run, atomic_write_bytes
 from .data import to_uint8
 from .errors import DDPMError
 from .guidance import guided
-from .samplers import eps_model, get_sampler
+from .samplers import DEFAULT_STEPS, eps_model, get_sampler, resolve_steps
 
 __all__ = ["generate", "make_grid", "save_png", "default_steps"]
 
 
 def default_steps(sampler: str) -> int | None:
-    """Steps a sampler runs when none are asked for: the full chain for ancestral, few otherwise."""
-    return {"ancestral": None, "ddim": 50, "langevin": 250, "dpm-solver": 20}[sampler.replace("_", "-")]
+    """Steps a sampler runs when none are asked for: the full chain (None) for ancestral, few
+    otherwise (:data:`ddpm.samplers.DEFAULT_STEPS`)."""
+    return DEFAULT_STEPS[sampler.replace("_", "-")]
 
 
 def generate(
@@ -54,7 +55,7 @@ def generate(
 
     net = prepare_model(net, device).eval()  # on the device, channels_last where that is the default
     sample_fn = get_sampler(sampler)
-    steps = default_steps(sampler) if steps is None else steps
+    steps = resolve_steps(sampler, steps, run.schedule.T)
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long)
         if labels.shape != (n,):

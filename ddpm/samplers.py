@@ -23,10 +23,11 @@ from typing import Callable, Optional
 
 import torch
 
+from .errors import DDPMError
 from .schedule import Schedule
 
 __all__ = ["ancestral", "ddim", "langevin", "dpm_solver", "SAMPLERS", "get_sampler", "eps_model", "Denoiser",
-           "ancestral_step", "ddim_step", "model_evaluations"]
+           "ancestral_step", "ddim_step", "model_evaluations", "DEFAULT_STEPS", "resolve_steps"]
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]]
@@ -378,6 +379,30 @@ def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     if key not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
     return SAMPLERS[key]
+
+
+# Steps a sampler runs when none are asked for: the full chain (None) for ancestral, few otherwise.
+DEFAULT_STEPS: dict[str, int | None] = {"ancestral": None, "ddim": 50, "langevin": 250, "dpm-solver": 20}
+
+
+def resolve_steps(name: str, steps: int | None, T: int, option: str = "--steps") -> int:
+    """The number of steps sampler ``name`` runs on a schedule of ``T`` steps.
+
+    ``steps=None`` is the sampler's default (:data:`DEFAULT_STEPS`), capped at ``T``. An explicit
+    count outside ``1..T`` raises :class:`~ddpm.errors.DDPMError` naming ``option``: every command
+    calls this as soon as it knows ``T``, before any sampling or reference statistics.
+    """
+    key = name.replace("_", "-")
+    if key not in DEFAULT_STEPS:
+        raise DDPMError(f"unknown sampler {name!r}; expected one of {', '.join(DEFAULT_STEPS)}")
+    if steps is None:
+        default = DEFAULT_STEPS[key]
+        return T if default is None else min(default, T)
+    if steps < 1:
+        raise DDPMError(f"{option} must be at least 1, got {steps}")
+    if steps > T:
+        raise DDPMError(f"{option} {steps} exceeds this run's {T} diffusion steps; use at most {T}")
+    return int(steps)
 
 
 def model_evaluations(name: str, steps: int, corrector_steps: int = 1) -> int:

@@ -275,8 +275,10 @@ def test_reference_cache_write_is_atomic(tmp_path, fake_net, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(evaluate.np, "savez", broken_savez)
-    with pytest.raises(OSError, match="disk full"):
-        evaluate.reference_stats(ref, image_size=8, cache_dir=cache, progress=False)
+    # The cache only saves time: a failed write is a warning, and the statistics still come back.
+    with pytest.warns(UserWarning, match="disk full"):
+        fs = evaluate.reference_stats(ref, image_size=8, cache_dir=cache, progress=False)
+    assert fs.n == 6 and fs.cache_path is None
     assert list(cache.iterdir()) == []  # neither a partial cache file nor a temp file
     monkeypatch.undo()
     monkeypatch.setattr(evaluate, "FeatureExtractor", FakeExtractor)
