@@ -30,6 +30,21 @@ class UNetConfig:
     they are relative to ``image_size``. ``num_classes=None`` builds an unconditional network;
     otherwise one extra learned embedding (index ``num_classes``) is the null class used for
     unconditional passes of classifier-free guidance.
+
+    The last three fields exist so that networks trained elsewhere in the same architecture
+    (the original DDPM release, diffusers' ``UNet2DModel``; see :mod:`ddpm.interop`) compute
+    exactly what they computed there; the defaults are this project's conventions:
+
+    - ``norm_eps``: the epsilon of every GroupNorm (the DDPM code and diffusers' DDPM models: 1e-6).
+    - ``time_freq_shift``: the sinusoidal time embedding uses frequencies
+      ``10000 ** (-i / (half - time_freq_shift))`` for ``i < half = base_channels // 2``; the
+      DDPM code divides by ``half - 1`` (diffusers' ``freq_shift=1``).
+    - ``downsample_padding``: 1 pads the strided 3x3 downsampling convolution by one pixel on
+      every side; 0 pads one pixel on the right and bottom only, as TensorFlow's ``SAME``
+      padding did in the DDPM code (diffusers' ``downsample_padding=0``).
+
+    :meth:`to_dict` leaves these three out while they hold their defaults, so the configs saved
+    by earlier versions and those saved now are the same JSON.
     """
 
     image_size: int = 32
@@ -43,6 +58,9 @@ class UNetConfig:
     dropout: float = 0.1
     norm_groups: int = 32
     num_classes: int | None = None
+    norm_eps: float = 1e-5
+    time_freq_shift: float = 0.0
+    downsample_padding: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
@@ -66,6 +84,14 @@ class UNetConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be positive or None, got {self.num_classes}")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
+            raise ValueError(f"norm_eps must be a positive number, got {self.norm_eps}")
+        if not (math.isfinite(self.time_freq_shift) and self.time_freq_shift < self.base_channels // 2):
+            raise ValueError(f"time_freq_shift must be a number below base_channels // 2 = {self.base_channels // 2}, "
+                             f"got {self.time_freq_shift}")
+        if self.downsample_padding not in (0, 1):
+            raise ValueError(f"downsample_padding must be 0 (right and bottom only) or 1 (every side), "
+                             f"got {self.downsample_padding}")
 
     @property
     def conditional(self) -> bool:
@@ -82,6 +108,9 @@ class UNetConfig:
         d = asdict(self)
         d["channel_mults"] = list(self.channel_mults)
         d["attention_resolutions"] = list(self.attention_resolutions)
+        for name, default in _COMPAT_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -109,6 +138,9 @@ class UNetConfig:
         return replace(base, **overrides)
 
 
+# Fields that to_dict omits at these values (see UNetConfig's docstring).
+_COMPAT_DEFAULTS: dict[str, Any] = {"norm_eps": 1e-5, "time_freq_shift": 0.0, "downsample_padding": 1}
+
 PRESETS: dict[str, UNetConfig] = {
     # Ho et al. 2020, CIFAR-10: ch=128, mults (1,2,2,2), 2 blocks, attention at 16x16, dropout 0.1.
     "ddpm-cifar10": UNetConfig(),
@@ -135,10 +167,15 @@ PRESETS: dict[str, UNetConfig] = {
 Conv2d = perf.Conv2d
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps: [B] -> [B, dim], as in Transformers."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: [B] -> [B, dim] float32, as in Transformers.
+
+    Entries are ``[sin(t f_i), cos(t f_i)]`` with ``f_i = max_period ** (-i / (dim // 2 - freq_shift))``
+    (``freq_shift=1`` is the DDPM code's convention), zero-padded when ``dim`` is odd.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
+                      / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     if dim % 2:
@@ -149,12 +186,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, add the projected time embedding, GroupNorm -> SiLU -> dropout -> conv, plus skip."""
 
-    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float, groups: int) -> None:
+    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float, groups: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin)
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
         self.conv1 = Conv2d(cin, cout, 3, padding=1)
         self.temb = nn.Linear(temb_dim, cout)
-        self.norm2 = nn.GroupNorm(groups, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = Conv2d(cout, cout, 3, padding=1)
         # Zero-initialised last conv: every block starts as the identity, which keeps deep
@@ -186,10 +223,10 @@ class AttnBlock(nn.Module):
     again, so no layout copies are made (a 1x1 convolution is exactly this matmul).
     """
 
-    def __init__(self, ch: int, heads: int, groups: int) -> None:
+    def __init__(self, ch: int, heads: int, groups: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.heads = heads
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = nn.GroupNorm(groups, ch, eps=eps)
         self.qkv = Conv2d(ch, 3 * ch, 1)
         self.proj = Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
@@ -221,13 +258,16 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Strided 3x3 convolution halving the resolution."""
+    """Strided 3x3 convolution halving the resolution; ``padding`` as ``UNetConfig.downsample_padding``."""
 
-    def __init__(self, ch: int) -> None:
+    def __init__(self, ch: int, padding: int = 1) -> None:
         super().__init__()
-        self.conv = Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.padding = padding
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -270,7 +310,7 @@ class UNet(nn.Module):
         self.grad_checkpoint = bool(grad_checkpoint)
         ch = cfg.base_channels
         temb_dim = 4 * ch
-        g = cfg.norm_groups
+        g, eps = cfg.norm_groups, cfg.norm_eps
         self.time_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.class_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.conditional else None
         self.conv_in = Conv2d(cfg.in_channels, ch, 3, padding=1)
@@ -282,34 +322,34 @@ class UNet(nn.Module):
         for i, mult in enumerate(cfg.channel_mults):
             level = _Level()
             for _ in range(cfg.num_res_blocks):
-                level.res.append(ResBlock(cur, ch * mult, temb_dim, cfg.dropout, g))
+                level.res.append(ResBlock(cur, ch * mult, temb_dim, cfg.dropout, g, eps))
                 cur = ch * mult
-                level.attn.append(AttnBlock(cur, cfg.num_heads, g) if res in cfg.attention_resolutions else nn.Identity())
+                level.attn.append(AttnBlock(cur, cfg.num_heads, g, eps) if res in cfg.attention_resolutions else nn.Identity())
                 skips.append(cur)
             self.down.append(level)
             if i != len(cfg.channel_mults) - 1:
-                self.downsample.append(Downsample(cur))
+                self.downsample.append(Downsample(cur, cfg.downsample_padding))
                 skips.append(cur)
                 res //= 2
 
-        self.mid_res1 = ResBlock(cur, cur, temb_dim, cfg.dropout, g)
-        self.mid_attn = AttnBlock(cur, cfg.num_heads, g)
-        self.mid_res2 = ResBlock(cur, cur, temb_dim, cfg.dropout, g)
+        self.mid_res1 = ResBlock(cur, cur, temb_dim, cfg.dropout, g, eps)
+        self.mid_attn = AttnBlock(cur, cfg.num_heads, g, eps)
+        self.mid_res2 = ResBlock(cur, cur, temb_dim, cfg.dropout, g, eps)
 
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
         for i, mult in reversed(list(enumerate(cfg.channel_mults))):
             level = _Level()
             for _ in range(cfg.num_res_blocks + 1):
-                level.res.append(ResBlock(cur + skips.pop(), ch * mult, temb_dim, cfg.dropout, g))
+                level.res.append(ResBlock(cur + skips.pop(), ch * mult, temb_dim, cfg.dropout, g, eps))
                 cur = ch * mult
-                level.attn.append(AttnBlock(cur, cfg.num_heads, g) if res in cfg.attention_resolutions else nn.Identity())
+                level.attn.append(AttnBlock(cur, cfg.num_heads, g, eps) if res in cfg.attention_resolutions else nn.Identity())
             self.up.append(level)
             if i != 0:
                 self.upsample.append(Upsample(cur))
                 res *= 2
 
-        self.norm_out = nn.GroupNorm(g, cur)
+        self.norm_out = nn.GroupNorm(g, cur, eps=eps)
         self.conv_out = Conv2d(cur, cfg.out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
@@ -326,7 +366,8 @@ class UNet(nn.Module):
             raise ValueError(f"image size {tuple(x.shape[-2:])} must be a multiple of {2 ** (levels - 1)}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        temb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype))
+        temb = self.time_mlp(timestep_embedding(t, self.config.base_channels, freq_shift=self.config.time_freq_shift)
+                             .to(x.dtype))
         if self.class_emb is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.config.null_class, device=x.device, dtype=torch.long)

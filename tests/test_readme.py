@@ -32,3 +32,17 @@ def test_readme_library_example_runs() -> None:
     exec(compile(code, "README.md", "exec"), scope)
     x = scope["x"]
     assert x.shape == (16, 3, 32, 32) and torch.isfinite(x).all() and scope["images_seen"] == 4
+
+
+def test_dependencies_have_lower_bounds_only_and_the_commands_pin_the_tested_torch() -> None:
+    """pip must not downgrade (or refuse) a newer PyTorch a user already has: the package's
+    requirements carry no upper caps; the tested versions live in the README's and CI's commands."""
+    import re
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for name in ("torch", "torchvision"):
+        spec = next(d for d in deps if re.match(rf"{name}\b(?!-)", d))
+        assert ">=" in spec and not re.search(r"<|==|~=|!=", spec), spec
+    for command in _commands():
+        assert re.search(r"torch==\d", command) and re.search(r"torchvision==\d", command), command
