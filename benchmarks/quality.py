@@ -170,6 +170,9 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=20, help="its steps")
     p.add_argument("--also", nargs="*", default=[], metavar="SAMPLER:STEPS",
                    help="more of our samplers scored on the same checkpoint, e.g. ancestral:250 ddim:50")
+    p.add_argument("--also-n", type=int, default=None,
+                   help="samples for the --also samplers (default: --n); the default sampler is then also scored on "
+                        "its first ALSO_N samples, so that the comparison is at equal sample count")
     p.add_argument("--peer-steps", type=int, default=50, help="DDIM steps of the peers' own samplers")
     p.add_argument("--n", type=int, default=1000, help="samples per model for FID/KID")
     p.add_argument("--n-guided", type=int, default=200, help="samples per guidance scale (class accuracy)")
@@ -229,16 +232,21 @@ def main() -> None:
             entry = {"settings": overrides, "conditional": conditional, "params": params, "steps": steps_done,
                      "train_s": train_s, "images_per_s": steps_done * args.batch_size / train_s, "samplers": {}}
             labels = torch.zeros(args.n, dtype=torch.long) if conditional else None  # guidance 0: unconditional
-            for spec in [f"{args.sampler}:{args.sample_steps}", *args.also]:
+            default_spec = f"{args.sampler}:{args.sample_steps}"
+            for spec in [default_spec, *args.also]:
                 name, _, st = spec.partition(":")
+                n = args.n if spec == default_spec or args.also_n is None else args.also_n
                 t1 = time.perf_counter()
-                imgs = ddpm.generate.generate(run, args.n, labels=labels, sampler=name, steps=int(st) if st else None,
-                                              guidance=0.0, seed=args.seed, batch_size=100, progress=False)
+                imgs = ddpm.generate.generate(run, n, labels=labels[:n] if labels is not None else None, sampler=name,
+                                              steps=int(st) if st else None, guidance=0.0, seed=args.seed,
+                                              batch_size=100, progress=False)
                 sample_s = time.perf_counter() - t1
-                entry["samplers"][spec] = {**score(imgs), "sample_s": sample_s}
-                if spec == f"{args.sampler}:{args.sample_steps}":
+                entry["samplers"][spec] = {**score(imgs), "sample_s": sample_s, "n": n}
+                if spec == default_spec:
                     images = imgs
                     entry.update({k: entry["samplers"][spec][k] for k in ("fid", "kid_mean", "kid_std")})
+                    if args.also and args.also_n is not None and args.also_n < n:
+                        entry["samplers"][f"{spec}@n{args.also_n}"] = {**score(imgs[:args.also_n]), "n": args.also_n}
                 print(f"  {kind} {spec}: FID {entry['samplers'][spec]['fid']:.2f} ({sample_s:.0f} s sampling)", flush=True)
             entry["guided"] = {}
             for g in args.guidance if conditional else []:
