@@ -51,3 +51,33 @@ def test_cpu_config_trains_two_steps_on_real_images(path: Path, cifar10_dir: Pat
     train(config_from_dict(values))
     info = run_info(str(tmp_path / "run"))
     assert info["step"] == 2 and info["image_size"] == _load(path)["image_size"]
+
+
+def test_gpu_seed_results_script_runs_end_to_end_on_a_tiny_cpu_budget(cifar10_dir: Path, landscapes_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    """benchmarks/gpu_seed_results.sh, shrunk to seconds on the CPU: both configs train, sample
+    their grids and are scored, and the summary names both FIDs and the ship/airplane accuracy."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    land = copy_subset(landscapes_dir, tmp_path / "land", None, 12)
+    cifar = tmp_path / "cifar"
+    for split in ("train", "test"):
+        copy_subset(cifar10_dir / split, cifar / split, ["airplane", "ship"], 6)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1", "DDPM_CACHE": str(tmp_path / "cache")}
+    cmd = [shutil.which("bash") or "bash", str(ROOT / "benchmarks" / "gpu_seed_results.sh"), "--landscapes", str(land),
+           "--cifar", str(cifar), "--out", str(out), "--minutes", "0.02", "--n", "8", "--device", "cpu",
+           "--train-args", "--model tiny --batch-size 2 --save-every 0 --sample-every 0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("landscapes.png", "cifar_ship_airplane.png", "land_eval.json", "cifar_eval.json"):
+        assert (out / name).is_file(), name
+    summary = (out / "summary.txt").read_text()
+    assert "land: step" in summary and "cifar: step" in summary and "ship" in summary and "airplane" in summary
+    assert (out / "land.trained").is_file() and (out / "cifar.trained").is_file()  # a rerun only scores
+    bad = subprocess.run(cmd[:2] + ["--landscapes", str(land)], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--cifar is required" in bad.stderr
