@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import DDPMError
@@ -26,7 +26,7 @@ from .schedule import Schedule
 from .unet import UNet, UNetConfig
 
 __all__ = ["Run", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "load_run",
-           "atomic_write_bytes", "weights_sha256"]
+           "atomic_write_bytes", "remove_temp_files", "weights_sha256"]
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.safetensors$")
 _TENSOR_REF = "__tensor__"
@@ -60,6 +60,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """JSON version of :func:`atomic_write_bytes` (indented, sorted keys)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def remove_temp_files(*folders: str | Path) -> None:
+    """Delete the temporary files (``.<name>.*.tmp``) that this module's atomic writes left in
+    ``folders`` when a process was killed mid-write; a checkpoint's is as big as the checkpoint.
+    Only safe while no other process writes there (see :func:`ddpm.run_folder.lock_run_folder`)."""
+    for folder in folders:
+        folder = Path(folder)
+        if folder.is_dir():
+            for stale in folder.glob(".*.tmp"):
+                try:
+                    stale.unlink(missing_ok=True)
+                except OSError:  # left for the next start; it blocks nothing
+                    pass
 
 
 # ------------------------------------------------------------------ nested state <-> tensors
@@ -107,7 +121,9 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], stat
     """Write ``checkpoints/ckpt_<step>.safetensors`` atomically, then prune to the newest ``keep``.
 
     ``state`` is a nested dict of tensors and plain values (``model``, ``ema``, ``optimizer``,
-    ``rng``, ...); ``config`` is the run's JSON config.
+    ``rng``, ...); ``config`` is the run's JSON config. Raises ``OSError`` when the file cannot
+    be written (a full disk: errno ENOSPC or EFBIG); the earlier checkpoints are then untouched
+    and no temporary file is left.
     """
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +135,16 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], stat
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=ckpt_dir)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:
+            # The Rust writer reports a full disk as its own error type; callers handle file
+            # system trouble as OSError, so pass it on as one, errno included.
+            m = re.search(r"os error (\d+)", str(e))
+            if m is None:
+                raise
+            code = int(m.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from None
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
@@ -198,6 +223,11 @@ class Run:
         """Index of class ``name``; an unknown name is an error listing the valid ones."""
         if not self.classes:
             raise DDPMError(f"run {str(self.run_dir)!r} is unconditional; it has no classes to choose from")
+        from .data import class_name
+
+        # Class names are folder names with non-UTF-8 bytes escaped; the raw bytes (typed or
+        # pasted from a listing) name the same class.
+        name = class_name(name)
         if name in self.classes:
             return self.classes.index(name)
         if name.isdigit() and int(name) < len(self.classes):

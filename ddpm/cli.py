@@ -19,7 +19,8 @@ TRAIN_HELP: dict[str, str] = {
     "out": "run folder for config, checkpoints, logs and sample grids",
     "conditional": "class-conditional training from class sub-folders (root/<class>/*.jpg), for guidance",
     "image_size": "training resolution in pixels (0 = the model preset's)",
-    "model": "UNet preset: ddpm-cifar10 (35.7M, the paper's), ddpm-64, small, tiny",
+    "model": "UNet preset: ddpm-cifar10 (35.7M, the paper's), ddpm-64, small, tiny; 'imported' (set by "
+             "'ddpm import') takes the architecture and schedule from the --resume run",
     "base_channels": "override the preset's base width (0 = keep)",
     "dropout": "override the preset's dropout (negative = keep)",
     "schedule": "noise schedule: linear (Ho et al. 2020), cosine (Nichol & Dhariwal 2021) or sigmoid (Jabri et al. 2022)",
@@ -51,6 +52,8 @@ TRAIN_HELP: dict[str, str] = {
     "hflip": "random horizontal flips",
     "random_crop": "random instead of centre crops of non-square images",
     "strict": "stop at the first unreadable image instead of skipping it with a warning",
+    "drop_empty_classes": "train without class folders none of whose images can be read (a warning names them); "
+                          "without this flag such a folder is an error",
     "data_root": "where torchvision's CIFAR-10 lives or is downloaded to, for --data cifar10",
     "precision": "fp32, or bf16 autocast; auto = bf16 on GPUs and on CPUs with native bf16",
     "compile": "torch.compile the model (slow start, faster steps)",
@@ -67,7 +70,8 @@ TRAIN_HELP: dict[str, str] = {
     "sample_guidance": "guidance scale for conditional sample grids",
     "time_limit": "stop after this many minutes of training, counted over all resumes of the run, saving a "
                   "checkpoint (0 = no limit); with a decaying --lr-schedule the rate reaches 0 then",
-    "resume": "continue the run in --out from its newest checkpoint (bit-exact on CPU)",
+    "resume": "continue the run in --out from its newest checkpoint (bit-exact on CPU); where there is none "
+              "yet, start the run, so a requeued job can repeat one command line",
     "progress": "show a progress bar",
     "tensorboard": "also log to TensorBoard (when installed)",
 }
@@ -164,7 +168,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import load_run
-    from .generate import default_steps, generate, make_grid, save_png
+    from .generate import generate, make_grid, save_png
+    from .outputs import check_writable
+    from .samplers import resolve_steps
 
     if args.n < 1:
         raise DDPMError(f"--n must be at least 1, got {args.n}")
@@ -176,11 +182,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise DDPMError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.nrow < 0:
         raise DDPMError(f"--nrow must be >= 0, got {args.nrow}")
+    check_writable(args.out, "--out", is_file=True)
+    if args.individual:
+        check_writable(args.individual, "--individual")
     device = parse_device(args.device)
     run = load_run(args.run, device)
-    T = run.schedule.T
-    if args.steps is not None and args.steps > T:
-        raise DDPMError(f"--steps {args.steps} exceeds this run's {T} diffusion steps")
+    steps = resolve_steps(args.sampler, args.steps, run.schedule.T)
     labels = None
     nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
     if args.classes:
@@ -189,7 +196,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         nrow = args.nrow or args.n
     n = len(labels) if labels is not None else args.n
     options = {"eta": args.eta} if args.sampler == "ddim" else {}
-    steps = args.steps if args.steps is not None else min(default_steps(args.sampler) or T, T)
     images = generate(run, n, labels=labels, sampler=args.sampler, steps=steps, guidance=args.guidance,
                       seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema, device=device,
                       precision=args.precision, **options)
@@ -198,7 +204,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         out_dir = Path(args.individual)
         for i, img in enumerate(images):
             save_png(img.permute(1, 2, 0).numpy(), out_dir / f"{i:05d}.png")
-    what = f"{n} images" + (f" of {', '.join(args.classes)}" if args.classes else "")
+    # The run's own names (an index or raw bytes on the command line name the same class).
+    what = f"{n} images" + (f" of {', '.join(run.classes[i] for i in idx)}" if args.classes else "")
     print(f"wrote {args.out} ({what}, {args.sampler}, step {run.step}{', EMA' if not args.no_ema else ''})")
     return 0
 
@@ -275,6 +282,64 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- export / import
+def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write a run as a diffusers DDPMPipeline folder (UNet2DModel + DDPMScheduler)",
+        formatter_class=_Formatter,
+        description="Write RUN's newest checkpoint as DIR/unet (UNet2DModel, safetensors), DIR/scheduler "
+                    "(DDPMScheduler with the run's betas and prediction type) and DIR/model_index.json, so that "
+                    "diffusers' DDPMPipeline.from_pretrained(DIR) loads it offline.\nClass-conditional runs get "
+                    "num_class_embeds = classes + 1 (the last is the null class); DDPMPipeline cannot pass labels, "
+                    "so call the UNet with class_labels yourself.")
+    p.add_argument("run", help="run folder written by 'ddpm train' or 'ddpm import'")
+    p.add_argument("out", metavar="DIR", help="folder to create (must not exist, or be empty)")
+    p.add_argument("--format", default="diffusers", choices=["diffusers"], help="output format")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "import", help="make a run folder from a diffusers UNet2DModel folder in the DDPM architecture",
+        formatter_class=_Formatter,
+        description="Read a diffusers UNet2DModel (the original DDPM layout, e.g. a local copy of "
+                    "google/ddpm-cifar10-32) and its scheduler config, and write a run folder that 'ddpm sample', "
+                    "'ddpm info', 'ddpm eval' and 'ddpm train --resume' accept.\nOnly safetensors weights are read; "
+                    "a .bin pickle is refused with the command that converts it.")
+    p.add_argument("src", metavar="DIR", help="a DDPMPipeline folder (DIR/unet, DIR/scheduler) or a UNet2DModel folder "
+                                              "(config.json + diffusion_pytorch_model.safetensors)")
+    p.add_argument("--out", required=True, help="run folder to create (must not exist, or be empty)")
+    p.add_argument("--scheduler", metavar="FILE", default=None,
+                   help="scheduler_config.json to use; unset: the one in DIR/scheduler/ or beside the UNet")
+    p.set_defaults(func=_cmd_import)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .interop import EXPORT_META, export_diffusers
+
+    out = export_diffusers(args.run, args.out, use_ema=not args.no_ema)
+    meta = json.loads((out / EXPORT_META).read_text())
+    print(f"wrote {out} (UNet2DModel with the {'EMA' if meta['weights'] == 'ema' else 'raw'} weights of step "
+          f"{meta['step']}, DDPMScheduler predicting {meta['prediction']}); load it with "
+          f"diffusers.DDPMPipeline.from_pretrained({str(out)!r})")
+    if meta.get("classes"):
+        n = len(meta["classes"])
+        print(f"class-conditional: call the UNet with class_labels 0..{n - 1} ({n} = unconditional); "
+              "DDPMPipeline passes no labels")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from .interop import import_diffusers
+
+    out = import_diffusers(args.src, args.out, scheduler=args.scheduler)
+    cfg = json.loads((out / "config.json").read_text())
+    size, sched = cfg["image_size"], cfg["schedule"]
+    classes = f", {len(cfg['classes'])} classes" if cfg.get("classes") else ""
+    print(f"wrote run {out} ({size}x{size}, predicts {cfg['prediction']}, {sched['kind']} schedule{classes}); "
+          f"sample with: ddpm sample --run {out} --out grid.png")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     """The full ``ddpm`` argument parser."""
@@ -289,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample_parser(sub)
     _add_info_parser(sub)
     _add_demo_parser(sub)
+    _add_interop_parsers(sub)
     try:
         from .cli_eval import register
     except ImportError:  # evaluation module not installed in this build
@@ -332,9 +398,20 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     return f"warning: {message}\n"
 
 
+def _escape_unprintable_output() -> None:
+    # A path or name the terminal's encoding cannot show (a non-UTF-8 folder name, a strict
+    # PYTHONIOENCODING) is printed with backslash escapes instead of ending the command.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError):  # replaced streams (pytest's capture) keep their own
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ddpm`` and ``python -m ddpm``; returns the exit status."""
     warnings.formatwarning = _one_line_warning
+    _escape_unprintable_output()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import DDPMError
+from .outputs import check_writable
+from .run_folder import lock_if_inside
 
 
 def parse_device(name: str):
@@ -78,8 +80,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", action="store_true", help="run the sampler sweep instead of one evaluation")
     p.add_argument("--sweep-samplers", nargs="+", choices=SAMPLER_CHOICES, default=list(SAMPLER_CHOICES),
                    metavar="NAME", help="samplers in the sweep")
-    p.add_argument("--sweep-steps", nargs="+", type=int, default=[10, 20, 50, 100], metavar="K",
-                   help="step counts in the sweep")
+    p.add_argument("--sweep-steps", nargs="+", type=int, default=None, metavar="K",
+                   help="step counts in the sweep, each at most the run's T (unset: 10 20 50 100, leaving out "
+                        "those above T with a warning)")
     p.add_argument("--sweep-guidance", nargs="+", type=float, default=[1.0], metavar="S",
                    help="guidance scales in the sweep (conditional runs)")
     _common(p)
@@ -105,6 +108,10 @@ def _positive(name: str, value: int | None) -> None:
         raise DDPMError(f"{name} must be at least 1, got {value}")
 
 
+# Writing into a run folder takes its lock, as training does: one writer at a time.
+_BUSY_ADVICE = "wait for it to finish, or pass --out with a result file outside the run folder"
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluate
 
@@ -112,10 +119,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise DDPMError(f"--n must be at least 2 for FID statistics, got {args.n}")
     for name in ("steps", "batch_size", "feature_batch_size", "ref_max", "kid_subset", "kid_subsets"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
-    for k in args.sweep_steps:
+    for k in args.sweep_steps or []:
         _positive("--sweep-steps", k)
     if not Path(args.run).is_dir():
         raise DDPMError(f"run folder {args.run!r} does not exist; expected the --out folder of 'ddpm train'")
+    what = "--out" if args.out else "the result file (pass --out to choose another)"
     common = dict(batch_size=args.batch_size, seed=args.seed, device=parse_device(args.device), use_ema=not args.no_ema,
                   inception=args.inception, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                   ref_max=args.ref_max, cifar_root=args.cifar_root, feature_batch_size=args.feature_batch_size,
@@ -123,15 +131,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     eval_dir = Path(args.run) / "eval"
     if args.sweep:
         out = args.out or eval_dir / "sweep.json"
-        report = evaluate.sampler_sweep(args.run, args.ref, args.n, samplers=args.sweep_samplers,
-                                        steps_list=args.sweep_steps, guidances=args.sweep_guidance, out=out,
-                                        **common)
+        check_writable(out, what, is_file=True)
+        with lock_if_inside(args.run, out, advice=_BUSY_ADVICE):
+            report = evaluate.sampler_sweep(args.run, args.ref, args.n, samplers=args.sweep_samplers,
+                                            steps_list=args.sweep_steps, guidances=args.sweep_guidance, out=out,
+                                            **common)
         print(f"wrote {out} and {report['plot']}")
         return 0
     out = args.out or eval_dir / (f"eval-{args.sampler}-{args.steps or 'default'}steps-g{args.guidance:g}"
                                   f"-n{args.n}-seed{args.seed}.json")
-    evaluate.evaluate_run(args.run, args.ref, args.n, args.sampler, args.steps, args.guidance, out=out,
-                          compute_pr=not args.no_pr, **common)
+    check_writable(out, what, is_file=True)
+    with lock_if_inside(args.run, out, advice=_BUSY_ADVICE):
+        evaluate.evaluate_run(args.run, args.ref, args.n, args.sampler, args.steps, args.guidance, out=out,
+                              compute_pr=not args.no_pr, **common)
     return 0
 
 

@@ -26,26 +26,31 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from . import __version__
-from .checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, remove_temp_files, save_checkpoint
 from .data import BatchStream, ImageSet, _mix, batches, load_dataset, to_model_range
 from .ema import EMA, edm_ema_decay
 from .errors import DDPMError
 from .generate import make_grid, save_png
+from .outputs import check_writable
+from .run_folder import lock_run_folder, run_write_errors
 from .guidance import guided
 from .losses import PREDICTIONS, T_SAMPLINGS, WEIGHTINGS, diffusion_loss, timestep_probabilities
 from .samplers import eps_model, get_sampler
 from .schedule import SCHEDULES, Schedule
 from .unet import PRESETS, UNet, UNetConfig, count_parameters
 
-__all__ = ["TrainConfig", "train", "lr_at", "LR_SCHEDULES", "LEGACY_RECIPE"]
+__all__ = ["TrainConfig", "train", "lr_at", "LR_SCHEDULES", "LEGACY_RECIPE", "IMPORTED"]
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
+# TrainConfig.model of a run written by 'ddpm import': no preset names its architecture, so the
+# network and the schedule are the ones in the run's config.json.
+IMPORTED = "imported"
 
 
 @dataclass
@@ -85,6 +90,7 @@ class TrainConfig:
     hflip: bool = True  # random horizontal flips
     random_crop: bool = False  # random instead of centre crops of non-square images
     strict: bool = False  # stop at the first unreadable image instead of skipping it
+    drop_empty_classes: bool = False  # leave out class folders with no readable image (else an error)
     data_root: str = ""  # where torchvision's CIFAR-10 copy lives (for --data cifar10)
     precision: str = "auto"  # fp32 or bf16 (autocast); auto = bf16 where the device runs it well
     compile: bool = False  # torch.compile the model
@@ -165,11 +171,15 @@ def _resolve_device(pref: str, d: _Dist) -> torch.device:
 def _validate(cfg: TrainConfig, d: _Dist) -> None:
     if not cfg.data:
         raise DDPMError("no training data given; pass --data PATH (a folder of images) or --data cifar10")
-    if cfg.model not in PRESETS:
+    if cfg.model == IMPORTED and not cfg.resume:
+        raise DDPMError(f"--model {IMPORTED} continues a run written by 'ddpm import'; pass --resume and that run as --out")
+    if cfg.model not in PRESETS and cfg.model != IMPORTED:
         raise DDPMError(f"unknown model preset {cfg.model!r}; expected one of {', '.join(PRESETS)}")
     choices = [("prediction", PREDICTIONS), ("schedule", SCHEDULES), ("loss_weighting", WEIGHTINGS),
                ("t_sampling", T_SAMPLINGS), ("lr_schedule", LR_SCHEDULES)]
     for name, allowed in choices:
+        if name == "schedule" and cfg.model == IMPORTED:
+            continue  # an imported run's schedule is its own, not one of the named ones
         if getattr(cfg, name) not in allowed:
             raise DDPMError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}; expected one of {', '.join(allowed)}")
     if cfg.zero_terminal_snr and cfg.prediction == "eps":
@@ -246,10 +256,26 @@ def _run_config(cfg: TrainConfig, model_cfg: UNetConfig, schedule: Schedule, dat
 # Options that may change when resuming (they don't alter what was learned so far).
 _RESUMABLE = {"steps", "out", "resume", "progress", "log_every", "sample_every", "save_every", "keep", "sample_n",
               "sample_steps", "sample_guidance", "device", "workers", "tensorboard", "compile", "strict", "time_limit",
+              # The class list it produces is compared on its own when resuming.
+              "drop_empty_classes",
               # These change how a step is computed, not what it optimises. grad_checkpoint keeps a
               # resume bit-exact; grad_accum (the random draws are split over micro-batches) and
               # channels_last (other kernels) continue the same run, but not bit-identically.
               "grad_accum", "grad_checkpoint", "channels_last"}
+
+
+def _imported_config(run_dir: Path) -> dict[str, Any]:
+    """The config.json of a run written by 'ddpm import' (for ``--model imported``)."""
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DDPMError(f"--model {IMPORTED} needs the config.json of a run written by 'ddpm import' in --out "
+                        f"({str(path)!r}: {e})") from None
+    if not isinstance(saved, dict) or "imported" not in saved or "model" not in saved or "schedule" not in saved:
+        raise DDPMError(f"--model {IMPORTED} is for runs written by 'ddpm import', and {str(run_dir)!r} is not one; "
+                        f"use a preset: {', '.join(PRESETS)}")
+    return saved
 
 
 def _check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig) -> None:
@@ -272,35 +298,57 @@ class _Logger:
     FIELDS = ("step", "loss", "lr", "images_per_s", "epoch")
 
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int) -> None:
+        """Keep the rows of ``run_dir/metrics.csv`` up to ``resume_step`` (0 for a new run) and
+        drop the rest. Raises :class:`DDPMError` when the file cannot be written."""
         self.path = run_dir / "metrics.csv"
         self.rows: list[dict[str, float]] = []
-        if self.path.exists():
-            with open(self.path, newline="") as f:
-                # Rows past the resumed step came from steps that will be redone.
-                self.rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)
-                             if float(r["step"]) <= resume_step]
-        import io
+        with run_write_errors(run_dir, "metrics.csv"):
+            if self.path.exists():
+                self.rows = self._read(resume_step)
+            import io
 
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=self.FIELDS)
-        w.writeheader()
-        w.writerows(self.rows)
-        from .checkpoint import atomic_write_bytes
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=self.FIELDS)
+            w.writeheader()
+            w.writerows(self.rows)
+            from .checkpoint import atomic_write_bytes
 
-        atomic_write_bytes(self.path, buf.getvalue().encode())
+            atomic_write_bytes(self.path, buf.getvalue().encode())
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+                # purge_step hides the events of steps that will be redone (those of a process
+                # killed after its last checkpoint), at step 0 too: a new run over a killed one.
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
             except Exception:  # tensorboard not installed: CSV and PNG still work
                 self.tb = None
 
+    def _read(self, up_to_step: int) -> list[dict[str, float]]:
+        # Rows past the resumed step came from steps that will be redone. A row that a killed
+        # process or a full disk left cut short (or any unreadable one) is dropped, not fatal;
+        # such a row always lies past the last checkpoint, which is written after its row.
+        rows = []
+        with open(self.path, newline="", encoding="utf-8", errors="replace") as f:
+            for r in csv.DictReader(f):
+                try:
+                    row = {k: float(r[k]) for k in self.FIELDS}
+                except (KeyError, TypeError, ValueError):
+                    continue
+                if row["step"] <= up_to_step:
+                    rows.append(row)
+        return rows
+
     def log(self, row: dict[str, float]) -> None:
+        """Append ``row`` to metrics.csv (and TensorBoard); a failed write takes back its partial row."""
+        import io
+
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=self.FIELDS).writerow(row)
+        with run_write_errors(self.path.parent, "metrics.csv"):
+            _append(self.path, buf.getvalue().encode())
         self.rows.append(row)
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.FIELDS).writerow(row)
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step":
@@ -334,12 +382,31 @@ class _Logger:
         plt.close(fig)
         from .checkpoint import atomic_write_bytes
 
-        atomic_write_bytes(self.path.parent / "loss.png", buf.getvalue())
+        with run_write_errors(self.path.parent, "loss.png"):
+            atomic_write_bytes(self.path.parent / "loss.png", buf.getvalue())
 
     def close(self) -> None:
         self.flush()
         if self.tb is not None:
             self.tb.close()
+
+
+def _append(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` whole or not at all: a row cut short by a full disk would
+    read back as a wrong number, so a failed write is truncated away before the error is raised."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -397,7 +464,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
     d = _init_distributed(cfg.device)
     finished = False
     try:
-        path = _train(cfg, d, on_step)
+        with contextlib.ExitStack() as held:  # the run folder's lock, released on any exit
+            path = _train(cfg, d, on_step, held)
         finished = True
         return path
     finally:
@@ -409,7 +477,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | None) -> Path:
+def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | None,
+           held: contextlib.ExitStack) -> Path:
     from .perf import autocast_context, default_precision, load_optimizer_state, make_optimizer, prepare_model
 
     _validate(cfg, d)
@@ -418,16 +487,28 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
     run_dir = Path(cfg.out)
     say = print if d.main else (lambda *a, **k: None)
 
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):  # before minutes of decoding
+        check_writable(folder, "--out")
+    # Everything below reads or writes the run folder, so it is this process's from here on.
+    held.enter_context(_hold_run_folder(run_dir, d, device))
+    if d.main:
+        remove_temp_files(run_dir, run_dir / "checkpoints", run_dir / "samples")
+
     # ---- resume: the saved run config wins for everything that shapes the model
     resume_path = latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and resume_path is None:
-        raise DDPMError(f"--resume given but {str(run_dir)!r} has no checkpoint to resume from")
+        # A requeued job repeats its first command line: with nothing saved yet (no folder, or
+        # one left by a process killed before its first checkpoint) that line starts the run.
+        say(f"--resume: {str(run_dir)!r} has no checkpoint yet, starting a new run there")
     if not cfg.resume and latest_checkpoint(run_dir) is not None:
         raise DDPMError(f"{str(run_dir)!r} already holds a run; pass --resume to continue it or choose another --out")
 
     # ---- data
-    preset_size = PRESETS[cfg.model].image_size
-    image_size = cfg.image_size or preset_size
+    imported = _imported_config(run_dir) if cfg.model == IMPORTED else None
+    if imported is not None:
+        image_size = int(imported["model"]["image_size"])
+    else:
+        image_size = cfg.image_size or PRESETS[cfg.model].image_size
     data_path = Path(cfg.data).expanduser().resolve()
     if data_path.is_dir() and (run_dir.expanduser().resolve() == data_path or data_path in run_dir.expanduser().resolve().parents):
         raise DDPMError(f"--out {str(run_dir)!r} is inside --data {cfg.data!r}; the run's own sample grids would "
@@ -437,7 +518,8 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
         warnings.filterwarnings("ignore", message="skipped")
         dist.barrier()
     data = load_dataset(cfg.data, image_size, conditional=cfg.conditional, strict=cfg.strict,
-                        random_crop=cfg.random_crop, data_root=cfg.data_root or None, progress=cfg.progress and d.main)
+                        random_crop=cfg.random_crop, data_root=cfg.data_root or None, progress=cfg.progress and d.main,
+                        drop_empty_classes=cfg.drop_empty_classes)
     if d.world > 1 and d.main:
         dist.barrier()
     say(f"data: {len(data)} images at {image_size}x{image_size}"
@@ -445,9 +527,12 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
 
     # ---- model, schedule, EMA, optimiser (identical on every rank: same seed)
     torch.manual_seed(cfg.seed)
-    model_cfg = _model_config(cfg, data.classes)
-    schedule = Schedule.from_name(cfg.schedule, cfg.timesteps, logsnr_shift=cfg.logsnr_shift,
-                                  zero_terminal_snr=cfg.zero_terminal_snr)
+    if imported is not None:
+        model_cfg, schedule = UNetConfig.from_dict(imported["model"]), Schedule.from_dict(imported["schedule"])
+    else:
+        model_cfg = _model_config(cfg, data.classes)
+        schedule = Schedule.from_name(cfg.schedule, cfg.timesteps, logsnr_shift=cfg.logsnr_shift,
+                                      zero_terminal_snr=cfg.zero_terminal_snr)
     t_probabilities = (None if cfg.t_sampling == "uniform" else
                        timestep_probabilities(schedule, cfg.t_sampling, cfg.t_logsnr_mean, cfg.t_logsnr_std))
     model = UNet(model_cfg)
@@ -456,12 +541,21 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
     ema = EMA(model, cfg.ema_decay)
     opt = make_optimizer(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run_config = _run_config(cfg, model_cfg, schedule, data)
+    if imported is not None:
+        run_config["imported"] = imported["imported"]
 
     step = 0
     train_seconds = 0.0  # training wall-clock of earlier sessions of this run: --time-limit counts it
     if resume_path is not None:
         saved_step, saved_config, state = load_checkpoint(resume_path, "cpu")
-        _check_resume_compatible(saved_config, cfg)
+        if "imported" in saved_config and not saved_config.get("train", {}).get("data"):
+            # The first training of an imported run: its saved training options are placeholders,
+            # so all are free except the target the imported network predicts.
+            if cfg.prediction != saved_config.get("prediction"):
+                raise DDPMError(f"the imported network predicts {saved_config.get('prediction')!r}; "
+                                f"--prediction {cfg.prediction} would need another network")
+        else:
+            _check_resume_compatible(saved_config, cfg)
         if saved_config.get("num_images") not in (None, len(data)):
             raise DDPMError(f"the data changed since this run began ({saved_config['num_images']} -> {len(data)} "
                             "images); restore it or start a new --out")
@@ -470,7 +564,8 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                             "(different classes or model settings); use a new --out")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
-        load_optimizer_state(opt, state["optimizer"], device)
+        if "optimizer" in state:  # an imported run has none: AdamW starts afresh
+            load_optimizer_state(opt, state["optimizer"], device)
         train_seconds = float(state.get("train_seconds", 0.0))
         if cfg.time_limit > 0 and train_seconds >= 60.0 * cfg.time_limit and saved_step < cfg.steps:
             raise DDPMError(f"the run in {str(run_dir)!r} has used its --time-limit of {cfg.time_limit:g} min "
@@ -482,8 +577,9 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
         return resume_path  # type: ignore[return-value]
 
     if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", run_config)
+        with run_write_errors(run_dir, "config.json"):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / "config.json", run_config)
     say(f"model: {cfg.model}, {count_parameters(model) / 1e6:.2f}M parameters, {precision} on {device}"
         + (f", {d.world} processes" if d.world > 1 else ""))
     say(f"batch: {cfg.batch_size} global = {d.world} process(es) x {cfg.grad_accum} micro-batch(es) x "
@@ -527,7 +623,8 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
             return None
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                  "train_seconds": train_seconds + time.perf_counter() - t_start}
-        path = save_checkpoint(run_dir, at_step, run_config, state, keep=cfg.keep)
+        with run_write_errors(run_dir, f"the checkpoint of step {at_step}"):
+            path = save_checkpoint(run_dir, at_step, run_config, state, keep=cfg.keep)
         if logger is not None:
             logger.flush()
         return path
@@ -625,23 +722,35 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                                     + (f"the last good checkpoint {last_path} is intact" if last_path else
                                        "no checkpoint had been written yet")
                                     + "). Try a lower --lr, --precision fp32 or --grad-clip 1")
-                last_path = save(step)
+                failed: DDPMError | None = None
+                try:
+                    last_path = save(step)
+                except DDPMError as e:  # a full disk: every rank stops, not only the writer
+                    failed = e
+                if _any_rank(failed is not None, d, device):
+                    raise failed or DDPMError("rank 0 could not write the checkpoint (its message says why)")
                 if d.world > 1:
                     dist.barrier()
             # The grid comes after the checkpoint, so a failure while sampling loses no training.
             if (want_grid or step == cfg.steps) and d.main:
-                _sample_grid(ema.module, schedule, cfg, data.classes, device,
-                             run_dir / "samples" / f"step_{step:09d}.png", autocast)
+                with run_write_errors(run_dir, "a sample grid"):
+                    _sample_grid(ema.module, schedule, cfg, data.classes, device,
+                                 run_dir / "samples" / f"step_{step:09d}.png", autocast)
             if stop:
                 why = "SIGTERM" if stop_requested["flag"] else f"--time-limit {cfg.time_limit:g} min"
                 say(f"\nstopped by {why} at step {step}; continue with --resume"
                     + (" and a larger --time-limit (it counts the whole run)" if not stop_requested["flag"] else ""))
                 break
+        if logger is not None:
+            logger.close()
+            logger = None
     finally:
         if bar is not None:
             bar.close()
         if logger is not None:
-            logger.close()
+            # Leaving on an error: close what can be closed, but that error is the one to report.
+            with contextlib.suppress(Exception):
+                logger.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     if d.world > 1:
@@ -673,6 +782,22 @@ def _agree_elapsed(seconds: float, d: _Dist, device: torch.device) -> float:
     t = torch.tensor([seconds], device=device, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+@contextlib.contextmanager
+def _hold_run_folder(run_dir: Path, d: _Dist, device: torch.device) -> Iterator[None]:
+    """Rank 0, the only writer, locks the run folder for the whole run; every rank learns
+    whether it could, so that all stop together instead of waiting for rank 0 at a barrier."""
+    with contextlib.ExitStack() as stack:
+        error: DDPMError | None = None
+        if d.main:
+            try:
+                stack.enter_context(lock_run_folder(run_dir, advice="wait for it to finish or choose another --out"))
+            except DDPMError as e:
+                error = e
+        if _any_rank(error is not None, d, device):
+            raise error or DDPMError(f"rank 0 could not take the run folder {str(run_dir)!r} (its message says why)")
+        yield
 
 
 def _any_rank(flag: bool, d: _Dist, device: torch.device) -> bool:
