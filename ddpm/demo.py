@@ -3,11 +3,15 @@
 scikit-learn ships 1,797 handwritten digits as 8x8 images with 17 grey levels. The demo writes
 them as PNGs into class folders (``0`` .. ``9``), which is exactly the layout of a user's own
 class-conditional data, trains the ``tiny`` class-conditional model on them at 16x16 for a few
-minutes on a CPU, and samples a guided grid with one row per digit.
+minutes on a CPU, and samples a guided grid with one row per digit. Its last line names the grid
+and the command that shows the run's curves and sample grids in TensorBoard.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import math
+import shlex
 import time
 from pathlib import Path
 
@@ -44,11 +48,18 @@ def write_digits(root: str | Path) -> Path:
 
 def run_demo(out: str | Path = "runs/demo", *, steps: int = 800, seed: int = 0, device: str = "auto",
              model: str = "tiny") -> Path:
-    """Train the demo model into ``out`` and write ``out/demo_grid.png``; returns the grid's path."""
+    """Train the demo model into ``out/run`` and write ``out/demo_grid.png``; returns the grid's path.
+
+    Prints what it does, a progress bar while it trains and while it samples (on stderr), and as
+    its last line where the grid is and how to open the TensorBoard log (``tensorboard --logdir``).
+    Raises :class:`DDPMError` when ``out`` cannot be written or scikit-learn is missing.
+    """
     import torch
+    from tqdm import tqdm
 
     from .checkpoint import latest_checkpoint, load_run
-    from .generate import generate, make_grid, save_png
+    from .generate import BATCH_SIZE, generate, make_grid, save_png
+    from .samplers import resolve_steps
     from .train import TrainConfig, train
 
     from .outputs import check_writable
@@ -71,11 +82,22 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 800, seed: int = 0, 
     labels = torch.arange(10).repeat_interleave(per)
     # The default sampler (DPM-Solver++, 20 steps): with the v target it is clean after minutes
     # of training (an eps model left colour speckle here; see docs/benchmarks.md).
-    images = generate(run, len(labels), labels=labels, guidance=2.0, seed=seed, progress=False)
+    sample_steps = resolve_steps("dpm-solver", None, run.schedule.T)
+    print(f"demo: sampling {len(labels)} digits ({per} of each, guidance 2, DPM-Solver++ with {sample_steps} steps)")
+    batches = math.ceil(len(labels) / BATCH_SIZE)
+    with tqdm(total=sample_steps * batches, desc="sampling", unit="step", dynamic_ncols=True) as bar:
+        images = generate(run, len(labels), labels=labels, guidance=2.0, seed=seed, progress=False,
+                          steps=sample_steps, callback=lambda *_: bar.update(1))
     grid_path = out / "demo_grid.png"
     # Upscale 4x (nearest) so the 16x16 digits are visible in an image viewer.
     grid = make_grid(images, nrow=per)
     grid = np.repeat(np.repeat(grid, 4, axis=0), 4, axis=1)
     save_png(grid, grid_path)
-    print(f"demo: done in {time.time() - t0:.0f} s; guided samples (one row per digit 0-9) in {grid_path}")
+    logdir = f"tensorboard --logdir {shlex.quote(str(run_dir))}"
+    # Without the package the trainer wrote no TensorBoard log (metrics.csv and loss.png only).
+    board = (f"curves and sample grids: {logdir}" if importlib.util.find_spec("tensorboard") is not None else
+             f"TensorBoard is not installed (pip install tensorboard), so the curves are in {run_dir / 'loss.png'} "
+             f"and the sample grids in {run_dir / 'samples'}")
+    print(f"demo: done in {time.time() - t0:.0f} s; guided samples (one row per digit 0-9) in {grid_path} "
+          f"(open it in an image viewer); {board}")
     return grid_path

@@ -1,10 +1,18 @@
-"""Generate images from a trained run: the glue between a run folder and the samplers."""
+"""Generate images from a trained run: the glue between a run folder and the samplers.
+
+Besides plain samples (:func:`generate`) it makes the pictures that show what a model does:
+the sampling chain as an animation (:class:`ChainRecorder`, :func:`chain_frames`, :func:`save_gif`),
+a class x guidance-scale grid (:func:`guidance_sweep`) and a walk between two starting noises
+(:func:`interpolate`, with :func:`slerp`). Every image of them comes from :func:`generate`, so
+the starting noise of a seed, batching and precision are decided there alone.
+"""
 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -15,7 +23,19 @@ from .errors import DDPMError
 from .guidance import guided
 from .samplers import DEFAULT_STEPS, eps_model, get_sampler, resolve_steps
 
-__all__ = ["generate", "make_grid", "save_png", "default_steps"]
+__all__ = ["generate", "starting_noise", "make_grid", "save_png", "save_gif", "default_steps", "slerp",
+           "ChainRecorder", "Chain", "chain_frames", "default_animate_every", "guidance_sweep", "interpolate",
+           "STOCHASTIC_SAMPLERS", "BATCH_SIZE", "check_animate_every", "check_sweep_scales",
+           "check_interpolation_n"]
+
+# Images sampled at once unless asked otherwise (the batch also fixes which starting noise a seed gives).
+BATCH_SIZE = 64
+
+# Samplers that add fresh noise at every step (ddim too when its eta > 0).
+STOCHASTIC_SAMPLERS = ("ancestral", "langevin")
+
+# Called after every sampler step of every batch as ``callback(batch, i, t, x, x0)``.
+BatchCallback = Callable[[int, int, int, torch.Tensor, torch.Tensor], None]
 
 
 def default_steps(sampler: str) -> int | None:
@@ -24,31 +44,57 @@ def default_steps(sampler: str) -> int | None:
     return DEFAULT_STEPS[sampler.replace("_", "-")]
 
 
+def _batch_generator(seed: int, k: int) -> torch.Generator:
+    """The CPU generator of batch ``k``: it draws that batch's starting noise, then the sampler's noise."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + k)
+
+
+def starting_noise(run: Run, n: int, *, seed: int = 0, batch_size: int = BATCH_SIZE) -> torch.Tensor:
+    """The starting noise x_T that ``generate(run, n, seed=seed, batch_size=batch_size)`` draws:
+    float32 [n, C, H, W], standard normal, on the CPU."""
+    c, size = run.model.config.in_channels, run.image_size
+    parts = [torch.randn(min(batch_size, n - start), c, size, size, generator=_batch_generator(seed, k))
+             for k, start in enumerate(range(0, n, batch_size))]
+    return torch.cat(parts)
+
+
 def generate(
     run: Run,
     n: int,
     *,
     labels: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
     sampler: str = "dpm-solver",
     steps: int | None = None,
     guidance: float = 1.0,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     use_ema: bool = True,
     device: str | torch.device | None = None,
     progress: bool = True,
     clip: bool = True,
     precision: str = "fp32",
+    callback: BatchCallback | None = None,
     **sampler_options,
 ) -> torch.Tensor:
     """``n`` images as uint8 [N, 3, H, W] from ``run``'s EMA (or raw) weights.
 
     ``labels`` (int64 [N]) picks the class of each image for conditional runs; without labels a
     conditional run samples unconditionally (the null class). Batch ``k`` starts from noise
-    seeded by ``(seed, k)``, so the same seed and batch size give the same images.
+    seeded by ``(seed, k)`` (:func:`starting_noise`), so the same seed and batch size give the
+    same images; ``noise`` (float [N, C, H, W]) replaces that starting noise, and the seed then
+    only drives the noise that stochastic samplers add on the way.
+
+    ``callback(batch, i, t, x, x0)``, when given, is called after step ``i`` (timestep ``t``) of
+    each batch in turn, with the new x_t and the model's current prediction of x0, both float32
+    [b, C, H, W] on the sampling device in the model's range (x0 clipped to [-1, 1] as the
+    sampler clips it, x_t unbounded). Raises :class:`DDPMError` for bad ``n``, labels or noise.
     """
     if n < 1:
         raise DDPMError(f"--n must be at least 1, got {n}")
+    if noise is not None and tuple(noise.shape) != (n, run.model.config.in_channels, run.image_size, run.image_size):
+        raise DDPMError(f"starting noise of shape {tuple(noise.shape)} does not fit {n} images of "
+                        f"{run.model.config.in_channels}x{run.image_size}x{run.image_size}")
     net = run.ema_model if use_ema and run.ema_model is not None else run.model
     device = torch.device(device) if device is not None else next(net.parameters()).device
     from .perf import inference_model, prepare_model  # local: perf depends on nothing here
@@ -73,30 +119,37 @@ def generate(
     call = inference_model(net, device, precision)
     for k in batches:
         b = min(batch_size, n - k * batch_size)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        x_T = torch.randn(b, net.config.in_channels, size, size, generator=gen).to(device)
+        gen = _batch_generator(seed, k)
+        if noise is None:
+            x_T = torch.randn(b, net.config.in_channels, size, size, generator=gen)
+        else:
+            x_T = noise[k * batch_size : k * batch_size + b].float()
+        x_T = x_T.to(device)
         if labels is not None:
             model = guided(call, labels[k * batch_size : k * batch_size + b].to(device), guidance)
         else:
             model = call
         model = eps_model(model, run.schedule, run.prediction)
-        x = sample_fn(model, x_T, run.schedule, steps=steps, clip=clip, generator=gen, **sampler_options)
+        # Bound to this batch's index now; None keeps the samplers' per-step path free of any call.
+        step_cb = None if callback is None else (lambda i, t, x, x0, k=k: callback(k, i, t, x, x0))
+        x = sample_fn(model, x_T, run.schedule, steps=steps, clip=clip, generator=gen, callback=step_cb,
+                      **sampler_options)
         out.append(to_uint8(x).cpu())
     return torch.cat(out)
 
 
 def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> np.ndarray:
-    """Tile uint8 images [N, 3, H, W] into one HWC array with ``nrow`` images per row."""
-    n, c, h, w = images.shape
-    ncol = nrow
-    rows = math.ceil(n / ncol)
-    grid = np.full((rows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, np.uint8)
-    arr = images.permute(0, 2, 3, 1).numpy()
-    for i in range(n):
-        r, cidx = divmod(i, ncol)
-        top, left = padding + r * (h + padding), padding + cidx * (w + padding)
-        grid[top : top + h, left : left + w] = arr[i]
-    return grid
+    """Tile uint8 images [N, 3, H, W] into one HWC uint8 array, ``nrow`` images per row.
+
+    ``torchvision.utils.make_grid``'s layout: ``min(nrow, N)`` columns and ``ceil(N / columns)``
+    rows of tiles with ``padding`` pixels (white by default) around each, so the array is
+    ``rows * (H + padding) + padding`` by ``columns * (W + padding) + padding`` pixels; a single
+    image comes back as it is, without padding. Every grid the project writes comes from here.
+    """
+    from torchvision.utils import make_grid as tv_make_grid
+
+    grid = tv_make_grid(images.cpu(), nrow=nrow, padding=padding, pad_value=pad_value)
+    return np.ascontiguousarray(grid.permute(1, 2, 0).numpy())
 
 
 def save_png(array: np.ndarray, path: str | Path) -> None:
@@ -110,6 +163,163 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def save_gif(frames: Sequence[np.ndarray], path: str | Path, *, frame_ms: int = 100, hold_ms: int = 2000) -> None:
+    """Save HWC uint8 arrays (all of one size) as an animated GIF that loops forever, atomically.
+
+    Each frame shows for ``frame_ms`` milliseconds, the last for ``hold_ms``. Pillow writes it and
+    reduces each frame to its own 256-colour palette; it also merges identical consecutive
+    frames into one (adding their durations), so such frames count once.
+    """
+    import io
+
+    from PIL import Image
+
+    if not frames:
+        raise ValueError("an animation needs at least one frame")
+    images = [Image.fromarray(f) for f in frames]
+    durations = [frame_ms] * (len(images) - 1) + [hold_ms]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def class_labels(counts: Sequence[int]) -> torch.Tensor:
     """Labels ``[0]*counts[0] + [1]*counts[1] + ...`` as int64."""
     return torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in enumerate(counts)])
+
+
+# ------------------------------------------------------------------------------ the sampling chain
+class Chain(NamedTuple):
+    """A recorded sampling chain of N images, at F of its steps (uint8 images in [0, 255])."""
+
+    images: torch.Tensor  # uint8 [N, 3, H, W]: the samples
+    steps: list[int]  # the F recorded sampler step indices (0-based; the last step is always one)
+    x_t: torch.Tensor  # uint8 [F, N, 3, H, W]: x_t after each recorded step, clipped to [-1, 1]
+    x0: torch.Tensor  # uint8 [F, N, 3, H, W]: the model's prediction of x0 at that step
+
+
+def check_animate_every(every: int) -> None:
+    """Raise :class:`DDPMError` unless ``every`` (steps between recorded frames) is at least 1."""
+    if every < 1:
+        raise DDPMError(f"--animate-every must be at least 1, got {every}")
+
+
+def default_animate_every(steps: int) -> int:
+    """Record every k-th of ``steps`` sampler steps: ``ceil(steps / 50)``, so an animation has
+    all the steps of a short chain and 25 to 50 frames of a long one (1000 ancestral steps: 50)."""
+    return max(1, math.ceil(steps / 50))
+
+
+class ChainRecorder:
+    """A ``callback`` for :func:`generate` (or anything that calls it: :func:`interpolate`) that
+    records x_t and the predicted x0 after every ``every``-th of the ``steps`` sampler steps and
+    after the last one: ``ceil(steps / every)`` frames. Copies go to the CPU as uint8 at those
+    steps only. Raises :class:`DDPMError` when ``every`` < 1.
+
+        rec = ChainRecorder(every=2, steps=20)
+        chain = rec.chain(generate(run, 8, steps=20, callback=rec))
+    """
+
+    def __init__(self, every: int, steps: int) -> None:
+        check_animate_every(every)
+        self.every, self.steps = int(every), int(steps)
+        self.batches: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+
+    def __call__(self, batch: int, i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if (i + 1) % self.every == 0 or i + 1 == self.steps:
+            self.batches.setdefault(batch, []).append((i, to_uint8(x).cpu(), to_uint8(x0).cpu()))
+
+    def chain(self, images: torch.Tensor) -> Chain:
+        """The recorded chain of the sampling run that returned ``images`` (uint8 [N, 3, H, W])."""
+        batches = [self.batches[k] for k in sorted(self.batches)]
+        steps = [i for i, _, _ in batches[0]]
+        x_t = torch.stack([torch.cat([b[f][1] for b in batches]) for f in range(len(steps))])
+        x0 = torch.stack([torch.cat([b[f][2] for b in batches]) for f in range(len(steps))])
+        return Chain(images, steps, x_t, x0)
+
+
+def chain_frames(chain: Chain, nrow: int) -> list[np.ndarray]:
+    """One HWC uint8 picture per recorded step: a tile per sample, x_t on the left and the
+    predicted x0 on the right ([3, H, 2W]), tiled ``nrow`` per row by :func:`make_grid`, so a
+    frame is ``rows * (H + 2) + 2`` by ``columns * (2W + 2) + 2`` pixels."""
+    return [make_grid(torch.cat([xt, x0], dim=-1), nrow=nrow) for xt, x0 in zip(chain.x_t, chain.x0)]
+
+
+# ----------------------------------------------------------------------------------- guidance
+def check_sweep_scales(scales: Sequence[float]) -> None:
+    """Raise :class:`DDPMError` unless ``scales`` holds one or more finite guidance scales."""
+    if not scales or not all(math.isfinite(s) for s in scales):
+        raise DDPMError(f"--guidance-sweep needs one or more finite scales, got {' '.join(map(str, scales)) or 'none'}")
+
+
+def guidance_sweep(run: Run, scales: Sequence[float], labels: torch.Tensor, **generate_options) -> torch.Tensor:
+    """Images uint8 [R * S, 3, H, W], row-major: row r is class ``labels[r]`` (int64 [R]) at each of
+    the S guidance ``scales`` in turn (``eps_uncond + s (eps_cond - eps_uncond)``, see
+    :func:`ddpm.guided`), all from the same starting noise, so a row shows only what guidance does.
+    Grid it with ``make_grid(images, nrow=S)``. Raises :class:`DDPMError` for an unconditional run,
+    no scales or a non-finite one."""
+    if not run.conditional:
+        raise DDPMError("--guidance-sweep needs a class-conditional run (trained with --conditional); this one is "
+                        "unconditional")
+    check_sweep_scales(scales)
+    # generate() draws its starting noise from the seed and the batch alone, so every scale
+    # starts row r from the same noise (and stochastic samplers add the same noise on the way).
+    per_scale = [generate(run, len(labels), labels=labels, guidance=float(s), **generate_options) for s in scales]
+    return torch.stack(per_scale, dim=1).flatten(0, 1)
+
+
+# ------------------------------------------------------------------------------- interpolation
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Spherical linear interpolation between ``a`` and ``b`` (any one shape, taken as single
+    vectors) at fractions ``t`` in [0, 1]: float32 [len(t), *a.shape].
+
+    ``slerp(t) = sin((1 - t) theta) / sin(theta) a + sin(t theta) / sin(theta) b`` with theta the
+    angle between a and b (Shoemake 1985, "Animating rotation with quaternion curves"). Between
+    two Gaussian noises it keeps the norm a sample of the noise has, where a straight line would
+    pass through improbably small noise; DDIM (Song et al. 2021, sec. 5.3) interpolates its
+    starting noise this way. ``t = 0`` and ``t = 1`` give ``a`` and ``b`` exactly. Nearly
+    parallel vectors (sin(theta) < 1e-6) are interpolated linearly.
+    """
+    t = torch.as_tensor(t, dtype=torch.float64).flatten()
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    cos = float(torch.dot(a64, b64) / (a64.norm() * b64.norm()).clamp(min=1e-30))
+    theta = math.acos(min(1.0, max(-1.0, cos)))
+    out = []
+    for ti in t.tolist():
+        if math.sin(theta) < 1e-6:
+            wa, wb = 1.0 - ti, ti
+        else:
+            wa, wb = math.sin((1 - ti) * theta) / math.sin(theta), math.sin(ti * theta) / math.sin(theta)
+        out.append(wa * a.float() + wb * b.float())
+    return torch.stack(out)
+
+
+def check_interpolation_n(n: int) -> None:
+    """Raise :class:`DDPMError` unless a row of ``n`` images can hold both ends (n >= 2)."""
+    if n < 2:
+        raise DDPMError(f"--interpolate needs --n of at least 2 (both ends are included), got {n}")
+
+
+def interpolate(run: Run, n: int, *, seed: int = 0, sampler: str = "dpm-solver", eta: float = 0.0,
+                batch_size: int = BATCH_SIZE, **generate_options) -> torch.Tensor:
+    """``n`` images uint8 [n, 3, H, W] along the :func:`slerp` path between two starting noises,
+    both ends included: the starting noise of ``generate(run, 1, seed=seed)`` and of
+    ``generate(run, 1, seed=seed + 1)``.
+
+    With a deterministic sampler (dpm-solver, or ddim with ``eta`` = 0) the row is a smooth path
+    and its ends are those two plain samples (to float rounding: a batch of n may round
+    differently from a batch of 1; exactly with ``batch_size=1``). Stochastic samplers (ancestral,
+    langevin, ddim with eta > 0) add independent noise to every image at every step, so the row is
+    not smooth and its ends are other samples from the same starting noises; a warning says so.
+    Raises :class:`DDPMError` when ``n`` < 2.
+    """
+    check_interpolation_n(n)
+    if sampler.replace("_", "-") in STOCHASTIC_SAMPLERS or (sampler == "ddim" and eta > 0):
+        warnings.warn(f"--interpolate with the stochastic sampler {sampler}{f' (eta {eta:g})' if eta > 0 else ''} "
+                      "adds other noise to each image, so the row is not a smooth path; use dpm-solver or ddim "
+                      "with --eta 0", stacklevel=2)
+    ends = [starting_noise(run, 1, seed=s)[0] for s in (seed, seed + 1)]
+    noise = slerp(ends[0], ends[1], torch.linspace(0, 1, n, dtype=torch.float64))
+    options = {"eta": eta} if sampler == "ddim" else {}
+    return generate(run, n, noise=noise, seed=seed, sampler=sampler, batch_size=batch_size, **options,
+                    **generate_options)

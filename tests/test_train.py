@@ -319,11 +319,17 @@ def test_time_limit_counts_the_whole_run_across_resumes(cifar_small: Path, tmp_p
     assert state["train_seconds"] > used
 
 
-def test_demo_trains_and_writes_its_grid(tmp_path: Path) -> None:
+def test_demo_trains_and_writes_its_grid(tmp_path: Path, capsys) -> None:
     pytest.importorskip("sklearn")
+    pytest.importorskip("tensorboard")
     from ddpm.demo import run_demo
 
     grid = run_demo(tmp_path / "demo", steps=2, device="cpu")
     img = np.asarray(Image.open(grid))
     assert img.shape == (4 * (10 * 18 + 2), 4 * (10 * 18 + 2), 3)  # 10 x 10 digits of 16 px, padding 2, 4x
     assert run_info(str(tmp_path / "demo" / "run"))["step"] == 2
+    out, err = capsys.readouterr()
+    assert "demo: sampling 100 digits" in out and "sampling" in err  # progress while it samples
+    last = out.strip().splitlines()[-1]
+    assert str(grid) in last and f"tensorboard --logdir {tmp_path / 'demo' / 'run'}" in last
+    assert list((tmp_path / "demo" / "run" / "tensorboard").glob("events.*"))
