@@ -55,7 +55,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         description="Sample from a run and compare the samples with a reference set through the standard FID "
                     "Inception network.\nConditional runs sample evenly over their classes and also get a class "
                     "accuracy from a linear probe fitted on the reference's labels.\nWith --sweep: FID against "
-                    "network evaluations for each sampler, as JSON and a PNG plot.")
+                    "network evaluations for each sampler, as JSON and a PNG plot.\nWith --nearest: a memorisation "
+                    "check, samples beside their nearest training images and a one-line reading.")
     p.add_argument("--run", required=True, help="run folder written by 'ddpm train'")
     p.add_argument("--ref", required=True,
                    help="reference: a folder of images (class sub-folders give labels), a .npz with mu and sigma, "
@@ -71,7 +72,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
     p.add_argument("--out", metavar="FILE.json", default=None,
                    help="where to write the JSON result (unset: RUN/eval/<settings>.json; sweep: RUN/eval/sweep.json)")
-    p.add_argument("--ref-max", type=int, default=None, help="use a fixed random subset of this many reference images")
+    p.add_argument("--ref-max", type=int, default=None,
+                   help="use a fixed random subset of this many reference images (unset: all; --nearest: 1000)")
     p.add_argument("--cifar-root", metavar="DIR", default=None,
                    help="torchvision CIFAR-10 folder for --ref cifar10 (unset: $DDPM_CACHE/cifar10)")
     p.add_argument("--kid-subset", type=int, default=1000, help="KID subset size (capped at the sample counts)")
@@ -85,6 +87,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                         "those above T with a warning)")
     p.add_argument("--sweep-guidance", nargs="+", type=float, default=[1.0], metavar="S",
                    help="guidance scales in the sweep (conditional runs)")
+    p.add_argument("--nearest", action="store_true",
+                   help="memorisation check instead of FID: --n samples' nearest training images (Inception features "
+                        "and pixels) against those of held-out real images, which --ref must then hold (images the "
+                        "run never trained on, e.g. cifar10 for a CIFAR-10 run); writes a grid PNG beside the JSON")
+    p.add_argument("--nearest-n", type=int, default=8,
+                   help="samples shown in the --nearest grid, near-copies first, then the closest to the training set")
+    p.add_argument("--nearest-k", type=int, default=3, help="training neighbours shown per sample and space")
+    p.add_argument("--train-data", metavar="DIR", default=None,
+                   help="--nearest: the run's training images (unset: the --data it was trained with)")
     _common(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -129,6 +140,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                   ref_max=args.ref_max, cifar_root=args.cifar_root, feature_batch_size=args.feature_batch_size,
                   kid_subset=args.kid_subset, kid_subsets=args.kid_subsets, progress=not args.quiet)
     eval_dir = Path(args.run) / "eval"
+    if args.nearest:
+        return _cmd_nearest(args, eval_dir, what)
     if args.sweep:
         out = args.out or eval_dir / "sweep.json"
         check_writable(out, what, is_file=True)
@@ -144,6 +157,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     with lock_if_inside(args.run, out, advice=_BUSY_ADVICE):
         evaluate.evaluate_run(args.run, args.ref, args.n, args.sampler, args.steps, args.guidance, out=out,
                               compute_pr=not args.no_pr, **common)
+    return 0
+
+
+def _cmd_nearest(args: argparse.Namespace, eval_dir: Path, what: str) -> int:
+    from . import nearest
+
+    if args.sweep:
+        raise DDPMError("--nearest and --sweep are separate checks; pass one of them")
+    _positive("--nearest-n", args.nearest_n)
+    _positive("--nearest-k", args.nearest_k)
+    out = args.out or eval_dir / f"nearest-n{args.n}-seed{args.seed}.json"
+    check_writable(out, what, is_file=True)
+    with lock_if_inside(args.run, out, advice=_BUSY_ADVICE):
+        nearest.check_run(args.run, args.ref, n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                          seed=args.seed, batch_size=args.batch_size, device=parse_device(args.device),
+                          use_ema=not args.no_ema, k=args.nearest_k, show=args.nearest_n, heldout_max=args.ref_max,
+                          train_data=args.train_data, inception=args.inception, cache_dir=args.cache_dir,
+                          use_cache=not args.no_cache, cifar_root=args.cifar_root, out=out, progress=not args.quiet)
     return 0
 
 

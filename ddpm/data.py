@@ -27,7 +27,8 @@ from PIL import Image, ImageFile, ImageOps
 from .errors import DDPMError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageSet", "load_image", "to_rgb", "is_hidden", "scan_images", "class_name",
-           "class_folders", "remove_empty_classes", "load_image_folder", "load_cifar10", "load_dataset", "BatchStream", "batches"]
+           "class_folders", "remove_empty_classes", "load_image_folder", "load_cifar10", "names_cifar10", "load_dataset",
+           "BatchStream", "batches"]
 
 # GIF and multi-page TIFF files give their first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -326,6 +327,12 @@ def load_cifar10(root: str | Path | None, image_size: int, *, train: bool = True
     return ImageSet(paths, labels, list(ds.classes) if conditional else None, image_size, data)
 
 
+def names_cifar10(data: str) -> bool:
+    """Whether a ``--data`` value means torchvision's CIFAR-10 training split rather than a folder
+    (a folder that happens to be called ``cifar10`` in the working directory wins)."""
+    return data.lower() == "cifar10" and not Path(data).exists()
+
+
 def load_dataset(
     data: str,
     image_size: int,
@@ -338,7 +345,7 @@ def load_dataset(
     drop_empty_classes: bool = False,
 ) -> ImageSet:
     """``data`` is a folder path or ``"cifar10"`` (torchvision's copy under ``data_root``)."""
-    if data.lower() == "cifar10" and not Path(data).exists():
+    if names_cifar10(data):
         return load_cifar10(data_root, image_size, train=True, conditional=conditional)
     return load_image_folder(data, image_size, conditional=conditional, strict=strict, random_crop=random_crop,
                              progress=progress, drop_empty_classes=drop_empty_classes)

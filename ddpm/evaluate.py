@@ -45,7 +45,7 @@ from .outputs import check_writable
 
 __all__ = ["ReferenceDataError", "FeatureSet", "default_cache_dir", "reference_stats", "reference_probe",
            "evaluate_run", "fid_folders", "sampler_sweep", "sweep_steps", "DEFAULT_SWEEP_STEPS", "format_summary",
-           "write_json"]
+           "write_json", "check_reference", "fid_floor", "score_images", "spread_labels", "reference_images"]
 
 _CACHE_VERSION = 1
 _SAMPLERS = ("ancestral", "ddim", "langevin", "dpm-solver")
@@ -208,6 +208,11 @@ def _folder_batches(files: Sequence[Path], image_size: int | None, batch_size: i
             yield torch.stack(batch) if same else batch
 
 
+def _warn_skipped(bad: list[tuple[Path, str]], total: int) -> None:
+    names = ", ".join(f"{p} ({r})" for p, r in bad[:3])
+    warnings.warn(f"skipped {len(bad)} unreadable image file(s) of {total}: {names}{' ...' if len(bad) > 3 else ''}")
+
+
 def _extract(batches: Iterator, total: int, extractor: FeatureExtractor, progress: bool, desc: str) -> np.ndarray:
     from tqdm.auto import tqdm
 
@@ -258,6 +263,16 @@ def _load_featureset(path: Path, key: str | None = None) -> FeatureSet:
     return fs
 
 
+# A reference named by torchvision's CIFAR-10 split rather than by a path.
+_CIFAR_REF = re.compile(r"cifar10(?::(train|test))?")
+
+
+def _subset(count: int, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a fixed random subset of ``size`` of ``count`` items (without
+    replacement): every "use N of the reference images" picks its images this one way."""
+    return np.sort(np.random.default_rng(seed).choice(count, size, replace=False))
+
+
 def _cifar10_root(root: str | os.PathLike | None) -> Path:
     # Same default as ddpm.data.load_cifar10, so a copy downloaded for training is found here too.
     if root:
@@ -292,13 +307,13 @@ def reference_stats(
         return _load_featureset(path)  # precomputed statistics need no network
     extractor = FeatureExtractor(inception, device)  # verifies the weights; loads the net on first use
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    m = re.fullmatch(r"cifar10(?::(train|test))?", ref_s.lower())
+    m = _CIFAR_REF.fullmatch(ref_s.lower())
     if m and not path.exists():
         return _cifar_stats(m.group(1) or "test", image_size, max_images, batch_size, extractor, cache, use_cache,
                             cifar_root, progress)
     files, labels, classes = _list_folder(path)
     if max_images is not None and max_images < len(files):
-        keep = np.sort(np.random.default_rng(0).choice(len(files), max_images, replace=False))
+        keep = _subset(len(files), max_images)
         files = [files[i] for i in keep]
         labels = labels[keep] if labels is not None else None
     try:
@@ -318,8 +333,7 @@ def reference_stats(
     feats = _extract(_folder_batches(files, image_size, batch_size, bad, good), len(files), extractor, progress,
                      f"reference {path.name}")
     if bad:
-        names = ", ".join(f"{p} ({r})" for p, r in bad[:3])
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s) of {len(files)}: {names}{' ...' if len(bad) > 3 else ''}")
+        _warn_skipped(bad, len(files))
     if len(good) < 2:
         raise ReferenceDataError(f"only {len(good)} readable image(s) under {str(path)!r}; need at least 2 for statistics")
     if labels is not None:
@@ -363,7 +377,7 @@ def _cifar_stats(split: str, image_size: int | None, max_images: int | None, bat
     images = torch.from_numpy(np.asarray(ds.images)).permute(0, 3, 1, 2)
     labels = np.asarray(ds.labels, dtype=np.int64)
     if max_images is not None and max_images < len(images):
-        keep = np.sort(np.random.default_rng(0).choice(len(images), max_images, replace=False))
+        keep = _subset(len(images), max_images)
         images, labels = images[torch.from_numpy(keep)], labels[keep]
     if listing is None:  # just downloaded: key it by the files now present
         return _cifar_stats(split, image_size, max_images, batch_size, extractor, cache, use_cache, cifar_root, progress)
@@ -423,6 +437,110 @@ def _score(gen: np.ndarray, ref: FeatureSet, *, kid_subset: int, kid_subsets: in
             g = gen[rng.choice(len(gen), m, replace=False)] if len(gen) > m else gen
             out["precision"], out["recall"] = precision_recall(r, g, k=3)
     return out
+
+
+# ------------------------------------------- pieces for training-time FID and the memorisation check
+def check_reference(ref: str, what: str = "--ref") -> None:
+    """Raise :class:`ReferenceDataError` unless ``ref`` can name a reference set: ``cifar10``,
+    ``cifar10:train`` or ``cifar10:test``, an existing folder, or an existing ``.npz`` file.
+
+    Nothing is read or decoded (a folder's images are checked when its statistics are computed),
+    so commands call this before any work; ``what`` names the option in the message.
+    """
+    path = Path(ref).expanduser()
+    expected = "expected a folder of images, a .npz of statistics, or cifar10"
+    if _CIFAR_REF.fullmatch(ref.lower()) and not path.exists():
+        return
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".npz"):
+        return
+    if path.exists():
+        raise ReferenceDataError(f"{what} {ref!r} is a file that is not a .npz; {expected}")
+    raise ReferenceDataError(f"{what} {ref!r} does not exist; {expected}")
+
+
+def fid_floor(ref: FeatureSet, n: int, seed: int = 0) -> float | None:
+    """The FID that ``n`` real images score against ``ref``: what a perfect model would get at
+    sample size ``n``, to read an FID computed from ``n`` samples against.
+
+    FID estimated from ``n`` samples is biased upward, by roughly a constant over ``n`` (Chong &
+    Forsyth 2020, "Effectively unbiased FID and Inception Score and where to find them"): the
+    sample covariance's error adds to ``tr(sigma)`` more than the ``tr sqrt`` term takes away. The
+    floor draws ``n`` of the reference's own feature vectors with replacement (seeded), i.e. ``n``
+    images from the reference distribution, and scores their statistics against the whole
+    reference's. Returns None for a statistics-only reference (no features to draw from).
+    Raises ``ValueError`` for ``n < 2``.
+    """
+    if n < 2:
+        raise ValueError(f"the FID floor needs n >= 2 images, got {n}")
+    if ref.features is None:
+        return None
+    draw = np.random.default_rng(seed).integers(0, ref.n, n)
+    mu, sigma = gaussian_stats(ref.features[draw].astype(np.float64))
+    return frechet_distance(mu, sigma, ref.mu, ref.sigma)
+
+
+def score_images(images: torch.Tensor, ref: FeatureSet, extractor: Any, *, batch_size: int = 50,
+                 kid_subset: int = 1000, kid_subsets: int = 100, seed: int = 0) -> dict:
+    """FID and KID of uint8 images [N, 3, H, W] (N >= 2) against ``ref``, through ``extractor``
+    (a :class:`~ddpm.inception.FeatureExtractor`, or any callable from a uint8 batch to float
+    features [B, D]).
+
+    Returns ``{"fid": float}`` plus ``"kid_mean"``, ``"kid_std"`` and ``"kid_subset_size"`` when
+    ``ref`` has features (a statistics-only ``.npz`` supports FID alone). Both are the same
+    computations as :func:`evaluate_run`'s.
+    """
+    batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+    gen = _extract(batches, len(images), extractor, False, "inception (samples)").astype(np.float64)
+    return _score(gen, ref, kid_subset=kid_subset, kid_subsets=kid_subsets, pr=False, seed=seed)
+
+
+def spread_labels(n: int, classes: Sequence[str] | None) -> torch.Tensor | None:
+    """Class labels of ``n`` samples scored together, int64 [n]: the classes in turn (``i % C``), so
+    every class gets ``n / C`` samples give or take one. None for an unconditional run."""
+    return torch.arange(n, dtype=torch.long) % len(classes) if classes else None
+
+
+def reference_images(ref: str | os.PathLike, image_size: int, *, max_images: int | None = None,
+                     cifar_root: str | os.PathLike | None = None, batch_size: int = 256) -> torch.Tensor:
+    """The pixels of a reference set as uint8 [N, 3, image_size, image_size], decoded as the
+    training data is (short side resized, centre crop).
+
+    ``ref`` is a folder or ``cifar10[:train|:test]`` as for :func:`reference_stats`; ``max_images``
+    takes the same fixed random subset (seed 0) that ``reference_stats(max_images=...)`` does.
+    Unreadable files are skipped with one warning. Raises :class:`ReferenceDataError` for a
+    statistics-only ``.npz`` (it has no images), a missing folder, or fewer than 2 readable images.
+    """
+    ref_s = str(ref)
+    path = Path(ref_s).expanduser()
+    if path.is_file():
+        raise ReferenceDataError(f"reference {ref_s!r} is a file of statistics; this needs the images themselves "
+                                 "(a folder or cifar10)")
+    m = _CIFAR_REF.fullmatch(ref_s.lower())
+    if m and not path.exists():
+        from .data import load_cifar10
+
+        split = m.group(1) or "test"
+        try:
+            ds = load_cifar10(_cifar10_root(cifar_root), image_size, train=split == "train", conditional=False)
+        except DDPMError:
+            raise ReferenceDataError(f"reference {ref_s}: torchvision's CIFAR-10 is not in "
+                                     f"{str(_cifar10_root(cifar_root))!r} and could not be downloaded") from None
+        images = torch.from_numpy(np.asarray(ds.images)).permute(0, 3, 1, 2)
+        if max_images is not None and max_images < len(images):
+            images = images[torch.from_numpy(_subset(len(images), max_images))]
+        return images.contiguous()
+    files, _, _ = _list_folder(path)
+    if max_images is not None and max_images < len(files):
+        files = [files[i] for i in _subset(len(files), max_images)]
+    bad: list[tuple[Path, str]] = []
+    good: list[int] = []
+    parts = [b if isinstance(b, torch.Tensor) else torch.stack(b)
+             for b in _folder_batches(files, image_size, batch_size, bad, good)]
+    if bad:
+        _warn_skipped(bad, len(files))
+    if len(good) < 2:
+        raise ReferenceDataError(f"only {len(good)} readable image(s) under {str(path)!r}; need at least 2")
+    return torch.cat(parts)
 
 
 def _module(name: str):
@@ -514,7 +632,7 @@ def _evaluate(ctx: _Context, *, n: int, sampler: str, steps: int | None, guidanc
     samplers = _module("ddpm.samplers")
     steps_used = _resolve_steps(sampler, steps, run.schedule.T)
     conditional = bool(run.classes)
-    labels = torch.arange(n, dtype=torch.long) % len(run.classes) if conditional else None
+    labels = spread_labels(n, run.classes)
     t0 = time.perf_counter()
     images = _module("ddpm.generate").generate(
         run, n, labels=labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
