@@ -67,7 +67,13 @@ TRAIN_HELP: dict[str, str] = {
     "keep": "how many recent checkpoints to keep",
     "sample_n": "images in each sample grid (conditional: split over the classes)",
     "sample_steps": "DPM-Solver++ steps for the sample grids",
-    "sample_guidance": "guidance scale for conditional sample grids",
+    "sample_guidance": "guidance scale for conditional sample grids (and for the samples of --eval-every)",
+    "eval_every": "steps between FID and KID evaluations of EMA samples, logged to metrics.csv, TensorBoard and "
+                  "RUN/fid.png (0 = none); under torchrun rank 0 evaluates while the others wait",
+    "eval_n": "samples per evaluation (DPM-Solver++, 20 steps, EMA weights). FID from few samples is biased "
+              "upward; the log prints the floor, the FID of as many real images",
+    "eval_ref": "reference of --eval-every: a folder of images, cifar10 (test split), cifar10:train, or a .npz "
+                "of statistics; empty = the training images (statistics cached as for 'ddpm eval')",
     "time_limit": "stop after this many minutes of training, counted over all resumes of the run, saving a "
                   "checkpoint (0 = no limit); with a decaying --lr-schedule the rate reaches 0 then",
     "resume": "continue the run in --out from its newest checkpoint (bit-exact on CPU); where there is none "
@@ -125,9 +131,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- sample
 def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    from .generate import BATCH_SIZE
+
     p = sub.add_parser("sample", help="sample an image grid from a trained run", formatter_class=_Formatter)
     p.add_argument("--run", required=True, help="run folder written by 'ddpm train'")
-    p.add_argument("--n", type=int, default=16, help="number of images (per class when --class is given)")
+    p.add_argument("--n", type=int, default=None,
+                   help=f"number of images (default {DEFAULT_N['grid']}; per class when --class is given); with "
+                        f"--guidance-sweep rows per class (default {DEFAULT_N['sweep']}); with --interpolate images in "
+                        f"the row, ends included (default {DEFAULT_N['interpolate']})")
     p.add_argument("--out", required=True, help="grid PNG to write")
     p.add_argument("--class", dest="classes", nargs="+", default=None, metavar="NAME",
                    help="class names (or indices) to sample, one grid row each; conditional runs only")
@@ -142,10 +153,28 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--individual", metavar="DIR", default=None, help="also write each image as DIR/NNNNN.png")
     p.add_argument("--nrow", type=int, default=0, help="images per grid row (0 = square, or --n with --class)")
-    p.add_argument("--batch-size", type=int, default=64, help="images sampled at once")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images sampled at once")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto = cuda when available")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="autocast precision")
+    p.add_argument("--animate", metavar="OUT.gif", default=None,
+                   help="also write the sampling chain as an animated GIF: one tile per image, x_t on the left and "
+                        "the model's prediction of x0 on the right")
+    p.add_argument("--animate-every", type=int, default=None, metavar="K",
+                   help="a GIF frame every K sampler steps, and one at the last (default: steps / 50 rounded up, so "
+                        "20 dpm-solver steps give 20 frames and 1000 ancestral steps 50)")
+    p.add_argument("--guidance-sweep", type=float, nargs="+", default=None, metavar="S",
+                   help="write --out as one grid: a row per class (those of --class, or all), a column per guidance "
+                        "scale S, each row from one starting noise; conditional runs only; replaces --guidance")
+    p.add_argument("--interpolate", action="store_true",
+                   help="write --out as one row of --n images along a spherical interpolation (slerp) between the "
+                        "starting noises of --seed and --seed + 1, ends included; with a deterministic sampler "
+                        "(dpm-solver, ddim --eta 0) the ends are the images 'ddpm sample --n 1' gives for those seeds")
     p.set_defaults(func=_cmd_sample)
+
+
+# --n when it is not given, by what --out holds: a plain grid, a guidance sweep (rows per class),
+# an interpolation (images in the row).
+DEFAULT_N = {"grid": 16, "sweep": 1, "interpolate": 8}
 
 
 def parse_device(name: str):
@@ -168,45 +197,94 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import load_run
-    from .generate import generate, make_grid, save_png
+    from .generate import (ChainRecorder, chain_frames, check_animate_every, check_interpolation_n, check_sweep_scales,
+                           default_animate_every, generate, guidance_sweep, interpolate, make_grid, save_gif,
+                           save_png)
     from .outputs import check_writable
     from .samplers import resolve_steps
 
-    if args.n < 1:
-        raise DDPMError(f"--n must be at least 1, got {args.n}")
+    # Every option is checked before the run is loaded or anything is sampled.
+    if args.guidance_sweep is not None and args.interpolate:
+        raise DDPMError("--guidance-sweep and --interpolate each make their own --out grid; choose one")
+    mode = "sweep" if args.guidance_sweep is not None else ("interpolate" if args.interpolate else "grid")
+    n_arg = DEFAULT_N[mode] if args.n is None else args.n
+    if n_arg < 1:
+        raise DDPMError(f"--n must be at least 1, got {n_arg}")
+    if mode == "interpolate":
+        check_interpolation_n(n_arg)
+    if mode == "interpolate" and args.classes and len(args.classes) > 1:
+        raise DDPMError(f"--interpolate draws one row of one class; got {len(args.classes)} --class names")
+    if mode == "sweep":
+        check_sweep_scales(args.guidance_sweep)
+    if mode != "grid" and args.nrow:
+        raise DDPMError(f"--nrow does not apply to --{'guidance-sweep' if mode == 'sweep' else 'interpolate'}, "
+                        "whose layout is fixed")
+    if args.animate is not None and mode == "sweep":
+        raise DDPMError("--animate records one sampling chain and --guidance-sweep runs one per scale; use one of them")
+    if args.animate is None and args.animate_every is not None:
+        raise DDPMError("--animate-every sets the frames of --animate OUT.gif, which is not given")
+    if args.animate_every is not None:
+        check_animate_every(args.animate_every)
     if args.steps is not None and args.steps < 1:
         raise DDPMError(f"--steps must be at least 1, got {args.steps}")
     if not args.out.lower().endswith(".png"):
         raise DDPMError(f"--out {args.out!r} must be a .png file")
+    if args.animate is not None and not args.animate.lower().endswith(".gif"):
+        raise DDPMError(f"--animate {args.animate!r} must be a .gif file")
     if args.batch_size < 1:
         raise DDPMError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.nrow < 0:
         raise DDPMError(f"--nrow must be >= 0, got {args.nrow}")
     check_writable(args.out, "--out", is_file=True)
+    if args.animate is not None:
+        check_writable(args.animate, "--animate", is_file=True)
     if args.individual:
         check_writable(args.individual, "--individual")
     device = parse_device(args.device)
     run = load_run(args.run, device)
     steps = resolve_steps(args.sampler, args.steps, run.schedule.T)
-    labels = None
-    nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
-    if args.classes:
-        idx = [run.class_index(c) for c in args.classes]
-        labels = torch.tensor(idx).repeat_interleave(args.n)
-        nrow = args.nrow or args.n
-    n = len(labels) if labels is not None else args.n
+    idx = [run.class_index(c) for c in args.classes] if args.classes else []
+    common = dict(sampler=args.sampler, steps=steps, seed=args.seed, batch_size=args.batch_size,
+                  use_ema=not args.no_ema, device=device, precision=args.precision)
     options = {"eta": args.eta} if args.sampler == "ddim" else {}
-    images = generate(run, n, labels=labels, sampler=args.sampler, steps=steps, guidance=args.guidance,
-                      seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema, device=device,
-                      precision=args.precision, **options)
+    recorder = ChainRecorder(args.animate_every or default_animate_every(steps), steps) if args.animate else None
+    done = f"{args.sampler}, step {run.step}{', EMA' if not args.no_ema else ''}"
+    if mode == "sweep":
+        rows = idx or list(range(len(run.classes or [])))  # guidance_sweep refuses an unconditional run
+        labels = torch.tensor(rows).repeat_interleave(n_arg)
+        images = guidance_sweep(run, args.guidance_sweep, labels, **common, **options)
+        nrow = len(args.guidance_sweep)
+        scales = ", ".join(f"{g:g}" for g in args.guidance_sweep)
+        what = (f"{len(labels)} rows ({', '.join(run.classes[i] for i in rows)}"
+                + (f", {n_arg} each" if n_arg > 1 else "") + f") x guidance {scales}")
+    elif mode == "interpolate":
+        labels = torch.tensor(idx * n_arg) if idx else None
+        images = interpolate(run, n_arg, labels=labels, guidance=args.guidance, callback=recorder, eta=args.eta,
+                             **common)
+        nrow = n_arg
+        what = (f"{n_arg} images along a slerp from the noise of seed {args.seed} to seed {args.seed + 1}"
+                + (f", {run.classes[idx[0]]}" if idx else ""))
+    else:
+        labels = None
+        nrow = args.nrow or max(1, int(math.ceil(math.sqrt(n_arg))))
+        if idx:
+            labels = torch.tensor(idx).repeat_interleave(n_arg)
+            nrow = args.nrow or n_arg
+        n = len(labels) if labels is not None else n_arg
+        images = generate(run, n, labels=labels, guidance=args.guidance, callback=recorder, **common, **options)
+        # The run's own names (an index or raw bytes on the command line name the same class).
+        what = f"{n} images" + (f" of {', '.join(run.classes[i] for i in idx)}" if idx else "")
     save_png(make_grid(images, nrow=nrow), args.out)
     if args.individual:
         out_dir = Path(args.individual)
         for i, img in enumerate(images):
             save_png(img.permute(1, 2, 0).numpy(), out_dir / f"{i:05d}.png")
-    # The run's own names (an index or raw bytes on the command line name the same class).
-    what = f"{n} images" + (f" of {', '.join(run.classes[i] for i in idx)}" if args.classes else "")
-    print(f"wrote {args.out} ({what}, {args.sampler}, step {run.step}{', EMA' if not args.no_ema else ''})")
+    print(f"wrote {args.out} ({what}, {done})")
+    if recorder is not None:
+        frames = chain_frames(recorder.chain(images), nrow=nrow)
+        save_gif(frames, args.animate)
+        print(f"wrote {args.animate} ({len(frames)} frames, one every {recorder.every} of {steps} steps; "
+              "each tile: x_t | predicted x0)")
     return 0
 
 

@@ -28,6 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -105,6 +106,11 @@ class TrainConfig:
     sample_n: int = 64  # images in each sample grid (per class: sample_n // classes, at least 1)
     sample_steps: int = 25  # DPM-Solver++ steps for the sample grids
     sample_guidance: float = 3.0  # guidance scale for conditional sample grids
+    # FID during training. Runs saved before these options existed resume with the defaults,
+    # which mean what those runs did (no evaluation), so they need no LEGACY_RECIPE entry.
+    eval_every: int = 0  # steps between FID/KID evaluations of EMA samples (0 = none)
+    eval_n: int = 500  # samples per evaluation: few enough for a CPU, so FID is biased upward (see the floor)
+    eval_ref: str = ""  # their reference: a folder, cifar10 or a .npz; "" = the training images
     time_limit: float = 0.0  # stop (and save) after this many minutes of training in all, resumes included; 0 = none
     resume: bool = False  # continue from the newest checkpoint in --out
     progress: bool = True  # show a progress bar
@@ -214,6 +220,8 @@ def _validate(cfg: TrainConfig, d: _Dist) -> None:
         (cfg.time_limit >= 0, f"--time-limit must be >= 0 minutes, got {cfg.time_limit}"),
         (cfg.log_every >= 1, f"--log-every must be at least 1, got {cfg.log_every}"),
         (cfg.sample_every >= 0 and cfg.save_every >= 0, "--sample-every and --save-every must be >= 0"),
+        (cfg.eval_every >= 0, f"--eval-every must be >= 0 steps (0 = no evaluation), got {cfg.eval_every}"),
+        (cfg.eval_n >= 2, f"--eval-n must be at least 2 for FID statistics, got {cfg.eval_n}"),
         (cfg.batch_size % (d.world * cfg.grad_accum) == 0,
          f"--batch-size {cfg.batch_size} (global) must be divisible by processes x --grad-accum = "
          f"{d.world} x {cfg.grad_accum}"),
@@ -221,6 +229,11 @@ def _validate(cfg: TrainConfig, d: _Dist) -> None:
     for ok, msg in checks:
         if not ok:
             raise DDPMError(msg)
+    if cfg.eval_every > 0:
+        from .evaluate import FeatureExtractor, check_reference
+
+        check_reference(_eval_reference(cfg), "--eval-ref")
+        FeatureExtractor(None, "cpu")  # the Inception weights: missing ones are an error now, not at the first evaluation
 
 
 def _model_config(cfg: TrainConfig, classes: list[str] | None) -> UNetConfig:
@@ -256,6 +269,7 @@ def _run_config(cfg: TrainConfig, model_cfg: UNetConfig, schedule: Schedule, dat
 # Options that may change when resuming (they don't alter what was learned so far).
 _RESUMABLE = {"steps", "out", "resume", "progress", "log_every", "sample_every", "save_every", "keep", "sample_n",
               "sample_steps", "sample_guidance", "device", "workers", "tensorboard", "compile", "strict", "time_limit",
+              "eval_every", "eval_n", "eval_ref",
               # The class list it produces is compared on its own when resuming.
               "drop_empty_classes",
               # These change how a step is computed, not what it optimises. grad_checkpoint keeps a
@@ -289,19 +303,28 @@ def _check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig) -> None:
 
 # -------------------------------------------------------------------------------- logging
 class _Logger:
-    """CSV + optional TensorBoard + loss-curve PNG; only rank 0 makes one.
+    """CSV + optional TensorBoard + curve PNGs (loss, and FID with --eval-every); only rank 0 makes one.
 
     Each logged row is appended to ``metrics.csv`` at once, so ``tail -f`` follows the run; the
-    loss curve is redrawn when a checkpoint is written.
+    curves are redrawn when a checkpoint is written and after each evaluation.
     """
 
-    FIELDS = ("step", "loss", "lr", "images_per_s", "epoch")
+    FIELDS = ("step", "loss", "lr", "images_per_s", "epoch", "ema_decay", "grad_norm", "mfu", "fid", "kid")
+    # Of a log interval: loss and grad_norm (the global L2 norm of the gradient before clipping)
+    # are means over the interval; lr and ema_decay are those of its last step; images_per_s
+    # counts training only; mfu is model FLOP/s (perf.train_flops_per_image x images/s) over the
+    # devices' data-sheet peak (perf.peak_flops), left empty where that peak is unknown (CPUs).
+    # TensorBoard gets the same numbers under the column names, and each sample grid as an image.
+    # A row is one of two kinds, each with its own columns filled and the others left empty: a
+    # log interval's (it has a loss) or an evaluation's (it has an FID, written by --eval-every).
+    KINDS = ("loss", "fid")
 
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int) -> None:
         """Keep the rows of ``run_dir/metrics.csv`` up to ``resume_step`` (0 for a new run) and
         drop the rest. Raises :class:`DDPMError` when the file cannot be written."""
         self.path = run_dir / "metrics.csv"
         self.rows: list[dict[str, float]] = []
+        self.fid_floor: float | None = None  # drawn as a line on fid.png when known
         with run_write_errors(run_dir, "metrics.csv"):
             if self.path.exists():
                 self.rows = self._read(resume_step)
@@ -327,18 +350,29 @@ class _Logger:
 
     def _read(self, up_to_step: int) -> list[dict[str, float]]:
         # Rows past the resumed step came from steps that will be redone. A row that a killed
-        # process or a full disk left cut short (or any unreadable one) is dropped, not fatal;
-        # such a row always lies past the last checkpoint, which is written after its row.
-        rows = []
+        # process or a full disk left cut short (or any unreadable one) is dropped, not fatal:
+        # every row is appended whole with its line end, so a last line without one is cut short
+        # (an evaluation's row comes after the checkpoint of its step, so the step alone can't tell).
+        # Columns a file lacks (one written before they existed) are left out of its rows.
+        import io
+
         with open(self.path, newline="", encoding="utf-8", errors="replace") as f:
-            for r in csv.DictReader(f):
-                try:
-                    row = {k: float(r[k]) for k in self.FIELDS}
-                except (KeyError, TypeError, ValueError):
-                    continue
-                if row["step"] <= up_to_step:
-                    rows.append(row)
+            text = f.read()
+        if not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+        rows = []
+        for r in csv.DictReader(io.StringIO(text, newline="")):
+            try:
+                row = {k: float(v) for k in self.FIELDS if (v := r.get(k)) not in (None, "")}
+            except (TypeError, ValueError):
+                continue
+            if "step" in row and any(k in row for k in self.KINDS) and row["step"] <= up_to_step:
+                rows.append(row)
         return rows
+
+    def has_eval(self, step: int) -> bool:
+        """Whether an evaluation row of ``step`` is logged."""
+        return any(r["step"] == step and "fid" in r for r in self.rows)
 
     def log(self, row: dict[str, float]) -> None:
         """Append ``row`` to metrics.csv (and TensorBoard); a failed write takes back its partial row."""
@@ -354,41 +388,59 @@ class _Logger:
                 if k != "step":
                     self.tb.add_scalar(k, v, int(row["step"]))
 
+    def image(self, step: int, grid: np.ndarray) -> None:
+        """Show a sample grid (HWC uint8, the PNG of RUN/samples) in TensorBoard's Images tab."""
+        if self.tb is not None:
+            self.tb.add_image("samples", grid, step, dataformats="HWC")
+
     def flush(self) -> None:
         if self.tb is not None:
             self.tb.flush()
-        if self.rows:
-            self._plot()
-
-    def _plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        steps = [r["step"] for r in self.rows]
-        loss = [r["loss"] for r in self.rows]
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-        ax.plot(steps, loss, lw=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (mean over log interval)")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        import io
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        from .checkpoint import atomic_write_bytes
-
-        with run_write_errors(self.path.parent, "loss.png"):
-            atomic_write_bytes(self.path.parent / "loss.png", buf.getvalue())
+        run_dir = self.path.parent
+        losses = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        if losses:
+            _plot_curve(run_dir / "loss.png", losses, "loss (mean over log interval)")
+        fids = [(r["step"], r["fid"]) for r in self.rows if "fid" in r]
+        if fids:
+            floor = None if self.fid_floor is None else (self.fid_floor, "floor: as many real images")
+            _plot_curve(run_dir / "fid.png", fids, "FID of EMA samples", marker="o", line=floor)
 
     def close(self) -> None:
         self.flush()
         if self.tb is not None:
             self.tb.close()
+
+
+def _plot_curve(path: Path, points: list[tuple[float, float]], ylabel: str, *, marker: str | None = None,
+                line: tuple[float, str] | None = None) -> None:
+    """Draw ``points`` (step, value) as a curve on a log y axis and write the PNG atomically;
+    ``line`` is (value, label) of a dashed horizontal reference line. The run's curves
+    (loss.png, fid.png) all come from here, so they look alike."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([p[0] for p in points], [p[1] for p in points], lw=1, marker=marker, ms=3)
+    if line is not None and math.isfinite(line[0]) and line[0] > 0:  # a log axis cannot show 0
+        ax.axhline(line[0], ls="--", lw=1, color="grey", label=f"{line[1]} ({line[0]:.3g})")
+        ax.legend(loc="best", fontsize="small")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if all(p[1] > 0 for p in points):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    from .checkpoint import atomic_write_bytes
+
+    with run_write_errors(path.parent, path.name):
+        atomic_write_bytes(path, buf.getvalue())
 
 
 def _append(path: Path, data: bytes) -> None:
@@ -431,8 +483,9 @@ def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
 
 
 def _sample_grid(ema_model: UNet, schedule: Schedule, cfg: TrainConfig, classes: list[str] | None,
-                 device: torch.device, path: Path, autocast: Callable[[], Any]) -> None:
-    """An EMA sample grid: one row per class for conditional runs (fixed noise across calls)."""
+                 device: torch.device, path: Path, autocast: Callable[[], Any]) -> np.ndarray:
+    """Write an EMA sample grid to ``path`` and return it (HWC uint8): one row per class for
+    conditional runs (fixed noise across calls)."""
     size = ema_model.config.image_size
     if classes:
         per = max(1, cfg.sample_n // len(classes))
@@ -442,16 +495,134 @@ def _sample_grid(ema_model: UNet, schedule: Schedule, cfg: TrainConfig, classes:
         labels, nrow = None, max(1, int(math.sqrt(cfg.sample_n)))
     n = len(labels) if labels is not None else cfg.sample_n
     gen = torch.Generator().manual_seed(cfg.seed + 12345)
-    x_T = torch.randn(n, ema_model.config.in_channels, size, size, generator=gen).to(device)
+    x_T = torch.randn(n, ema_model.config.in_channels, size, size, generator=gen)
+    images = _ema_samples(ema_model, schedule, cfg, x_T, labels, cfg.sample_steps, device, autocast)
+    grid = make_grid(images, nrow=nrow)
+    save_png(grid, path)
+    return grid
+
+
+def _train_flops_per_image(model_cfg: UNetConfig) -> float:
+    """Model FLOPs of a training step per image (:func:`ddpm.perf.train_flops_per_image`) for
+    the UNet ``model_cfg``, counted on the meta device: no compute and no real weights touched."""
+    from .perf import train_flops_per_image
+
+    with torch.device("meta"):
+        net = UNet(model_cfg)
+        size = model_cfg.image_size
+        inputs = [torch.zeros(1, model_cfg.in_channels, size, size), torch.zeros(1, dtype=torch.long)]
+        if model_cfg.conditional:
+            inputs.append(torch.zeros(1, dtype=torch.long))
+    return train_flops_per_image(net, *inputs)
+
+
+def _ema_samples(ema_model: UNet, schedule: Schedule, cfg: TrainConfig, x_T: torch.Tensor, labels: torch.Tensor | None,
+                 steps: int, device: torch.device, autocast: Callable[[], Any]) -> torch.Tensor:
+    """uint8 [N, 3, H, W] on the CPU from the EMA weights: DPM-Solver++ with ``steps`` steps from
+    the noise ``x_T`` [N, C, H, W], guided by --sample-guidance when ``labels`` (int64 [N]) are
+    given. The sample grids and the training-time FID both sample this way."""
     model: Callable = ema_model
     if labels is not None:
         model = guided(ema_model, labels.to(device), cfg.sample_guidance)
     with autocast():
-        x = get_sampler("dpm-solver")(eps_model(model, schedule, cfg.prediction), x_T, schedule,
-                                      steps=cfg.sample_steps)
+        x = get_sampler("dpm-solver")(eps_model(model, schedule, cfg.prediction), x_T.to(device), schedule,
+                                      steps=steps)
     from .data import to_uint8
 
-    save_png(make_grid(to_uint8(x).cpu(), nrow=nrow), path)
+    return to_uint8(x).cpu()
+
+
+def _eval_reference(cfg: TrainConfig) -> str:
+    """The reference set of --eval-every's FID: --eval-ref, else the training images themselves
+    (torchvision's CIFAR-10 training split for --data cifar10)."""
+    from .data import names_cifar10
+
+    if cfg.eval_ref:
+        return cfg.eval_ref
+    return "cifar10:train" if names_cifar10(cfg.data) else cfg.data
+
+
+class _TrainingEval:
+    """FID and KID of EMA samples every --eval-every steps; made and called on rank 0 only.
+
+    The reference statistics come from :func:`ddpm.evaluate.reference_stats` (its cache: computed
+    once per reference and image size); the FID floor of --eval-n real images is computed once and
+    kept in ``RUN/fid_floor.json``, so a resumed run reads it back. Samples start from noise of a
+    generator of their own, the same at every evaluation (the curve then follows the weights, not
+    the draw), and nothing here touches the global RNG the training steps draw from.
+    """
+
+    FLOOR_FILE = "fid_floor.json"
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, image_size: int, T: int, classes: list[str] | None,
+                 batch: int, device: torch.device) -> None:
+        from . import evaluate
+        from .samplers import resolve_steps
+
+        self.cfg, self.classes, self.batch, self.device = cfg, classes, batch, device
+        self.ref_name = cfg.eval_ref or "the training images"
+        self.ref = evaluate.reference_stats(_eval_reference(cfg), image_size=image_size, device=device,
+                                            cifar_root=cfg.data_root or None, progress=cfg.progress)
+        self.extractor = evaluate.FeatureExtractor(None, device)
+        self.steps = resolve_steps("dpm-solver", None, T)  # 'ddpm sample's default: 20, at most T
+        self.floor = self._floor(run_dir)
+
+    def _floor(self, run_dir: Path) -> float | None:
+        from .evaluate import fid_floor
+
+        path = run_dir / self.FLOOR_FILE
+        key = {"reference_key": self.ref.key, "n": self.cfg.eval_n}
+        try:
+            saved = json.loads(path.read_text())
+            if {k: saved.get(k) for k in key} == key:
+                return saved["fid_floor"]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            pass  # absent, unreadable or for another reference or n: compute it
+        value = fid_floor(self.ref, self.cfg.eval_n)
+        with run_write_errors(run_dir, self.FLOOR_FILE):
+            atomic_write_json(path, {**key, "fid_floor": value, "reference": self.ref.source,
+                                     "method": f"FID of {self.cfg.eval_n} reference feature vectors drawn with "
+                                               "replacement (seed 0) against the whole reference's statistics"})
+        return value
+
+    def describe(self) -> str:
+        """The line printed once when a run with --eval-every starts."""
+        n = self.cfg.eval_n
+        how = (f"{n} EMA samples (DPM-Solver++, {self.steps} steps"
+               + (f", guidance {self.cfg.sample_guidance:g}" if self.classes else "") + f") against {self.ref_name}")
+        if self.floor is None:
+            return (f"FID every {self.cfg.eval_every} steps: {how}. FID from {n} samples is biased upward; the reference "
+                    "holds statistics only, so there is no floor to read it against (and no KID)")
+        return (f"FID every {self.cfg.eval_every} steps: {how}. FID from {n} samples is biased upward: {n} real images "
+                f"score {self.floor:.2f} against the same reference (the floor, kept in {self.FLOOR_FILE})")
+
+    def __call__(self, step: int, schedule: Schedule, ema_model: UNet, autocast: Callable[[], Any]) -> dict[str, float]:
+        """Sample --eval-n images and score them: ``{"step", "fid"}`` plus ``"kid"`` (KID's mean
+        over subsets) when the reference has features."""
+        from .evaluate import score_images, spread_labels
+
+        cfg, n = self.cfg, self.cfg.eval_n
+        labels = spread_labels(n, self.classes)  # as 'ddpm eval' spreads its samples over the classes
+        size, channels = ema_model.config.image_size, ema_model.config.in_channels
+        parts = []
+        for k, start in enumerate(range(0, n, self.batch)):
+            b = min(self.batch, n - start)
+            gen = torch.Generator().manual_seed(_mix(cfg.seed, k, 0xF1D))
+            x_T = torch.randn(b, channels, size, size, generator=gen)
+            parts.append(_ema_samples(ema_model, schedule, cfg, x_T, None if labels is None else labels[start:start + b],
+                                      self.steps, self.device, autocast))
+        scores = score_images(torch.cat(parts), self.ref, self.extractor)
+        row: dict[str, float] = {"step": step, "fid": scores["fid"]}
+        if "kid_mean" in scores:
+            row["kid"] = scores["kid_mean"]
+        return row
+
+    def line(self, row: dict[str, float], seconds: float) -> str:
+        """The log line of one evaluation."""
+        kid = f", KID {row['kid']:.4f}" if "kid" in row else ""
+        floor = f"floor {self.floor:.2f}" if self.floor is not None else "no floor"
+        return (f"step {int(row['step'])}: FID {row['fid']:.2f}{kid} ({self.cfg.eval_n} samples against {self.ref_name}, "
+                f"{seconds:.0f} s; few samples bias FID upward, {floor})")
 
 
 def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = None) -> Path:
@@ -479,7 +650,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
 
 def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | None,
            held: contextlib.ExitStack) -> Path:
-    from .perf import autocast_context, default_precision, load_optimizer_state, make_optimizer, prepare_model
+    from .perf import (autocast_context, default_precision, load_optimizer_state, make_optimizer, peak_flops,
+                       prepare_model)
 
     _validate(cfg, d)
     device = _resolve_device(cfg.device, d)
@@ -601,7 +773,24 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
     def autocast():
         return autocast_context(device, precision)
 
+    # Rank 0 alone evaluates (the other ranks wait for it at the agreement after each evaluation);
+    # the reference statistics are made before the first step, so a bad reference costs no training.
+    evaluator: _TrainingEval | None = None
+    if cfg.eval_every > 0:
+        ref_error: DDPMError | None = None
+        if d.main:
+            try:
+                evaluator = _TrainingEval(cfg, run_dir, model_cfg.image_size, schedule.T, data.classes, micro, device)
+            except DDPMError as e:
+                ref_error = e
+        if _any_rank(ref_error is not None, d, device):
+            raise ref_error or DDPMError("rank 0 could not prepare the FID reference (its message says why)")
+        if evaluator is not None:
+            say(evaluator.describe())
+
     logger = _Logger(run_dir, cfg.tensorboard, step) if d.main else None
+    if logger is not None and evaluator is not None:
+        logger.fid_floor = evaluator.floor
     bar = None
     if d.main and cfg.progress:
         from tqdm import tqdm
@@ -629,14 +818,40 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
             logger.flush()
         return path
 
+    def evaluate_now(at_step: int) -> float:
+        """Score EMA samples of ``at_step`` on rank 0 and log them; every rank returns together
+        (an error on rank 0 stops all of them). Returns the seconds it took."""
+        t0 = time.perf_counter()
+        eval_error: DDPMError | None = None
+        if evaluator is not None and logger is not None:
+            try:
+                row = evaluator(at_step, schedule, ema.module, autocast)
+                logger.log(row)
+                logger.flush()
+                (bar.write if bar is not None else say)(evaluator.line(row, time.perf_counter() - t0))
+            except DDPMError as e:
+                eval_error = e
+        if _any_rank(eval_error is not None, d, device):
+            raise eval_error or DDPMError(f"rank 0 could not evaluate step {at_step} (its message says why)")
+        return time.perf_counter() - t0
+
     elapsed = train_seconds  # seconds of training in this run so far, the same on every rank
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
     loss_count = 0
+    # Model FLOPs utilisation needs the device's peak; where none is known (CPUs) it is not logged.
+    peak = peak_flops(device, precision) if d.main else None
+    flops_per_image = _train_flops_per_image(model_cfg) if peak is not None else 0.0
     t_last, step_last = time.perf_counter(), step
     t_start = t_last
     last_path: Path | None = resume_path
     model.train()
     try:
+        if cfg.eval_every > 0 and step > 0 and step % cfg.eval_every == 0:
+            # A run stopped (or killed) at an evaluation step after its checkpoint but before that
+            # evaluation's row resumes past the step: evaluate it now, so each step has one row.
+            if _any_rank(logger is not None and not logger.has_eval(step), d, device):
+                t_last += evaluate_now(step)
         while step < cfg.steps:
             # Everything random in this step derives from (seed, step, rank): data order and
             # flips (in the stream), timesteps, noise, label dropout, dropout masks.
@@ -668,11 +883,14 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                     loss = losses.mean() / cfg.grad_accum
                 loss.backward()
                 loss_sum += loss.detach().double()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # The norm returned is the one before clipping. With --grad-clip 0, max_norm = inf only
+            # measures it: the scale factor is clamped to exactly 1, so the weights are unchanged.
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            grad_norm_sum += grad_norm.detach().double()
             opt.step()
-            ema.update(model, None if cfg.ema_rampup == 0 else
-                       edm_ema_decay(step * cfg.batch_size, cfg.batch_size, cfg.ema_halflife_kimg, cfg.ema_rampup))
+            ema_decay = (ema.current_decay() if cfg.ema_rampup == 0 else
+                         edm_ema_decay(step * cfg.batch_size, cfg.batch_size, cfg.ema_halflife_kimg, cfg.ema_rampup))
+            ema.update(model, ema_decay)
             loss_count += 1
             step += 1
 
@@ -691,12 +909,17 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                 now = time.perf_counter()
                 ips = (step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
+                mean_grad_norm = float(grad_norm_sum) / max(loss_count, 1)  # DDP: the same on every rank
                 loss_sum.zero_()
+                grad_norm_sum.zero_()
                 loss_count = 0
                 if d.main:
                     if logger is not None:
-                        logger.log({"step": step, "loss": mean, "lr": lr, "images_per_s": ips,
-                                    "epoch": stream.epoch(step)})
+                        row = {"step": step, "loss": mean, "lr": lr, "images_per_s": ips, "epoch": stream.epoch(step),
+                               "ema_decay": ema_decay, "grad_norm": mean_grad_norm}
+                        if peak is not None:
+                            row["mfu"] = ips * flops_per_image / (peak * d.world)
+                        logger.log(row)
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{ips:.1f}", epoch=f"{stream.epoch(step):.1f}")
                     if on_step is not None:
@@ -733,9 +956,16 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                     dist.barrier()
             # The grid comes after the checkpoint, so a failure while sampling loses no training.
             if (want_grid or step == cfg.steps) and d.main:
+                t_grid = time.perf_counter()
                 with run_write_errors(run_dir, "a sample grid"):
-                    _sample_grid(ema.module, schedule, cfg, data.classes, device,
-                                 run_dir / "samples" / f"step_{step:09d}.png", autocast)
+                    grid = _sample_grid(ema.module, schedule, cfg, data.classes, device,
+                                        run_dir / "samples" / f"step_{step:09d}.png", autocast)
+                if logger is not None:
+                    logger.image(step, grid)
+                t_last += time.perf_counter() - t_grid  # images/s measures training, not sampling
+            # After the checkpoint too; when stopping, it is left to the resumed run (see above).
+            if cfg.eval_every > 0 and not stop and (step % cfg.eval_every == 0 or step == cfg.steps):
+                t_last += evaluate_now(step)  # images/s measures training, not evaluation
             if stop:
                 why = "SIGTERM" if stop_requested["flag"] else f"--time-limit {cfg.time_limit:g} min"
                 say(f"\nstopped by {why} at step {step}; continue with --resume"

@@ -1,0 +1,255 @@
+"""Pictures people look at: TensorBoard images and scalars of a training run, and the sampling
+animation, guidance sweep and interpolation of 'ddpm sample'. Tiny models, 16x16, a few steps, CPU."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageSequence
+
+from ddpm import perf
+from ddpm.checkpoint import load_run
+from ddpm.cli import main
+from ddpm.generate import ChainRecorder, generate, guidance_sweep, interpolate, slerp, starting_noise
+from ddpm.train import TrainConfig, train
+from ddpm.unet import UNet, UNetConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZE = 16
+TILE = SIZE + 2  # make_grid's padding of 2 pixels
+
+
+def _images(root: Path, classes: list[str] | None, per: int = 4) -> Path:
+    rng = np.random.default_rng(0)
+    for c in classes or [""]:
+        d = root / c
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per):
+            Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def _config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), model="tiny", image_size=SIZE, steps=2, batch_size=4, lr=1e-3,
+                warmup=1, log_every=1, sample_every=0, save_every=0, sample_n=4, sample_steps=2, timesteps=20,
+                progress=False, tensorboard=False, precision="fp32", device="cpu", workers=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A conditional run (classes 'a', 'b') whose TensorBoard log has a sample grid at steps 1 and 2."""
+    root = tmp_path_factory.mktemp("pictures")
+    out = root / "run"
+    train(_config(_images(root / "data", ["a", "b"]), out, conditional=True, sample_every=1, tensorboard=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def uncond_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pictures_uncond")
+    out = root / "run"
+    train(_config(_images(root / "data", None), out, steps=1))
+    return out
+
+
+def _one_line_error(capsys, argv: list[str], *words: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+
+
+# ------------------------------------------------------------------------------- TensorBoard
+def _events(run: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_has_a_sample_grid_per_sample_step_and_the_csv_scalars(cond_run: Path) -> None:
+    acc = _events(cond_run)
+    assert acc.Tags()["images"] == ["samples"]
+    shots = acc.Images("samples")
+    assert [s.step for s in shots] == [1, 2]
+    for s in shots:  # the PNG of RUN/samples: one row per class (2) of sample_n // 2 = 2 images
+        png = Image.open(cond_run / "samples" / f"step_{s.step:09d}.png")
+        assert (s.width, s.height) == png.size == (2 * TILE + 2, 2 * TILE + 2)
+
+    scalars = set(acc.Tags()["scalars"])
+    assert {"loss", "lr", "images_per_s", "epoch", "ema_decay", "grad_norm"} <= scalars
+    assert "mfu" not in scalars  # a CPU has no known peak, so no fraction of it is made up
+    with open(cond_run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(float(r["step"])) for r in rows] == [1, 2] and all(r["mfu"] == "" for r in rows)
+    for r in rows:  # metrics.csv and TensorBoard hold the same numbers
+        for key, value in r.items():
+            if key != "step" and value != "":
+                tb = {e.step: e.value for e in acc.Scalars(key)}
+                assert math.isclose(tb[int(float(r["step"]))], float(value), rel_tol=1e-6), key
+    # EDM's EMA starts with a half-life of 0 images: the first update copies the weights (decay 0).
+    assert [float(r["ema_decay"]) for r in rows][0] == 0.0 and 0 < float(rows[1]["ema_decay"]) < 1
+    assert all(float(r["grad_norm"]) > 0 for r in rows)
+
+
+def test_model_flops_utilisation_is_logged_where_the_peak_is_known(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(perf, "peak_flops", lambda device, precision: 1e12)
+    run = tmp_path / "run"
+    train(_config(_images(tmp_path / "data", None), run, tensorboard=True, steps=1, grad_clip=0.0))
+    with open(run / "metrics.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    cfg = UNetConfig.preset("tiny", image_size=SIZE)
+    with torch.device("meta"):
+        net, x, t = UNet(cfg), torch.zeros(1, 3, SIZE, SIZE), torch.zeros(1, dtype=torch.long)
+    expected = float(row["images_per_s"]) * perf.train_flops_per_image(net, x, t) / 1e12
+    assert math.isclose(float(row["mfu"]), expected, rel_tol=1e-6)
+    assert [e.value for e in _events(run).Scalars("mfu")] == pytest.approx([expected], rel=1e-6)
+    assert float(row["grad_norm"]) > 0  # measured with --grad-clip 0 too
+
+
+def test_flops_count_on_meta_equals_real_and_peaks_come_from_data_sheets(monkeypatch) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cfg = UNetConfig.preset("tiny", image_size=SIZE, num_classes=2)
+    args = (torch.zeros(2, 3, SIZE, SIZE), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    # FlopCounterMode has no formula for the CPU's fused attention kernel; on meta (as on CUDA)
+    # attention is counted, as the plain matrix products of the math kernel are.
+    with sdpa_kernel(SDPBackend.MATH):
+        real = perf.train_flops_per_image(UNet(cfg), *args)
+    with torch.device("meta"):
+        meta = perf.train_flops_per_image(UNet(cfg), *(a.to("meta") for a in args))
+    assert real == meta > 0
+
+    assert perf.peak_flops("cpu", "bf16") is None and perf.peak_flops("cpu", "fp32") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    peaks = {"NVIDIA H100 80GB HBM3": 989.5e12, "NVIDIA H100 PCIe": 756.5e12, "NVIDIA H200": 989.5e12,
+             "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA H200 NVL": None, "NVIDIA GeForce RTX 4090": None}
+    for name, peak in peaks.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert perf.peak_flops("cuda", "bf16") == peak, name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-PCIE-40GB")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default: convolutions in TF32
+    assert perf.peak_flops("cuda", "fp32") == 156e12
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert perf.peak_flops("cuda", "fp32") == 19.5e12
+
+
+# ----------------------------------------------------------------------------------- animation
+def test_animate_writes_a_gif_of_x_t_beside_x0(cond_run: Path, tmp_path: Path, capsys) -> None:
+    gif, png = tmp_path / "chain.gif", tmp_path / "grid.png"
+    assert main(["sample", "--run", str(cond_run), "--n", "3", "--sampler", "ddim", "--steps", "5", "--animate",
+                 str(gif), "--animate-every", "2", "--device", "cpu", "--out", str(png)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with Image.open(gif) as im:
+        frames = list(ImageSequence.Iterator(im))
+        # steps 2, 4 and the last (5); 3 tiles of [x_t | x0] (32 x 16 px), 2 per row
+        assert len(frames) == math.ceil(5 / 2) == 3
+        assert im.size == (2 * (2 * SIZE + 2) + 2, 2 * TILE + 2)
+    assert Image.open(png).size == (2 * TILE + 2, 2 * TILE + 2)
+
+    # Without --animate-every: every step of a short chain.
+    assert main(["sample", "--run", str(cond_run), "--n", "2", "--class", "a", "b", "--steps", "4", "--animate",
+                 str(gif), "--device", "cpu", "--out", str(png)]) == 0
+    with Image.open(gif) as im:
+        assert sum(1 for _ in ImageSequence.Iterator(im)) == 4
+        assert im.size == (2 * (2 * SIZE + 2) + 2, 2 * TILE + 2)  # a row per class, 2 images each
+
+
+def test_the_chain_ends_at_the_samples_and_costs_nothing_unrecorded(cond_run: Path) -> None:
+    run = load_run(cond_run, "cpu")
+    for sampler in ("ddim", "dpm-solver"):
+        rec = ChainRecorder(every=3, steps=7)
+        images = generate(run, 5, sampler=sampler, steps=7, batch_size=2, progress=False, callback=rec)
+        chain = rec.chain(images)
+        assert chain.steps == [2, 5, 6] and chain.x_t.shape == chain.x0.shape == (3, 5, 3, SIZE, SIZE)
+        assert torch.equal(chain.x_t[-1], images)  # the last x_t is the sample, batches in order
+        plain = generate(run, 5, sampler=sampler, steps=7, batch_size=2, progress=False)
+        assert torch.equal(plain, images)  # recording does not change what is sampled
+
+
+# ------------------------------------------------------------------------------ guidance sweep
+def test_guidance_sweep_grid_has_a_row_per_class_and_a_column_per_scale(cond_run: Path, tmp_path: Path,
+                                                                           capsys) -> None:
+    out = tmp_path / "sweep.png"
+    assert main(["sample", "--run", str(cond_run), "--guidance-sweep", "0", "1", "3", "--steps", "3",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert "guidance 0, 1, 3" in capsys.readouterr().out
+    assert Image.open(out).size == (3 * TILE + 2, 2 * TILE + 2)
+    assert main(["sample", "--run", str(cond_run), "--guidance-sweep", "1", "2", "--class", "b", "--n", "2",
+                 "--steps", "3", "--device", "cpu", "--out", str(out)]) == 0
+    assert Image.open(out).size == (2 * TILE + 2, 2 * TILE + 2)  # 2 rows of class b x 2 scales
+
+    # Column j is exactly what plain sampling at scale j gives: each row keeps its starting noise.
+    run = load_run(cond_run, "cpu")
+    labels = torch.tensor([0, 1])
+    scales = [0.0, 2.0, 5.0]
+    grid = guidance_sweep(run, scales, labels, steps=3, seed=4, progress=False).view(2, 3, 3, SIZE, SIZE)
+    for j, s in enumerate(scales):
+        assert torch.equal(grid[:, j], generate(run, 2, labels=labels, guidance=s, steps=3, seed=4, progress=False))
+
+
+def test_guidance_sweep_and_animation_refuse_what_they_cannot_do(cond_run: Path, uncond_run: Path, tmp_path: Path,
+                                                                 capsys) -> None:
+    out = str(tmp_path / "x.png")
+    base = ["sample", "--run", str(cond_run), "--device", "cpu", "--out", out]
+    _one_line_error(capsys, ["sample", "--run", str(uncond_run), "--guidance-sweep", "1", "2", "--device", "cpu",
+                             "--out", out], "--guidance-sweep", "class-conditional")
+    _one_line_error(capsys, base + ["--guidance-sweep", "1", "--interpolate"], "choose one")
+    _one_line_error(capsys, base + ["--guidance-sweep", "1", "--animate", str(tmp_path / "a.gif")], "--animate")
+    _one_line_error(capsys, base + ["--guidance-sweep", "1", "nan"], "finite")
+    _one_line_error(capsys, base + ["--animate", str(tmp_path / "a.png")], "--animate", ".gif")
+    _one_line_error(capsys, base + ["--animate", str(tmp_path / "a.gif"), "--animate-every", "0"], "--animate-every")
+    _one_line_error(capsys, base + ["--animate-every", "2"], "--animate-every", "--animate")
+    _one_line_error(capsys, base + ["--interpolate", "--n", "1"], "--interpolate", "at least 2")
+    _one_line_error(capsys, base + ["--interpolate", "--class", "a", "b"], "--interpolate", "one class")
+    _one_line_error(capsys, base + ["--interpolate", "--nrow", "3"], "--nrow")
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    _one_line_error(capsys, base + ["--animate", str(blocked / "a.gif")], "--animate", "not a folder")
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.gif"))  # checked before any work
+
+
+# -------------------------------------------------------------------------------- interpolation
+def test_slerp_has_exact_ends_and_keeps_the_norm() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 8, 8, generator=g), torch.randn(3, 8, 8, generator=g)
+    path = slerp(a, b, torch.linspace(0, 1, 5))
+    assert path.shape == (5, 3, 8, 8) and torch.equal(path[0], a) and torch.equal(path[-1], b)
+    u, v = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    mid = slerp(u, v, [0.5])[0]
+    assert torch.allclose(mid, torch.tensor([0.5**0.5, 0.5**0.5])) and math.isclose(float(mid.norm()), 1.0, rel_tol=1e-6)
+    assert torch.allclose(slerp(u, u, [0.3])[0], u)  # parallel: no division by sin(0)
+
+
+def test_interpolation_row_layout_and_its_ends_are_the_plain_samples(cond_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "walk.png"
+    assert main(["sample", "--run", str(cond_run), "--interpolate", "--n", "5", "--sampler", "ddim", "--steps", "3",
+                 "--seed", "2", "--device", "cpu", "--out", str(out)]) == 0
+    assert Image.open(out).size == (5 * TILE + 2, TILE + 2)
+    assert main(["sample", "--run", str(cond_run), "--interpolate", "--class", "b", "--device", "cpu", "--steps", "2",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == (8 * TILE + 2, TILE + 2)  # the default --n of a row
+
+    run = load_run(cond_run, "cpu")
+    assert torch.equal(starting_noise(run, 1, seed=2)[0], slerp(*(starting_noise(run, 1, seed=s)[0] for s in (2, 3)),
+                                                                 [0.0])[0])
+    for sampler in ("ddim", "dpm-solver"):
+        opts = dict(sampler=sampler, steps=3, progress=False)
+        ends = [generate(run, 1, seed=s, **opts)[0] for s in (2, 3)]
+        exact = interpolate(run, 5, seed=2, batch_size=1, **opts)  # each image alone: the same arithmetic
+        assert torch.equal(exact[0], ends[0]) and torch.equal(exact[-1], ends[1])
+        batched = interpolate(run, 5, seed=2, **opts)  # one batch may round a little differently
+        for got, want in ((batched[0], ends[0]), (batched[-1], ends[1])):
+            assert (got.int() - want.int()).abs().max() <= 1
+    with pytest.warns(UserWarning, match="not a smooth path"):
+        interpolate(run, 2, seed=0, sampler="ancestral", steps=2, progress=False)
