@@ -15,6 +15,7 @@ from typing import Sequence
 from .errors import DDPMError
 from .outputs import check_writable
 from .run_folder import lock_if_inside
+from .samplers import SAMPLER_NAMES
 
 
 def parse_device(name: str):
@@ -25,7 +26,7 @@ def parse_device(name: str):
 
 __all__ = ["register", "main"]
 
-SAMPLER_CHOICES = ("ancestral", "ddim", "langevin", "dpm-solver")
+SAMPLER_CHOICES = SAMPLER_NAMES  # ddpm.samplers' registry: the one list of samplers
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -61,7 +62,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref", required=True,
                    help="reference: a folder of images (class sub-folders give labels), a .npz with mu and sigma, "
                         "or cifar10 / cifar10:train (torchvision's copy under --cifar-root)")
-    p.add_argument("--n", type=int, default=10_000, help="number of generated samples")
+    p.add_argument("--n", type=int, default=None,
+                   help="number of generated samples (default: 10,000; 1,000 with --nearest)")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="dpm-solver", help="sampler")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (unset: the sampler's default; ancestral runs all T)")
@@ -126,6 +128,8 @@ _BUSY_ADVICE = "wait for it to finish, or pass --out with a result file outside 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluate
 
+    if args.n is None:  # a memorisation check looks at each sample's neighbours: fewer samples do
+        args.n = 1_000 if args.nearest else 10_000
     if args.n < 2:
         raise DDPMError(f"--n must be at least 2 for FID statistics, got {args.n}")
     for name in ("steps", "batch_size", "feature_batch_size", "ref_max", "kid_subset", "kid_subsets"):

@@ -42,13 +42,15 @@ from .inception import FeatureExtractor
 from .metrics import (LinearProbe, class_accuracy, fit_linear_probe, frechet_distance, gaussian_stats, kid,
                       precision_recall)
 from .outputs import check_writable
+from .samplers import SAMPLER_NAMES
 
 __all__ = ["ReferenceDataError", "FeatureSet", "default_cache_dir", "reference_stats", "reference_probe",
            "evaluate_run", "fid_folders", "sampler_sweep", "sweep_steps", "DEFAULT_SWEEP_STEPS", "format_summary",
-           "write_json", "check_reference", "fid_floor", "score_images", "spread_labels", "reference_images"]
+           "write_json", "check_reference", "fid_floor", "floor_is_lower_bound", "score_images", "spread_labels",
+           "reference_images"]
 
 _CACHE_VERSION = 1
-_SAMPLERS = ("ancestral", "ddim", "langevin", "dpm-solver")
+_SAMPLERS = SAMPLER_NAMES  # the sweep's default: every sampler
 
 
 class ReferenceDataError(DDPMError):
@@ -464,19 +466,35 @@ def fid_floor(ref: FeatureSet, n: int, seed: int = 0) -> float | None:
 
     FID estimated from ``n`` samples is biased upward, by roughly a constant over ``n`` (Chong &
     Forsyth 2020, "Effectively unbiased FID and Inception Score and where to find them"): the
-    sample covariance's error adds to ``tr(sigma)`` more than the ``tr sqrt`` term takes away. The
-    floor draws ``n`` of the reference's own feature vectors with replacement (seeded), i.e. ``n``
-    images from the reference distribution, and scores their statistics against the whole
-    reference's. Returns None for a statistics-only reference (no features to draw from).
-    Raises ``ValueError`` for ``n < 2``.
+    sample covariance's error adds to ``tr(sigma)`` more than the ``tr sqrt`` term takes away.
+    When the reference holds at least ``2n`` images (:func:`floor_is_lower_bound` is False), a
+    fixed subset of ``n`` of them (``_subset``, seeded) is scored against the statistics of the
+    remaining ones: images the reference statistics do not contain, as a model's samples are not.
+    With fewer, ``n`` feature vectors are drawn with replacement (seeded) and scored against the
+    whole reference's statistics, which contain them, so that floor is a lower bound. Returns
+    None for a statistics-only reference (no features to draw from). Raises ``ValueError`` for
+    ``n < 2``.
     """
     if n < 2:
         raise ValueError(f"the FID floor needs n >= 2 images, got {n}")
     if ref.features is None:
         return None
-    draw = np.random.default_rng(seed).integers(0, ref.n, n)
-    mu, sigma = gaussian_stats(ref.features[draw].astype(np.float64))
-    return frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    if floor_is_lower_bound(ref, n):
+        draw = np.random.default_rng(seed).integers(0, ref.n, n)
+        mu, sigma = gaussian_stats(ref.features[draw].astype(np.float64))
+        return frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    held = np.zeros(ref.n, dtype=bool)
+    held[_subset(ref.n, n, seed)] = True
+    mu, sigma = gaussian_stats(ref.features[held].astype(np.float64))
+    mu_rest, sigma_rest = gaussian_stats(ref.features[~held].astype(np.float64))
+    return frechet_distance(mu, sigma, mu_rest, sigma_rest)
+
+
+def floor_is_lower_bound(ref: FeatureSet, n: int) -> bool:
+    """Whether :func:`fid_floor` of ``n`` images against ``ref`` is only a lower bound: the
+    reference has fewer than ``2n`` images, so the ``n`` are drawn from the images its
+    statistics were computed from."""
+    return ref.n < 2 * n
 
 
 def score_images(images: torch.Tensor, ref: FeatureSet, extractor: Any, *, batch_size: int = 50,

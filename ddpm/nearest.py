@@ -87,7 +87,9 @@ def nearest_neighbours(queries: torch.Tensor, base: Iterator[torch.Tensor] | tor
     best_i = torch.zeros((m, k), dtype=torch.long)
     best_v = torch.zeros((m, k), dtype=torch.long)
     offset = 0
-    for block in ([base] if isinstance(base, torch.Tensor) else base):
+    # A tensor base is read in chunks too: one [M, N] float64 distance matrix of a large set is
+    # gigabytes, a chunk of rows of it is bounded.
+    for block in (base.split(chunk) if isinstance(base, torch.Tensor) else base):
         b = block.to(torch.float64).reshape(len(block), -1)
         for start in range(0, m, chunk):
             rows = slice(start, start + chunk)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from . import __version__
 from .checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, remove_temp_files, save_checkpoint
-from .data import BatchStream, ImageSet, _mix, batches, load_dataset, to_model_range
+from .data import BatchStream, ImageSet, _mix, batches, count_hidden_images, load_dataset, to_model_range
 from .ema import EMA, edm_ema_decay
 from .errors import DDPMError
 from .generate import make_grid, save_png
@@ -344,11 +344,18 @@ class _Logger:
 
                 # purge_step hides the events of steps that will be redone (those of a process
                 # killed after its last checkpoint), at step 0 too: a new run over a killed one.
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+                # Events of the resumed step itself stay: they were written with the weights of
+                # its checkpoint, and the step's grid and evaluation are not redone.
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
             except Exception:  # tensorboard not installed: CSV and PNG still work
                 self.tb = None
 
     def _read(self, up_to_step: int) -> list[dict[str, float]]:
+        return self.read_rows(self.path, up_to_step)
+
+    @classmethod
+    def read_rows(cls, path: Path, up_to_step: int) -> list[dict[str, float]]:
+        """The whole rows of metrics.csv ``path`` up to ``up_to_step``, in :attr:`FIELDS`."""
         # Rows past the resumed step came from steps that will be redone. A row that a killed
         # process or a full disk left cut short (or any unreadable one) is dropped, not fatal:
         # every row is appended whole with its line end, so a last line without one is cut short
@@ -356,17 +363,17 @@ class _Logger:
         # Columns a file lacks (one written before they existed) are left out of its rows.
         import io
 
-        with open(self.path, newline="", encoding="utf-8", errors="replace") as f:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
             text = f.read()
         if not text.endswith("\n"):
             text = text[: text.rfind("\n") + 1]
         rows = []
         for r in csv.DictReader(io.StringIO(text, newline="")):
             try:
-                row = {k: float(v) for k in self.FIELDS if (v := r.get(k)) not in (None, "")}
+                row = {k: float(v) for k in cls.FIELDS if (v := r.get(k)) not in (None, "")}
             except (TypeError, ValueError):
                 continue
-            if "step" in row and any(k in row for k in self.KINDS) and row["step"] <= up_to_step:
+            if "step" in row and any(k in row for k in cls.KINDS) and row["step"] <= up_to_step:
                 rows.append(row)
         return rows
 
@@ -383,19 +390,33 @@ class _Logger:
         with run_write_errors(self.path.parent, "metrics.csv"):
             _append(self.path, buf.getvalue().encode())
         self.rows.append(row)
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step":
-                    self.tb.add_scalar(k, v, int(row["step"]))
+        for k, v in row.items():
+            if k != "step":
+                self._tb("add_scalar", k, v, int(row["step"]))
+
+    def _tb(self, method: str, *args, **kwargs) -> None:
+        # TensorBoard writes from a background thread and re-raises a stored OSError (a full
+        # disk, a folder made read-only) on a later call; the log is a view of metrics.csv, so
+        # training goes on without it rather than failing.
+        if self.tb is None:
+            return
+        try:
+            getattr(self.tb, method)(*args, **kwargs)
+        except OSError as e:
+            tb, self.tb = self.tb, None
+            warnings.warn(f"cannot write the TensorBoard log in {self.path.parent / 'tensorboard'} ({e}); "
+                          "continuing without it", stacklevel=2)
+            try:
+                tb.close()
+            except OSError:
+                pass
 
     def image(self, step: int, grid: np.ndarray) -> None:
         """Show a sample grid (HWC uint8, the PNG of RUN/samples) in TensorBoard's Images tab."""
-        if self.tb is not None:
-            self.tb.add_image("samples", grid, step, dataformats="HWC")
+        self._tb("add_image", "samples", grid, step, dataformats="HWC")
 
     def flush(self) -> None:
-        if self.tb is not None:
-            self.tb.flush()
+        self._tb("flush")
         run_dir = self.path.parent
         losses = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
         if losses:
@@ -407,8 +428,18 @@ class _Logger:
 
     def close(self) -> None:
         self.flush()
-        if self.tb is not None:
-            self.tb.close()
+        self._tb("close")
+
+
+def _final_eval_logged(run_dir: Path, step: int) -> bool:
+    """Whether RUN/metrics.csv has an evaluation row of ``step`` (an unreadable file counts as
+    one: the logger reports it when the run goes on)."""
+    try:
+        return any(r["step"] == step and "fid" in r for r in _Logger.read_rows(run_dir / "metrics.csv", step))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
 
 
 def _plot_curve(path: Path, points: list[tuple[float, float]], ylabel: str, *, marker: str | None = None,
@@ -568,22 +599,31 @@ class _TrainingEval:
         self.floor = self._floor(run_dir)
 
     def _floor(self, run_dir: Path) -> float | None:
-        from .evaluate import fid_floor
+        from .evaluate import fid_floor, floor_is_lower_bound
 
+        n = self.cfg.eval_n
+        self.floor_lower_bound = floor_is_lower_bound(self.ref, n)
+        method = (f"FID of {n} reference feature vectors drawn with replacement (seed 0) against the whole "
+                  "reference's statistics: a lower bound, the reference has fewer than 2n images"
+                  if self.floor_lower_bound else
+                  f"FID of a fixed subset of {n} reference images (seed 0) against the statistics of the others")
         path = run_dir / self.FLOOR_FILE
-        key = {"reference_key": self.ref.key, "n": self.cfg.eval_n}
+        # The method is part of the key: a floor kept by an older version, made another way, is redone.
+        key = {"reference_key": self.ref.key, "n": n, "method": method}
         try:
             saved = json.loads(path.read_text())
             if {k: saved.get(k) for k in key} == key:
                 return saved["fid_floor"]
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             pass  # absent, unreadable or for another reference or n: compute it
-        value = fid_floor(self.ref, self.cfg.eval_n)
+        value = fid_floor(self.ref, n)
         with run_write_errors(run_dir, self.FLOOR_FILE):
-            atomic_write_json(path, {**key, "fid_floor": value, "reference": self.ref.source,
-                                     "method": f"FID of {self.cfg.eval_n} reference feature vectors drawn with "
-                                               "replacement (seed 0) against the whole reference's statistics"})
+            atomic_write_json(path, {**key, "fid_floor": value, "lower_bound": self.floor_lower_bound,
+                                     "reference": self.ref.source})
         return value
+
+    def _floor_words(self) -> str:
+        return f"floor {self.floor:.2f}" + (" (a lower bound)" if self.floor_lower_bound else "")
 
     def describe(self) -> str:
         """The line printed once when a run with --eval-every starts."""
@@ -593,8 +633,10 @@ class _TrainingEval:
         if self.floor is None:
             return (f"FID every {self.cfg.eval_every} steps: {how}. FID from {n} samples is biased upward; the reference "
                     "holds statistics only, so there is no floor to read it against (and no KID)")
+        bound = (f"; a lower bound: the reference has fewer than {2 * n} images, so they were drawn from those "
+                 "its statistics come from" if self.floor_lower_bound else "")
         return (f"FID every {self.cfg.eval_every} steps: {how}. FID from {n} samples is biased upward: {n} real images "
-                f"score {self.floor:.2f} against the same reference (the floor, kept in {self.FLOOR_FILE})")
+                f"score {self.floor:.2f} against the same reference (the floor, kept in {self.FLOOR_FILE}{bound})")
 
     def __call__(self, step: int, schedule: Schedule, ema_model: UNet, autocast: Callable[[], Any]) -> dict[str, float]:
         """Sample --eval-n images and score them: ``{"step", "fid"}`` plus ``"kid"`` (KID's mean
@@ -620,7 +662,7 @@ class _TrainingEval:
     def line(self, row: dict[str, float], seconds: float) -> str:
         """The log line of one evaluation."""
         kid = f", KID {row['kid']:.4f}" if "kid" in row else ""
-        floor = f"floor {self.floor:.2f}" if self.floor is not None else "no floor"
+        floor = self._floor_words() if self.floor is not None else "no floor"
         return (f"step {int(row['step'])}: FID {row['fid']:.2f}{kid} ({self.cfg.eval_n} samples against {self.ref_name}, "
                 f"{seconds:.0f} s; few samples bias FID upward, {floor})")
 
@@ -729,6 +771,11 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
         else:
             _check_resume_compatible(saved_config, cfg)
         if saved_config.get("num_images") not in (None, len(data)):
+            hidden = count_hidden_images(cfg.data) if cfg.data else 0
+            if hidden and len(data) + hidden == saved_config["num_images"]:
+                raise DDPMError(f"this run was started counting {hidden} hidden image file(s) under --data "
+                                f"{cfg.data!r} (names starting with '.') that ddpm now skips, so its data order "
+                                "cannot be continued; start a new --out")
             raise DDPMError(f"the data changed since this run began ({saved_config['num_images']} -> {len(data)} "
                             "images); restore it or start a new --out")
         if saved_config["model"] != model_cfg.to_dict() or saved_config.get("classes") != data.classes:
@@ -744,7 +791,9 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                             f"({train_seconds / 60:.1f} min of training); pass a larger --time-limit to continue it")
         step = saved_step
         say(f"resumed from {resume_path} at step {step}")
-    if step >= cfg.steps:
+    # A run killed after its last checkpoint but before that step's evaluation still owes it.
+    final_eval_missing = cfg.eval_every > 0 and step == cfg.steps > 0 and not _final_eval_logged(run_dir, step)
+    if step >= cfg.steps and not final_eval_missing:
         say(f"nothing to do: the run is at step {step} and --steps is {cfg.steps}")
         return resume_path  # type: ignore[return-value]
 
@@ -811,7 +860,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
         if not d.main:
             return None
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                 "train_seconds": train_seconds + time.perf_counter() - t_start}
+                 "train_seconds": train_seconds + time.perf_counter() - t_start - eval_seconds}
         with run_write_errors(run_dir, f"the checkpoint of step {at_step}"):
             path = save_checkpoint(run_dir, at_step, run_config, state, keep=cfg.keep)
         if logger is not None:
@@ -844,21 +893,28 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
     flops_per_image = _train_flops_per_image(model_cfg) if peak is not None else 0.0
     t_last, step_last = time.perf_counter(), step
     t_start = t_last
+    # Seconds of this session spent evaluating and sampling grids: not training, so --time-limit,
+    # the learning-rate schedule it drives and the saved train_seconds leave them out (as images/s
+    # does through t_last), and turning evaluation on does not shorten a time-limited run.
+    eval_seconds = 0.0
     last_path: Path | None = resume_path
     model.train()
     try:
-        if cfg.eval_every > 0 and step > 0 and step % cfg.eval_every == 0:
-            # A run stopped (or killed) at an evaluation step after its checkpoint but before that
-            # evaluation's row resumes past the step: evaluate it now, so each step has one row.
+        if cfg.eval_every > 0 and step > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+            # A run stopped (or killed) at an evaluation step (or the last one) after its checkpoint
+            # but before that evaluation's row resumes past the step: evaluate it now, so each
+            # step has one row.
             if _any_rank(logger is not None and not logger.has_eval(step), d, device):
-                t_last += evaluate_now(step)
+                spent = evaluate_now(step)
+                t_last += spent
+                eval_seconds += spent
         while step < cfg.steps:
             # Everything random in this step derives from (seed, step, rank): data order and
             # flips (in the stream), timesteps, noise, label dropout, dropout masks.
             torch.manual_seed(_mix(cfg.seed, step, d.rank, 0xD1CE))
             gen = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, d.rank, 0x7E57))
             if d.world == 1:
-                elapsed = train_seconds + time.perf_counter() - t_start
+                elapsed = train_seconds + time.perf_counter() - t_start - eval_seconds
             # else: the value all ranks agreed on at the last check below, so their rates stay equal
             lr = lr_at(step, cfg, elapsed)
             for group in opt.param_groups:
@@ -932,7 +988,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
             stop = False
             # Under DDP, agreeing on a stop is a collective: do it every few steps, not every step.
             if d.world == 1 or step % 10 == 0 or want_save:
-                elapsed = _agree_elapsed(train_seconds + time.perf_counter() - t_start, d, device)
+                elapsed = _agree_elapsed(train_seconds + time.perf_counter() - t_start - eval_seconds, d, device)
                 out_of_time = cfg.time_limit > 0 and elapsed > 60.0 * cfg.time_limit
                 stop = _any_rank(stop_requested["flag"] or out_of_time, d, device) and step < cfg.steps
             if stop:
@@ -962,10 +1018,14 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
                                         run_dir / "samples" / f"step_{step:09d}.png", autocast)
                 if logger is not None:
                     logger.image(step, grid)
-                t_last += time.perf_counter() - t_grid  # images/s measures training, not sampling
+                spent = time.perf_counter() - t_grid
+                t_last += spent  # images/s measures training, not sampling
+                eval_seconds += spent
             # After the checkpoint too; when stopping, it is left to the resumed run (see above).
             if cfg.eval_every > 0 and not stop and (step % cfg.eval_every == 0 or step == cfg.steps):
-                t_last += evaluate_now(step)  # images/s measures training, not evaluation
+                spent = evaluate_now(step)
+                t_last += spent  # images/s measures training, not evaluation
+                eval_seconds += spent
             if stop:
                 why = "SIGTERM" if stop_requested["flag"] else f"--time-limit {cfg.time_limit:g} min"
                 say(f"\nstopped by {why} at step {step}; continue with --resume"

@@ -102,6 +102,34 @@ def test_tensorboard_has_a_sample_grid_per_sample_step_and_the_csv_scalars(cond_
     assert all(float(r["grad_norm"]) > 0 for r in rows)
 
 
+def test_a_resume_keeps_the_tensorboard_events_of_its_own_step(tmp_path: Path) -> None:
+    # The grid and scalars of the checkpointed step were made with its weights and are not redone.
+    data, run = _images(tmp_path / "data", None), tmp_path / "run"
+    train(_config(data, run, tensorboard=True, sample_every=1, save_every=1))
+    train(_config(data, run, tensorboard=True, sample_every=1, save_every=1, steps=3, resume=True))
+    acc = _events(run)
+    assert [s.step for s in acc.Images("samples")] == [1, 2, 3]
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+
+
+def test_a_failing_tensorboard_writer_warns_once_and_training_goes_on(tmp_path: Path, monkeypatch) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    calls = []
+
+    def full_disk(self, *a, **kw):  # what the background writer re-raises after a failed write
+        calls.append(a)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full_disk)
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="cannot write the TensorBoard log in .*; continuing without it") as w:
+        train(_config(_images(tmp_path / "data", None), run, tensorboard=True, sample_every=1, steps=3))
+    assert len([x for x in w if "TensorBoard" in str(x.message)]) == 1 and len(calls) == 1
+    with open(run / "metrics.csv", newline="") as f:  # the CSV log is whole
+        assert [int(float(r["step"])) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
 def test_model_flops_utilisation_is_logged_where_the_peak_is_known(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(perf, "peak_flops", lambda device, precision: 1e12)
     run = tmp_path / "run"

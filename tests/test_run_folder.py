@@ -5,6 +5,8 @@ processes on a tiny model and a few 16x16 images."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import resource
@@ -19,6 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import copy_subset
+
+from ddpm.train import _Logger
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -237,9 +241,14 @@ def test_full_disk_while_saving_is_one_line_naming_the_intact_checkpoint(cats: P
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [first.name]  # no temporary file
 
     # metrics.csv fills the disk in the middle of a row: the row is taken back whole.
-    # (Rows as the csv module writes them, so that keeping them rewrites the same bytes.)
-    rows = "".join(f"{s}.0,0.5,0.001,10.0,0.25\r\n" for s in (1, 2) for _ in range(100))
-    (run / "metrics.csv").write_bytes(("step,loss,lr,images_per_s,epoch\r\n" + rows).encode())
+    # (Rows in today's columns as the csv module writes them, so that keeping them at resume
+    # rewrites the same bytes and the failure is the append of step 3's row, not that rewrite.)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=_Logger.FIELDS)
+    writer.writeheader()
+    writer.writerows({"step": float(s), "loss": 0.5, "lr": 0.001, "images_per_s": 10.0, "epoch": 0.25,
+                      "ema_decay": 0.9, "grad_norm": 1.5} for s in (1, 2) for _ in range(100))
+    (run / "metrics.csv").write_bytes(buf.getvalue().encode())
     before = (run / "metrics.csv").read_bytes()
     res = _run(_line(cats, run, 4, 2), preexec_fn=_file_size_limit(len(before) + 20))
     _one_line_error(res, "metrics.csv", str(first), "--resume")

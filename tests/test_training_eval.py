@@ -141,14 +141,59 @@ def test_a_run_killed_during_an_evaluation_evaluates_that_step_on_resume(data: P
     with pytest.raises(Killed):
         train(_tiny(data, run, eval_every=2, eval_n=4, save_every=2))
     assert _eval_steps(run) == [2] and run_info(str(run))["step"] == 4
-    with open(run / "metrics.csv", "a") as f:
-        f.write("4.0,,,,,3")  # and its row cut short by the kill
+    # and its row cut short by the kill: a 3 in the fid column, no line end
+    cut = ["4.0" if k == "step" else "3" if k == "fid" else "" for k in train_module._Logger.FIELDS]
+    with open(run / "metrics.csv", "a", newline="") as f:
+        f.write(",".join(cut[:train_module._Logger.FIELDS.index("fid") + 1]))
     monkeypatch.setattr(train_module._TrainingEval, "__call__", real_call)
     train(_tiny(data, run, eval_every=2, eval_n=4, save_every=2, resume=True))
     assert _eval_steps(run) == [2, 4, 6]
     row4 = next(r for r in _rows(run) if r["fid"] and float(r["step"]) == 4)
     assert float(row4["fid"]) != 3 and row4["kid"] != ""
     assert floors == [1]  # computed once, then read back from RUN/fid_floor.json
+
+
+def test_a_run_killed_before_its_final_evaluation_evaluates_it_on_resume(data: Path, tmp_path: Path, fake_net,
+                                                                        monkeypatch, capsys) -> None:
+    run = tmp_path / "run"
+    real_call = train_module._TrainingEval.__call__
+
+    def dies_at_the_last_step(self, step, *a, **k):
+        if step == 5:
+            raise Killed  # the last checkpoint is written, the final evaluation is not
+        return real_call(self, step, *a, **k)
+
+    monkeypatch.setattr(train_module._TrainingEval, "__call__", dies_at_the_last_step)
+    with pytest.raises(Killed):
+        train(_tiny(data, run, steps=5, eval_every=2, eval_n=4))
+    assert _eval_steps(run) == [2, 4] and run_info(str(run))["step"] == 5
+    monkeypatch.setattr(train_module._TrainingEval, "__call__", real_call)
+    capsys.readouterr()
+    train(_tiny(data, run, steps=5, eval_every=2, eval_n=4, resume=True))
+    assert "nothing to do" not in capsys.readouterr().out
+    assert _eval_steps(run) == [2, 4, 5] and run_info(str(run))["step"] == 5
+    train(_tiny(data, run, steps=5, eval_every=2, eval_n=4, resume=True))  # now evaluated: nothing to do
+    assert "nothing to do" in capsys.readouterr().out and _eval_steps(run) == [2, 4, 5]
+
+
+def test_evaluation_time_is_not_training_time(data: Path, tmp_path: Path, fake_net, monkeypatch) -> None:
+    import time
+
+    from ddpm.checkpoint import latest_checkpoint, load_checkpoint
+
+    run = tmp_path / "run"
+    real_call = train_module._TrainingEval.__call__
+
+    def slow(self, *a, **k):  # an evaluation of a second: more than the whole --time-limit
+        time.sleep(1.0)
+        return real_call(self, *a, **k)
+
+    monkeypatch.setattr(train_module._TrainingEval, "__call__", slow)
+    # 4 evaluations (4 s) under a limit of 3.6 s: counted as training, they would stop the run early.
+    train(_tiny(data, run, steps=4, eval_every=1, eval_n=4, time_limit=0.06))
+    assert run_info(str(run))["step"] == 4 and _eval_steps(run) == [1, 2, 3, 4]
+    _, _, state = load_checkpoint(latest_checkpoint(run), "cpu")
+    assert float(state["train_seconds"]) < 3.6  # the checkpoint's training time leaves them out too
 
 
 def test_metrics_csv_of_an_older_run_resumes_with_evaluation(data: Path, tmp_path: Path, fake_net) -> None:
@@ -240,14 +285,46 @@ def test_held_out_images_that_are_training_images_are_left_out(sets) -> None:
         nearest.memorisation_check(fresh, train_set, train_set[:10], FakeExtractor())
 
 
+def test_fid_floor_holds_out_n_reference_images_or_says_it_is_a_lower_bound() -> None:
+    from ddpm.metrics import frechet_distance, gaussian_stats
+
+    feats = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32)
+    mu, sigma = gaussian_stats(feats.astype(np.float64))
+    ref = evaluate.FeatureSet(mu=mu, sigma=sigma, features=feats, labels=None, classes=None, source="x", key="x")
+    # 12 >= 2 * 6: a fixed subset of 6 against the statistics of the other 6, none drawn twice
+    held = evaluate._subset(12, 6)
+    rest = np.setdiff1d(np.arange(12), held)
+    want = frechet_distance(*gaussian_stats(feats[held].astype(np.float64)),
+                            *gaussian_stats(feats[rest].astype(np.float64)))
+    assert not evaluate.floor_is_lower_bound(ref, 6)
+    assert evaluate.fid_floor(ref, 6) == pytest.approx(want)
+    # 12 < 2 * 7: drawn with replacement against the whole reference, which holds them: a lower bound
+    assert evaluate.floor_is_lower_bound(ref, 7)
+    draw = np.random.default_rng(0).integers(0, 12, 7)
+    assert evaluate.fid_floor(ref, 7) == pytest.approx(
+        frechet_distance(*gaussian_stats(feats[draw].astype(np.float64)), mu, sigma))
+
+
+def test_a_floor_from_too_small_a_reference_is_labelled_a_lower_bound(data: Path, tmp_path: Path, fake_net,
+                                                                       capsys) -> None:
+    run = tmp_path / "run"
+    train(_tiny(data, run, steps=2, eval_every=2, eval_n=5))  # 8 training images < 2 * 5
+    floor = json.loads((run / "fid_floor.json").read_text())
+    assert floor["lower_bound"] is True and "lower bound" in floor["method"]
+    out = capsys.readouterr().out
+    assert "a lower bound: the reference has fewer than 10 images" in out and "(a lower bound)" in out
+
+
 def test_nearest_neighbours_match_a_brute_force_search() -> None:
     g = torch.Generator().manual_seed(0)
     q, base = torch.randn(2, 7, 5, generator=g), torch.randn(30, 5, generator=g)
-    d, i, v = nearest.nearest_neighbours(q, iter(base.split(4)), k=3, chunk=3)
     full = torch.stack([torch.cdist(q[0].double(), base.double()), torch.cdist(q[1].double(), base.double())])
     want_d, want_i = full.min(0).values.topk(3, largest=False)
-    assert np.allclose(d, want_d.numpy()) and (i == want_i.numpy()).all()
-    assert (v == full.argmin(0).gather(1, want_i).numpy()).all()
+    # an iterator of blocks, and a tensor base split into chunks smaller than it (memory bound)
+    for b in (iter(base.split(4)), base):
+        d, i, v = nearest.nearest_neighbours(q, b, k=3, chunk=3)
+        assert np.allclose(d, want_d.numpy()) and (i == want_i.numpy()).all()
+        assert (v == full.argmin(0).gather(1, want_i).numpy()).all()
 
 
 def test_eval_nearest_checks_its_options_before_work(data: Path, tmp_path: Path, fake_net, capsys) -> None:
@@ -264,6 +341,20 @@ def test_eval_nearest_checks_its_options_before_work(data: Path, tmp_path: Path,
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
     assert not (run / "eval").exists()
+
+
+def test_eval_n_defaults_to_1000_samples_for_nearest_and_10000_for_fid(data: Path, tmp_path: Path, fake_net,
+                                                                        monkeypatch) -> None:
+    run, seen = tmp_path / "run", {}
+    train(_tiny(data, run, steps=1))
+    monkeypatch.setattr(nearest, "check_run", lambda *a, n, **k: seen.setdefault("nearest", n))
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda run, ref, n, *a, **k: seen.setdefault("fid", n) and {})
+    ref = str(tmp_path / "heldout")
+    _images(Path(ref), 2)
+    assert main(["eval", "--run", str(run), "--ref", ref, "--nearest", "--device", "cpu", "--quiet"]) == 0
+    assert seen["nearest"] == 1_000
+    assert main(["eval", "--run", str(run), "--ref", ref, "--device", "cpu", "--quiet"]) == 0
+    assert seen["fid"] == 10_000
 
 
 # ------------------------------------------------------------------ the real Inception network
