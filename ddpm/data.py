@@ -26,9 +26,9 @@ from PIL import Image, ImageFile, ImageOps
 
 from .errors import DDPMError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "load_image", "to_rgb", "is_hidden", "scan_images", "class_name",
-           "class_folders", "remove_empty_classes", "load_image_folder", "load_cifar10", "names_cifar10", "load_dataset",
-           "BatchStream", "batches"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "load_image", "to_rgb", "is_hidden", "scan_images", "count_hidden_images",
+           "class_name", "class_folders", "remove_empty_classes", "load_image_folder", "load_cifar10", "names_cifar10",
+           "load_dataset", "BatchStream", "batches"]
 
 # GIF and multi-page TIFF files give their first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -144,6 +144,21 @@ def scan_images(root: str | Path) -> list[Path]:
                       f"{', '.join(unreadable[:3])}{' ...' if len(unreadable) > 3 else ''}", stacklevel=2)
     # Path order (part by part), as before: the data order of existing runs must not change.
     return sorted(p for p in found if p.is_file())
+
+
+def count_hidden_images(root: str | Path) -> int:
+    """Image files under ``root`` that :func:`scan_images` skips as hidden (their own name or a
+    folder above them starts with '.'); 0 when ``root`` is not a folder. Earlier versions counted
+    them as data, so a run started then needs them to explain its image count."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        return 0
+    count = 0
+    for folder, _, names in os.walk(root):
+        rel_hidden = any(is_hidden(part) for part in Path(folder).relative_to(root).parts)
+        count += sum(1 for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS and (rel_hidden or is_hidden(n))
+                     and (Path(folder) / n).is_file())
+    return count
 
 
 def class_name(folder_name: str) -> str:

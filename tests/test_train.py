@@ -333,3 +333,30 @@ def test_demo_trains_and_writes_its_grid(tmp_path: Path, capsys) -> None:
     last = out.strip().splitlines()[-1]
     assert str(grid) in last and f"tensorboard --logdir {tmp_path / 'demo' / 'run'}" in last
     assert list((tmp_path / "demo" / "run" / "tensorboard").glob("events.*"))
+
+
+def test_a_run_that_counted_hidden_images_is_told_why_it_cannot_resume(tmp_path: Path, capsys) -> None:
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    train(_tiny(data, run, steps=1, batch_size=4))
+    # As a run started by a version that counted hidden files (macOS's ._ copies, a .cache folder)
+    # would have saved it: 4 images + 2 hidden.
+    (data / "._0.png").write_bytes((data / "0.png").read_bytes())
+    (data / ".cache").mkdir()
+    (data / ".cache" / "x.png").write_bytes((data / "1.png").read_bytes())
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["num_images"] = 6
+    (run / "config.json").write_text(json.dumps(cfg))
+    ckpt = sorted((run / "checkpoints").glob("*.safetensors"))[-1]
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(ckpt), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"] = json.dumps({**json.loads(meta["config"]), "num_images": 6})
+    save_file(tensors, str(ckpt), metadata=meta)
+    with pytest.raises(DDPMError, match=r"started counting 2 hidden image file\(s\).*start a new --out"):
+        train(_tiny(data, run, steps=2, batch_size=4, resume=True))
