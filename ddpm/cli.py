@@ -132,6 +132,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- sample
 def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     from .generate import BATCH_SIZE
+    from .samplers import DEFAULT_STEPS, SAMPLER_NAMES
 
     p = sub.add_parser("sample", help="sample an image grid from a trained run", formatter_class=_Formatter)
     p.add_argument("--run", required=True, help="run folder written by 'ddpm train'")
@@ -144,10 +145,9 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
                    help="class names (or indices) to sample, one grid row each; conditional runs only")
     p.add_argument("--guidance", type=float, default=3.0,
                    help="guidance scale s: eps = eps_uncond + s (eps_cond - eps_uncond); 1 = conditional, 0 = unconditional")
-    p.add_argument("--sampler", default="dpm-solver", choices=["ancestral", "ddim", "langevin", "dpm-solver"],
-                   help="sampling method")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampler steps (default: ancestral 1000 (all), ddim 50, langevin 250, dpm-solver 20)")
+    p.add_argument("--sampler", default="dpm-solver", choices=SAMPLER_NAMES, help="sampling method")
+    defaults = ", ".join(f"{name} {'all T' if k is None else k}" for name, k in DEFAULT_STEPS.items())
+    p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default: {defaults}; at most T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the starting noise")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")

@@ -21,9 +21,9 @@ from .checkpoint import Run, atomic_write_bytes
 from .data import to_uint8
 from .errors import DDPMError
 from .guidance import guided
-from .samplers import DEFAULT_STEPS, eps_model, get_sampler, resolve_steps
+from .samplers import STOCHASTIC, eps_model, get_sampler, resolve_steps
 
-__all__ = ["generate", "starting_noise", "make_grid", "save_png", "save_gif", "default_steps", "slerp",
+__all__ = ["generate", "starting_noise", "make_grid", "save_png", "save_gif", "slerp",
            "ChainRecorder", "Chain", "chain_frames", "default_animate_every", "guidance_sweep", "interpolate",
            "STOCHASTIC_SAMPLERS", "BATCH_SIZE", "check_animate_every", "check_sweep_scales",
            "check_interpolation_n"]
@@ -32,16 +32,10 @@ __all__ = ["generate", "starting_noise", "make_grid", "save_png", "save_gif", "d
 BATCH_SIZE = 64
 
 # Samplers that add fresh noise at every step (ddim too when its eta > 0).
-STOCHASTIC_SAMPLERS = ("ancestral", "langevin")
+STOCHASTIC_SAMPLERS = tuple(name for name, noisy in STOCHASTIC.items() if noisy)
 
 # Called after every sampler step of every batch as ``callback(batch, i, t, x, x0)``.
 BatchCallback = Callable[[int, int, int, torch.Tensor, torch.Tensor], None]
-
-
-def default_steps(sampler: str) -> int | None:
-    """Steps a sampler runs when none are asked for: the full chain (None) for ancestral, few
-    otherwise (:data:`ddpm.samplers.DEFAULT_STEPS`)."""
-    return DEFAULT_STEPS[sampler.replace("_", "-")]
 
 
 def _batch_generator(seed: int, k: int) -> torch.Generator:

@@ -26,7 +26,8 @@ import torch
 from .errors import DDPMError
 from .schedule import Schedule
 
-__all__ = ["ancestral", "ddim", "langevin", "dpm_solver", "SAMPLERS", "get_sampler", "eps_model", "Denoiser",
+__all__ = ["ancestral", "ddim", "langevin", "dpm_solver", "SAMPLERS", "SAMPLER_NAMES", "STOCHASTIC", "get_sampler",
+           "eps_model", "Denoiser",
            "ancestral_step", "ddim_step", "model_evaluations", "DEFAULT_STEPS", "resolve_steps"]
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -381,8 +382,19 @@ def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     return SAMPLERS[key]
 
 
+# The registry above, DEFAULT_STEPS and STOCHASTIC are the one list of samplers: the commands'
+# choices, the sweep's samplers and generate's seeding all derive from them.
+
 # Steps a sampler runs when none are asked for: the full chain (None) for ancestral, few otherwise.
 DEFAULT_STEPS: dict[str, int | None] = {"ancestral": None, "ddim": 50, "langevin": 250, "dpm-solver": 20}
+
+# Whether a sampler adds fresh noise at every step (ddim too when its eta > 0), so its samples
+# depend on the random generator beyond the starting noise.
+STOCHASTIC: dict[str, bool] = {"ancestral": True, "ddim": False, "langevin": True, "dpm-solver": False}
+
+# Names in the registry's order, as the commands offer them.
+SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
+assert set(DEFAULT_STEPS) == set(STOCHASTIC) == set(SAMPLERS), "a sampler is missing from a table"
 
 
 def resolve_steps(name: str, steps: int | None, T: int, option: str = "--steps") -> int:

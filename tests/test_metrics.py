@@ -401,7 +401,6 @@ def stub_run(tmp_path, monkeypatch, fake_net):
     ckpt.load_run = load_run
     gen = types.ModuleType("ddpm.generate")
     gen.generate = generate
-    gen.default_steps = lambda s: 20
     monkeypatch.setitem(sys.modules, "ddpm.checkpoint", ckpt)
     monkeypatch.setitem(sys.modules, "ddpm.generate", gen)
     return types.SimpleNamespace(ref=ref, run_dir=run_dir, seen=seen)

@@ -469,3 +469,19 @@ def test_eps_model_adapts_v_prediction(sched):
 def test_bad_sampler_input_raises_value_error(sched, call, match):
     with pytest.raises(ValueError, match=match):
         call(sched)
+
+
+def test_every_list_of_samplers_comes_from_the_registry():
+    import argparse
+
+    from ddpm import cli, cli_eval, evaluate, generate, samplers
+
+    names = tuple(samplers.SAMPLERS)
+    assert set(samplers.DEFAULT_STEPS) == set(samplers.STOCHASTIC) == set(names) == set(samplers.SAMPLER_NAMES)
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("sample", "eval"):
+        action = next(a for a in sub.choices[command]._actions if a.dest == "sampler")
+        assert tuple(action.choices) == names
+    assert tuple(cli_eval.SAMPLER_CHOICES) == tuple(evaluate._SAMPLERS) == names
+    assert generate.STOCHASTIC_SAMPLERS == tuple(n for n in names if samplers.STOCHASTIC[n])
+    assert not hasattr(generate, "default_steps")
