@@ -156,9 +156,7 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], stat
         for old in list_checkpoints(run_dir)[:-keep]:
             old.unlink(missing_ok=True)
     # Temporary files left by writes that a kill interrupted are full-size: remove them.
-    for stale in ckpt_dir.glob(".ckpt_*.tmp"):
-        if stale.name != Path(tmp).name:
-            stale.unlink(missing_ok=True)
+    remove_temp_files(ckpt_dir)
     return path
 
 

@@ -63,6 +63,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import DDPMError
+from .outputs import check_writable
 from .schedule import Schedule, _reshape_abar
 from .unet import UNet, UNetConfig
 
@@ -564,15 +565,6 @@ def _new_folder(target: Path, what: str) -> Iterator[Path]:
         raise
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text())
@@ -602,11 +594,13 @@ def export_diffusers(run_dir: str | Path, out_dir: str | Path, *, use_ema: bool 
     """
     from safetensors.torch import save_file
 
-    from .checkpoint import load_run
+    from .checkpoint import atomic_write_json, load_run
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DDPMError(f"export folder {str(out_dir)!r} already exists; choose a new folder (or remove it)")
+    # Before the weights are read: the folder is built beside out_dir and renamed into place.
+    check_writable(out_dir.absolute().parent, "the export folder's parent")
     run = load_run(run_dir, "cpu", checkpoint=checkpoint)
     ema = use_ema and run.ema_model is not None
     model = run.ema_model if ema else run.model
@@ -629,15 +623,15 @@ def export_diffusers(run_dir: str | Path, out_dir: str | Path, *, use_ema: bool 
     }
     version = unet_config["_diffusers_version"]
     with _new_folder(out_dir, "export folder") as tmp:
-        _write_json(tmp / "model_index.json", {"_class_name": "DDPMPipeline", "_diffusers_version": version,
+        atomic_write_json(tmp / "model_index.json", {"_class_name": "DDPMPipeline", "_diffusers_version": version,
                                                "scheduler": ["diffusers", "DDPMScheduler"],
                                                "unet": ["diffusers", "UNet2DModel"]})
-        _write_json(tmp / "unet" / "config.json", unet_config)
+        atomic_write_json(tmp / "unet" / "config.json", unet_config)
         save_file(tensors, str(tmp / "unet" / WEIGHTS), metadata={"format": "pt"})
         with open(tmp / "unet" / WEIGHTS, "rb") as f:
             os.fsync(f.fileno())
-        _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
-        _write_json(tmp / EXPORT_META, meta)
+        atomic_write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
+        atomic_write_json(tmp / EXPORT_META, meta)
     return out_dir
 
 
@@ -722,6 +716,8 @@ def import_diffusers(src: str | Path, out_dir: str | Path, *, scheduler: str | P
     src, out_dir = Path(src), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DDPMError(f"--out {str(out_dir)!r} already exists; choose a new run folder")
+    # Before the weights are read: the run is built beside out_dir and renamed into place.
+    check_writable(out_dir.absolute().parent, "--out's parent folder")
     unet_dir, root = _find_unet(src)
     config = _read_json(unet_dir / "config.json", "UNet config")
     meta_path = root / EXPORT_META

@@ -396,3 +396,23 @@ def test_a_failed_write_leaves_no_folder_behind(tmp_path, monkeypatch):
     with pytest.raises(DDPMError, match="No space left on device"):
         import_diffusers(src, tmp_path / "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]  # no run, no temporary folder
+
+
+def test_an_unwritable_output_location_is_refused_before_weights_are_read(tmp_path, capsys, monkeypatch):
+    import ddpm.checkpoint
+    import ddpm.interop
+
+    src = save_pipeline(ddpm_architecture(), tmp_path / "hub")
+    run, _, _ = make_run(tmp_path / "run", TINY)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a file where the output's parent folder must go
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights read before the output location was checked")
+
+    monkeypatch.setattr(ddpm.checkpoint, "load_run", never)
+    monkeypatch.setattr(ddpm.interop, "_read_weights", never)
+    err = one_line_error(capsys, ["export", str(run), str(blocker / "export")])
+    assert "a-file" in err and "not a folder" in err
+    err = one_line_error(capsys, ["import", str(src), "--out", str(blocker / "imported")])
+    assert "a-file" in err and "not a folder" in err
