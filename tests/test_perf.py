@@ -432,3 +432,24 @@ def test_resumed_fused_adamw_state_follows_channels_last_weights() -> None:
     steps(opt_b, b, 3)
     assert torch.equal(a.weight, b.weight)
     assert opt_b.state[b.weight]["exp_avg"].stride() == b.weight.stride()
+
+
+@pytest.mark.parametrize("argv0, user_value, expected", [
+    ("/venv/bin/ddpm", None, "PASSIVE"),      # the console command
+    ("-m", None, "PASSIVE"),                  # python -m ddpm / torchrun -m ddpm, while the package loads
+    ("/venv/bin/ddpm", "ACTIVE", "ACTIVE"),   # the user's own setting wins
+    ("myscript.py", None, None),              # a library user's program keeps its environment
+])
+def test_the_ddpm_command_lets_openmp_threads_sleep_unless_the_user_chose(argv0: str, user_value: str | None,
+                                                                           expected: str | None) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user_value is not None:
+        env["OMP_WAIT_POLICY"] = user_value
+    code = (f"import sys; sys.argv[0] = {argv0!r}; import ddpm, os; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(expected), "True"]
