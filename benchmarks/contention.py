@@ -5,7 +5,7 @@ threads spin while they wait for each other (``OMP_WAIT_POLICY=ACTIVE`` behaviou
 them is descheduled by another process the others burn their time slices spinning, and a step can
 take several times longer than a fair share of the cores would allow.
 
-This script runs the real trainer (``python -m ddpm train``, ``small`` preset, batch 32, 32x32) under
+This script runs the real trainer (``ddpm.cli.main`` with ``train`` arguments, ``small`` preset, batch 32, 32x32) under
 each runtime setting, once alone and once beside a single-threaded busy job (a pure Python loop, as
 an editor, a browser tab or another script would be), and reports training images/s from the run's
 own ``metrics.csv`` (median of the logged intervals after warm-up) and the busy job's progress, so
@@ -62,7 +62,10 @@ def _env(setting: dict[str, str]) -> dict[str, str]:
 def _train(data: str, steps: int, env: dict[str, str], log_every: int) -> float:
     """Runs the trainer; returns the median images/s of the intervals after the first two."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "ddpm", "train", "--data", data, "--out", f"{tmp}/run", "--model", "small",
+        # through ddpm.cli.main from "python -c", not the ddpm command, which would make an unset
+        # OMP_WAIT_POLICY PASSIVE (its default): the first setting is torch's own default
+        cmd = [sys.executable, "-c", "import sys; from ddpm.cli import main; sys.exit(main(sys.argv[1:]))",
+               "train", "--data", data, "--out", f"{tmp}/run", "--model", "small",
                "--batch-size", "32", "--image-size", "32", "--steps", str(steps), "--log-every", str(log_every),
                "--sample-every", "0", "--save-every", "0", "--no-progress", "--no-tensorboard"]
         subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
