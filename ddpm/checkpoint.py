@@ -33,11 +33,16 @@ _TENSOR_REF = "__tensor__"
 
 
 # ------------------------------------------------------------------------------ atomic files
-def _umask_mode() -> int:
-    """The permissions a plain ``open()`` would give a new file (mkstemp uses 0600)."""
+def process_umask() -> int:
+    """The process's umask (read by setting and restoring it: there is no plain getter)."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _umask_mode() -> int:
+    """The permissions a plain ``open()`` would give a new file (mkstemp uses 0600)."""
+    return 0o666 & ~process_umask()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -533,16 +533,12 @@ def schedule_from_diffusers(config: dict[str, Any]) -> tuple[Schedule, str]:
 
 
 # ------------------------------------------------------------------------------ folders
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @contextmanager
 def _new_folder(target: Path, what: str) -> Iterator[Path]:
     """A temporary folder beside ``target`` that becomes ``target`` in one rename when the block
     succeeds, and is removed when it fails: readers never see a half-written folder."""
+    from .checkpoint import process_umask
+
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise DDPMError(f"{what} {str(target)!r} already exists; choose a new folder (or remove it)")
     parent = target.absolute().parent
@@ -553,7 +549,7 @@ def _new_folder(target: Path, what: str) -> Iterator[Path]:
         raise DDPMError(f"cannot write {what} {str(target)!r}: {e.strerror or e}") from None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would give
+        os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp's 0700 -> what mkdir would give
         if target.is_dir():
             target.rmdir()  # empty (checked above); rename cannot replace a folder everywhere
         os.rename(tmp, target)
