@@ -13,8 +13,16 @@
 #   --minutes M        training minutes per config (default 5)
 #   --n N              samples for each FID (default 5000; the FID of few samples is biased up)
 #   --device D         cuda (default), cuda:N or cpu
+#   --cifar-minutes M  training minutes of the CIFAR-10 run (default: --minutes)
 #   --train-args "..." extra `ddpm train` flags for both runs, e.g. "--model tiny --batch-size 8"
 #                      (how the CPU check below shrinks the job)
+#   --sample-batch B   images per sampling and per Inception batch (default 64; a GPU takes 500)
+#   --curve-every S    also score the CIFAR-10 run every S steps during training (--eval-every,
+#                      --curve-n samples against the test images): RUN/fid.png, FID against images seen
+#   --curve-n N        samples per point of that curve (default 1000)
+#   --no-fid           no Inception: write each run's --n samples as PNGs in a tar instead
+#                      (land_samples.tar, cifar_samples.tar), to be scored elsewhere with
+#                      `ddpm eval`-compatible tools
 #
 # A run cut short is resumed by the same line (training time counts over resumes); a finished one
 # is not trained again, only sampled and scored. Check it on a CPU in a minute or two:
@@ -22,17 +30,22 @@
 #        --device cpu --train-args "--model tiny --batch-size 4 --save-every 0 --sample-every 0"
 set -euo pipefail
 
-minutes=5 n=5000 device=cuda train_args="" land="" cifar="" out=""
+minutes=5 cifar_minutes="" n=5000 device=cuda train_args="" land="" cifar="" out="" batch=64 curve=0 curve_n=1000 fid=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --landscapes) land=$2; shift 2 ;;
     --cifar) cifar=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --minutes) minutes=$2; shift 2 ;;
+    --cifar-minutes) cifar_minutes=$2; shift 2 ;;
+    --sample-batch) batch=$2; shift 2 ;;
+    --curve-every) curve=$2; shift 2 ;;
+    --curve-n) curve_n=$2; shift 2 ;;
+    --no-fid) fid=0; shift ;;
     --n) n=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
     --train-args) train_args=$2; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "gpu_seed_results.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -47,33 +60,51 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 summary="$out/summary.txt"
 { echo "# gpu_seed_results.sh, $(date -u +%Y-%m-%dT%H:%MZ), $minutes min per config, n=$n, device $device"
-  python -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+  python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 } > "$summary"
 
-train() {  # name config data
-  local resume=()
+train() {  # name config data minutes [extra flags...]
+  local resume=() name=$1 config=$2 data=$3 mins=$4
+  shift 4
   # a run that used its whole budget is done (a resume would be refused); one cut short continues
-  [[ -f "$out/$1.trained" ]] && return 0
-  [[ -f "$out/$1/config.json" ]] && resume=(--resume)
+  [[ -f "$out/$name.trained" ]] && return 0
+  [[ -f "$out/$name/config.json" ]] && resume=(--resume)
   # shellcheck disable=SC2086  # train_args is a list of flags on purpose
-  ddpm train --config "$here/configs/$2" --data "$3" --out "$out/$1" --time-limit "$minutes" \
-    --device "$device" --no-progress "${resume[@]}" $train_args
-  touch "$out/$1.trained"
+  ddpm train --config "$here/configs/$config" --data "$data" --out "$out/$name" --time-limit "$mins" \
+    --device "$device" --no-progress "${resume[@]}" "$@" $train_args
+  touch "$out/$name.trained"
+}
+
+score() {  # name ref [eval flags...]: FID (and class accuracy) as NAME_eval.json, or the samples as a tar
+  local name=$1 ref=$2
+  shift 2
+  if [[ $fid == 1 ]]; then
+    ddpm eval --run "$out/$name" --ref "$ref" --n "$n" --device "$device" --batch-size "$batch" \
+      --feature-batch-size "$batch" --no-pr --quiet --out "$out/${name}_eval.json" "$@"
+  else
+    rm -rf "$out/${name}_samples"
+    ddpm sample --run "$out/$name" --n "$n" --device "$device" --batch-size "$batch" "$@" \
+      --individual "$out/${name}_samples" --out "$out/${name}_samples_grid.png"
+    tar -cf "$out/${name}_samples.tar" -C "$out" "${name}_samples"
+  fi
 }
 
 # landscapes: unconditional grid and FID against the training photographs
-train land landscapes-64.toml "$land"
-ddpm sample --run "$out/land" --n 64 --device "$device" --out "$out/landscapes.png"
-ddpm eval --run "$out/land" --ref "$land" --n "$n" --device "$device" --no-pr --quiet --out "$out/land_eval.json"
+train land landscapes-64.toml "$land" "$minutes"
+ddpm sample --run "$out/land" --n 64 --device "$device" --batch-size "$batch" --out "$out/landscapes.png"
+score land "$land"
 
 # CIFAR-10: guided ship and airplane grid, FID and class accuracy against the test images
-train cifar cifar10-64-cfg.toml "$cifar/train"
-ddpm sample --run "$out/cifar" --class ship airplane --n 8 --guidance 3 --device "$device" \
+curve_flags=()
+[[ $curve -gt 0 && $fid == 1 ]] && curve_flags=(--eval-every "$curve" --eval-n "$curve_n" --eval-ref "$cifar/test")
+train cifar cifar10-64-cfg.toml "$cifar/train" "${cifar_minutes:-$minutes}" "${curve_flags[@]}"
+ddpm sample --run "$out/cifar" --class ship airplane --n 8 --guidance 3 --device "$device" --batch-size "$batch" \
   --out "$out/cifar_ship_airplane.png"
-ddpm eval --run "$out/cifar" --ref "$cifar/test" --n "$n" --guidance 3 --device "$device" --no-pr --quiet \
-  --out "$out/cifar_eval.json"
+score cifar "$cifar/test" --guidance 3
+[[ -f "$out/cifar/fid.png" ]] && cp "$out/cifar/fid.png" "$out/cifar_fid_curve.png"
 
-python - "$out" >> "$summary" <<'EOF'
+[[ $fid == 1 ]] || { echo "no FID (--no-fid): samples in $out/{land,cifar}_samples.tar" >> "$summary"; cat "$summary"; exit 0; }
+python3 - "$out" >> "$summary" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])

@@ -53,10 +53,9 @@ def test_cpu_config_trains_two_steps_on_real_images(path: Path, cifar10_dir: Pat
     assert info["step"] == 2 and info["image_size"] == _load(path)["image_size"]
 
 
-def test_gpu_seed_results_script_runs_end_to_end_on_a_tiny_cpu_budget(cifar10_dir: Path, landscapes_dir: Path,
-                                                                      tmp_path: Path) -> None:
-    """benchmarks/gpu_seed_results.sh, shrunk to seconds on the CPU: both configs train, sample
-    their grids and are scored, and the summary names both FIDs and the ship/airplane accuracy."""
+def _gpu_script(cifar10_dir: Path, landscapes_dir: Path, tmp_path: Path, *flags: str):
+    """benchmarks/gpu_seed_results.sh on a few real images, shrunk to seconds on the CPU:
+    (command, environment, output folder, completed process)."""
     import os
     import shutil
     import subprocess
@@ -71,13 +70,42 @@ def test_gpu_seed_results_script_runs_end_to_end_on_a_tiny_cpu_budget(cifar10_di
            "OMP_NUM_THREADS": "1", "DDPM_CACHE": str(tmp_path / "cache")}
     cmd = [shutil.which("bash") or "bash", str(ROOT / "benchmarks" / "gpu_seed_results.sh"), "--landscapes", str(land),
            "--cifar", str(cifar), "--out", str(out), "--minutes", "0.02", "--n", "8", "--device", "cpu",
-           "--train-args", "--model tiny --batch-size 2 --save-every 0 --sample-every 0"]
+           "--sample-batch", "4", "--train-args", "--model tiny --batch-size 2 --save-every 0 --sample-every 0", *flags]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for name in ("landscapes.png", "cifar_ship_airplane.png", "land_eval.json", "cifar_eval.json"):
+    return cmd, env, out, proc
+
+
+def test_gpu_seed_results_script_runs_end_to_end_on_a_tiny_cpu_budget(cifar10_dir: Path, landscapes_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    """Both configs train, sample their grids and are scored; the CIFAR-10 run is also scored
+    during training (the FID curve), and the summary names both FIDs and the ship/airplane accuracy."""
+    import subprocess
+
+    cmd, env, out, _ = _gpu_script(cifar10_dir, landscapes_dir, tmp_path, "--curve-every", "1", "--curve-n", "4")
+    for name in ("landscapes.png", "cifar_ship_airplane.png", "land_eval.json", "cifar_eval.json",
+                 "cifar_fid_curve.png"):
         assert (out / name).is_file(), name
+    rows = (out / "cifar" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert any(r.split(",")[header.index("fid")] for r in rows[1:]), "no in-training FID row"
     summary = (out / "summary.txt").read_text()
     assert "land: step" in summary and "cifar: step" in summary and "ship" in summary and "airplane" in summary
     assert (out / "land.trained").is_file() and (out / "cifar.trained").is_file()  # a rerun only scores
-    bad = subprocess.run(cmd[:2] + ["--landscapes", str(land)], env=env, capture_output=True, text=True)
+    bad = subprocess.run(cmd[:2] + ["--landscapes", str(cmd[3])], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "--cifar is required" in bad.stderr
+
+
+def test_gpu_seed_results_script_without_fid_returns_the_samples(cifar10_dir: Path, landscapes_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """--no-fid (a machine without the Inception weights): no scoring, each run's --n samples as
+    PNGs in a tar, to be scored elsewhere."""
+    import tarfile
+
+    _, _, out, _ = _gpu_script(cifar10_dir, landscapes_dir, tmp_path, "--no-fid", "--curve-every", "1")
+    assert not (out / "land_eval.json").exists() and not (out / "cifar_fid_curve.png").exists()
+    for name in ("land", "cifar"):
+        with tarfile.open(out / f"{name}_samples.tar") as tar:
+            pngs = [m.name for m in tar.getmembers() if m.name.endswith(".png")]
+        assert len(pngs) == 8, (name, pngs)
+    assert "no FID" in (out / "summary.txt").read_text()
