@@ -724,7 +724,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="also train the small preset STEPS steps in fp32 and in bf16 and compare the losses")
     args = ap.parse_args(argv)
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = perf.resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but no CUDA device is available")
     if args.threads is None:

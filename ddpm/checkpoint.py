@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,63 +21,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import DDPMError
+from .outputs import atomic_write_to, remove_temp_files
 from .schedule import Schedule
 from .unet import UNet, UNetConfig
 
-__all__ = ["Run", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "load_run",
-           "atomic_write_bytes", "remove_temp_files", "weights_sha256"]
+__all__ = ["Run", "save_checkpoint", "save_safetensors", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
+           "load_run", "weights_sha256"]
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.safetensors$")
 _TENSOR_REF = "__tensor__"
-
-
-# ------------------------------------------------------------------------------ atomic files
-def process_umask() -> int:
-    """The process's umask (read by setting and restoring it: there is no plain getter)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _umask_mode() -> int:
-    """The permissions a plain ``open()`` would give a new file (mkstemp uses 0600)."""
-    return 0o666 & ~process_umask()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """JSON version of :func:`atomic_write_bytes` (indented, sorted keys)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def remove_temp_files(*folders: str | Path) -> None:
-    """Delete the temporary files (``.<name>.*.tmp``) that this module's atomic writes left in
-    ``folders`` when a process was killed mid-write; a checkpoint's is as big as the checkpoint.
-    Only safe while no other process writes there (see :func:`ddpm.run_folder.lock_run_folder`)."""
-    for folder in folders:
-        folder = Path(folder)
-        if folder.is_dir():
-            for stale in folder.glob(".*.tmp"):
-                try:
-                    stale.unlink(missing_ok=True)
-                except OSError:  # left for the next start; it blocks nothing
-                    pass
 
 
 # ------------------------------------------------------------------ nested state <-> tensors
@@ -126,9 +77,10 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], stat
     """Write ``checkpoints/ckpt_<step>.safetensors`` atomically, then prune to the newest ``keep``.
 
     ``state`` is a nested dict of tensors and plain values (``model``, ``ema``, ``optimizer``,
-    ``rng``, ...); ``config`` is the run's JSON config. Raises ``OSError`` when the file cannot
-    be written (a full disk: errno ENOSPC or EFBIG); the earlier checkpoints are then untouched
-    and no temporary file is left.
+    ``rng``, ...); ``config`` is the run's JSON config. Raises
+    :class:`~ddpm.outputs.OutputWriteError` (an ``OSError`` and a ``DDPMError``) when the file
+    cannot be written (a full disk: errno ENOSPC or EFBIG); the earlier checkpoints are then
+    untouched and no temporary file is left.
     """
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -136,12 +88,24 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], stat
     skeleton = _flatten(state, "", tensors)
     metadata = {"format": "ddpm-checkpoint-1", "step": str(step), "config": json.dumps(config, sort_keys=True),
                 "state": json.dumps(skeleton)}
-    path = ckpt_dir / f"ckpt_{step:09d}.safetensors"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=ckpt_dir)
-    os.close(fd)
-    try:
+    path = save_safetensors(ckpt_dir / f"ckpt_{step:09d}.safetensors", tensors, metadata)
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    # Temporary files left by writes that a kill interrupted are full-size: remove them.
+    remove_temp_files(ckpt_dir)
+    return path
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (contiguous, unshared) and string ``metadata`` to a safetensors file at
+    ``path`` atomically (:func:`ddpm.outputs.atomic_write_to`); returns ``path``. Raises
+    :class:`~ddpm.outputs.OutputWriteError` when the file cannot be written, errno included."""
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
         try:
-            save_file(tensors, tmp, metadata=metadata)
+            save_file(tensors, str(tmp), metadata=metadata)
         except SafetensorError as e:
             # The Rust writer reports a full disk as its own error type; callers handle file
             # system trouble as OSError, so pass it on as one, errno included.
@@ -150,19 +114,9 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], stat
                 raise
             code = int(m.group(1))
             raise OSError(code, os.strerror(code), str(path)) from None
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            old.unlink(missing_ok=True)
-    # Temporary files left by writes that a kill interrupted are full-size: remove them.
-    remove_temp_files(ckpt_dir)
-    return path
+
+    # By name: the Rust writer opens the file itself, and streams it instead of building a copy in memory.
+    return atomic_write_to(path, write)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

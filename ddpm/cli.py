@@ -149,13 +149,16 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     defaults = ", ".join(f"{name} {'all T' if k is None else k}" for name, k in DEFAULT_STEPS.items())
     p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default: {defaults}; at most T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0 = deterministic)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the starting noise")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed: image i's starting noise (and a stochastic sampler's noise) comes from a "
+                        "generator of its own seeded by (seed, i), so it is the same at any --batch-size and --n")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--individual", metavar="DIR", default=None, help="also write each image as DIR/NNNNN.png")
     p.add_argument("--nrow", type=int, default=0, help="images per grid row (0 = square, or --n with --class)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images sampled at once")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help="images sampled at once (speed and memory only: the images do not depend on it)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto = cuda when available")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="autocast precision")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help=TRAIN_HELP["precision"])
     p.add_argument("--animate", metavar="OUT.gif", default=None,
                    help="also write the sampling chain as an animated GIF: one tile per image, x_t on the left and "
                         "the model's prediction of x0 on the right")
@@ -178,17 +181,10 @@ DEFAULT_N = {"grid": 16, "sweep": 1, "interpolate": 8}
 
 
 def parse_device(name: str):
-    """``--device`` as a torch.device: auto, cpu, cuda or cuda:N; a one-line error otherwise."""
-    import torch
+    """``--device`` as a torch.device (:func:`ddpm.perf.resolve_device`, the one reading of it)."""
+    from .perf import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DDPMError(f"--device {name} asked for but CUDA is not available; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise DDPMError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    return resolve_device(name)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -240,15 +236,18 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         check_writable(args.animate, "--animate", is_file=True)
     if args.individual:
         check_writable(args.individual, "--individual")
-    device = parse_device(args.device)
+    from .perf import resolve_runtime
+
+    runtime = resolve_runtime(args.device, args.precision)
+    device = runtime.device
     run = load_run(args.run, device)
     steps = resolve_steps(args.sampler, args.steps, run.schedule.T)
     idx = [run.class_index(c) for c in args.classes] if args.classes else []
     common = dict(sampler=args.sampler, steps=steps, seed=args.seed, batch_size=args.batch_size,
-                  use_ema=not args.no_ema, device=device, precision=args.precision)
+                  use_ema=not args.no_ema, device=device, precision=runtime.precision)
     options = {"eta": args.eta} if args.sampler == "ddim" else {}
     recorder = ChainRecorder(args.animate_every or default_animate_every(steps), steps) if args.animate else None
-    done = f"{args.sampler}, step {run.step}{', EMA' if not args.no_ema else ''}"
+    done = f"{args.sampler}, step {run.step}{', EMA' if not args.no_ema else ''}, {runtime.describe()}"
     if mode == "sweep":
         rows = idx or list(range(len(run.classes or [])))  # guidance_sweep refuses an unconditional run
         labels = torch.tensor(rows).repeat_interleave(n_arg)

@@ -19,10 +19,10 @@ from .samplers import SAMPLER_NAMES
 
 
 def parse_device(name: str):
-    """The one ``--device`` parser, shared with ``ddpm.cli``."""
-    from .cli import parse_device as parse
+    """``--device`` as a torch.device (:func:`ddpm.perf.resolve_device`, the one reading of it)."""
+    from .perf import resolve_device
 
-    return parse(name)
+    return resolve_device(name)
 
 __all__ = ["register", "main"]
 
@@ -68,10 +68,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (unset: the sampler's default; ancestral runs all T)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--batch-size", type=int, default=64, help="images sampled at once")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images sampled at once (speed and memory only: the samples do not depend on it)")
     p.add_argument("--feature-batch-size", type=int, default=50, help="images per Inception batch")
     p.add_argument("--seed", type=int, default=0, help="random seed of the samples")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="sampling precision: fp32, or bf16 autocast; auto = bf16 on GPUs and on CPUs with native "
+                        "bf16 (as 'ddpm train' and 'ddpm sample' decide it)")
     p.add_argument("--out", metavar="FILE.json", default=None,
                    help="where to write the JSON result (unset: RUN/eval/<settings>.json; sweep: RUN/eval/sweep.json)")
     p.add_argument("--ref-max", type=int, default=None,
@@ -140,6 +144,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise DDPMError(f"run folder {args.run!r} does not exist; expected the --out folder of 'ddpm train'")
     what = "--out" if args.out else "the result file (pass --out to choose another)"
     common = dict(batch_size=args.batch_size, seed=args.seed, device=parse_device(args.device), use_ema=not args.no_ema,
+                  precision=args.precision,
                   inception=args.inception, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                   ref_max=args.ref_max, cifar_root=args.cifar_root, feature_batch_size=args.feature_batch_size,
                   kid_subset=args.kid_subset, kid_subsets=args.kid_subsets, progress=not args.quiet)
@@ -176,7 +181,8 @@ def _cmd_nearest(args: argparse.Namespace, eval_dir: Path, what: str) -> int:
     with lock_if_inside(args.run, out, advice=_BUSY_ADVICE):
         nearest.check_run(args.run, args.ref, n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                           seed=args.seed, batch_size=args.batch_size, device=parse_device(args.device),
-                          use_ema=not args.no_ema, k=args.nearest_k, show=args.nearest_n, heldout_max=args.ref_max,
+                          use_ema=not args.no_ema, precision=args.precision, k=args.nearest_k,
+                          show=args.nearest_n, heldout_max=args.ref_max,
                           train_data=args.train_data, inception=args.inception, cache_dir=args.cache_dir,
                           use_cache=not args.no_cache, cifar_root=args.cifar_root, out=out, progress=not args.quiet)
     return 0

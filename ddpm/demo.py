@@ -59,6 +59,7 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 800, seed: int = 0, 
 
     from .checkpoint import latest_checkpoint, load_run
     from .generate import BATCH_SIZE, generate, make_grid, save_png
+    from .perf import resolve_device
     from .samplers import resolve_steps
     from .train import TrainConfig, train
 
@@ -77,7 +78,7 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 800, seed: int = 0, 
     t0 = time.time()
     print(f"demo: training a class-conditional model on 1,797 digits at 16x16 for {steps} steps")
     train(cfg)
-    run = load_run(run_dir, "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    run = load_run(run_dir, resolve_device(device))
     per = 10
     labels = torch.arange(10).repeat_interleave(per)
     # The default sampler (DPM-Solver++, 20 steps): with the v target it is clean after minutes

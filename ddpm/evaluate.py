@@ -27,7 +27,6 @@ import importlib
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -41,7 +40,8 @@ from .errors import DDPMError
 from .inception import FeatureExtractor
 from .metrics import (LinearProbe, class_accuracy, fit_linear_probe, frechet_distance, gaussian_stats, kid,
                       precision_recall)
-from .outputs import check_writable
+from .outputs import atomic_write_json, atomic_write_with, check_writable
+from .perf import resolve_device, resolve_runtime
 from .samplers import SAMPLER_NAMES
 
 __all__ = ["ReferenceDataError", "FeatureSet", "default_cache_dir", "reference_stats", "reference_probe",
@@ -65,20 +65,9 @@ def default_cache_dir() -> Path:
 
 # ------------------------------------------------------------------------------ small helpers
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write indented JSON atomically (temp file in the same folder, then ``os.replace``)."""
-    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``obj`` to ``path`` as indented JSON in its own key order, atomically
+    (:func:`ddpm.outputs.atomic_write_json`, whose errors it raises)."""
+    atomic_write_json(path, obj, sort_keys=False)
 
 
 def _hash(obj: Any) -> str:
@@ -234,7 +223,7 @@ def _save_featureset(fs: FeatureSet, path: Path) -> None:
     if fs.labels is not None:
         arrays["labels"] = fs.labels
         arrays["classes"] = np.array(fs.classes, dtype=str)
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write_with(path, lambda f: np.savez(f, **arrays))
 
 
 def _load_featureset(path: Path, key: str | None = None) -> FeatureSet:
@@ -566,12 +555,6 @@ def _module(name: str):
     return importlib.import_module(name)
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _resolve_steps(sampler: str, steps: int | None, T: int, option: str = "--steps") -> int:
     return _module("ddpm.samplers").resolve_steps(sampler, steps, T, option)
 
@@ -610,13 +593,15 @@ class _Context:
     label_map: np.ndarray | None  # run class index -> reference class index
     probe_note: str | None
     device: torch.device
+    precision: str  # the sampling precision that runs: fp32 or bf16
     timings: dict[str, float]
 
 
-def _prepare(run_dir, ref, *, device, inception, cache_dir, ref_max, feature_batch_size, cifar_root, probe_l2,
+def _prepare(run_dir, ref, *, device, precision, inception, cache_dir, ref_max, feature_batch_size, cifar_root, probe_l2,
              use_cache, progress, check_run=None) -> _Context:
     t0 = time.perf_counter()
-    dev = _resolve_device(device)
+    runtime = resolve_runtime(device, precision)
+    dev = runtime.device
     run = _module("ddpm.checkpoint").load_run(run_dir, device=dev)
     if check_run is not None:
         check_run(run)  # settings that depend on the run (steps <= T) fail before the reference work
@@ -639,7 +624,7 @@ def _prepare(run_dir, ref, *, device, inception, cache_dir, ref_max, feature_bat
         if note:
             warnings.warn(f"class accuracy skipped: {note}")
     t3 = time.perf_counter()
-    return _Context(run, ref_fs, extractor, probe, label_map, note, dev,
+    return _Context(run, ref_fs, extractor, probe, label_map, note, dev, runtime.precision,
                     {"load_run_s": t1 - t0, "reference_s": t2 - t1, "probe_s": t3 - t2})
 
 
@@ -654,7 +639,7 @@ def _evaluate(ctx: _Context, *, n: int, sampler: str, steps: int | None, guidanc
     t0 = time.perf_counter()
     images = _module("ddpm.generate").generate(
         run, n, labels=labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-        use_ema=use_ema, device=ctx.device, progress=progress)
+        use_ema=use_ema, device=ctx.device, precision=ctx.precision, progress=progress)
     t1 = time.perf_counter()
     batches = (images[i:i + feature_batch_size] for i in range(0, n, feature_batch_size))
     gen = _extract(batches, n, ctx.extractor, progress, "inception (samples)").astype(np.float64)
@@ -690,7 +675,8 @@ def _header(ctx: _Context, ref: str | os.PathLike) -> dict:
         "classes": run.classes, "prediction": run.prediction,
         "reference": {"ref": str(ref), "source": fs.source, "n": fs.n, "cache": str(fs.cache_path) if fs.cache_path else None,
                       "cached": fs.cached, "key": fs.key[:20]},
-        "inception_sha256": ctx.extractor.sha256, "device": str(ctx.device), "torch": torch.__version__,
+        "inception_sha256": ctx.extractor.sha256, "device": str(ctx.device),
+        "sampling_precision": ctx.precision, "torch": torch.__version__,
     }
 
 
@@ -710,6 +696,7 @@ def evaluate_run(
     seed: int = 0,
     device: str | torch.device | None = None,
     *,
+    precision: str = "auto",
     use_ema: bool = True,
     inception: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -738,7 +725,7 @@ def evaluate_run(
     if out is not None:
         check_writable(out, "--out", is_file=True)
     t0 = time.perf_counter()
-    ctx = _prepare(run_dir, ref, device=device, inception=inception, cache_dir=cache_dir, ref_max=ref_max,
+    ctx = _prepare(run_dir, ref, device=device, precision=precision, inception=inception, cache_dir=cache_dir, ref_max=ref_max,
                    feature_batch_size=feature_batch_size, cifar_root=cifar_root, probe_l2=probe_l2,
                    use_cache=use_cache, progress=progress,
                    check_run=lambda run: _resolve_steps(sampler, steps, run.schedule.T))
@@ -760,7 +747,7 @@ def format_summary(r: dict) -> str:
     ref = r["reference"]
     lines = [
         f"run        {r['run']} (step {r['step']}, {'EMA' if r['use_ema'] else 'raw'} weights, {r['image_size']}px)",
-        f"sampling   {r['sampler']}, {r['steps']} steps = {r['nfe']} NFE"
+        f"sampling   {r['sampler']}, {r['steps']} steps = {r['nfe']} NFE, {r.get('sampling_precision', 'fp32')}"
         + (f", guidance {r['guidance']:g}" if r.get("guidance") is not None else "") + f", seed {r['seed']}",
         f"samples    {r['n']}" + (f" ({r['n'] / len(r['classes']):.0f} per class)" if r.get("classes") else ""),
         f"reference  {ref['source']} ({ref['n'] or 'statistics only'} images{', cached' if ref['cached'] else ''})",
@@ -804,7 +791,7 @@ def fid_folders(
     """FID (and KID when both sides have features) between two folders of images, or a folder
     and a ``.npz`` of statistics, like ``python -m pytorch_fid A B``. Images are used at their own
     sizes unless ``image_size`` is given. Returns ``{"fid", "n_a", "n_b", "kid_mean", "kid_std"}``."""
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     kw = dict(image_size=image_size, batch_size=batch_size, device=dev, inception=inception, cache_dir=cache_dir,
               use_cache=use_cache, progress=progress)
     a, b = reference_stats(dir_a, **kw), reference_stats(dir_b, **kw)
@@ -829,6 +816,7 @@ def sampler_sweep(
     batch_size: int = 64,
     seed: int = 0,
     device: str | torch.device | None = None,
+    precision: str = "auto",
     use_ema: bool = True,
     inception: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -862,7 +850,7 @@ def sampler_sweep(
     def check_run(run: Any) -> None:
         steps_used[:] = sweep_steps(steps_list, run.schedule.T)
 
-    ctx = _prepare(run_dir, ref, device=device, inception=inception, cache_dir=cache_dir, ref_max=ref_max,
+    ctx = _prepare(run_dir, ref, device=device, precision=precision, inception=inception, cache_dir=cache_dir, ref_max=ref_max,
                    feature_batch_size=feature_batch_size, cifar_root=cifar_root, probe_l2=probe_l2,
                    use_cache=use_cache, progress=progress, check_run=check_run)
     if not ctx.run.classes:
@@ -912,9 +900,7 @@ def plot_sweep(report: dict, path: str | os.PathLike) -> None:
     axes[0][0].legend()
     fig.suptitle(f"{Path(report['run']).name} step {report['step']}: FID vs sampling cost")
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    _atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
+    try:
+        atomic_write_with(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)

@@ -17,18 +17,19 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import Run, atomic_write_bytes
+from .checkpoint import Run
 from .data import to_uint8
 from .errors import DDPMError
 from .guidance import guided
-from .samplers import STOCHASTIC, eps_model, get_sampler, resolve_steps
+from .outputs import atomic_write_with
+from .samplers import STOCHASTIC, ImageGenerators, eps_model, get_sampler, resolve_steps
 
 __all__ = ["generate", "starting_noise", "make_grid", "save_png", "save_gif", "slerp",
            "ChainRecorder", "Chain", "chain_frames", "default_animate_every", "guidance_sweep", "interpolate",
            "STOCHASTIC_SAMPLERS", "BATCH_SIZE", "check_animate_every", "check_sweep_scales",
            "check_interpolation_n"]
 
-# Images sampled at once unless asked otherwise (the batch also fixes which starting noise a seed gives).
+# Images sampled at once unless asked otherwise (speed and memory only: every image has its own noise).
 BATCH_SIZE = 64
 
 # Samplers that add fresh noise at every step (ddim too when its eta > 0).
@@ -38,18 +39,16 @@ STOCHASTIC_SAMPLERS = tuple(name for name, noisy in STOCHASTIC.items() if noisy)
 BatchCallback = Callable[[int, int, int, torch.Tensor, torch.Tensor], None]
 
 
-def _batch_generator(seed: int, k: int) -> torch.Generator:
-    """The CPU generator of batch ``k``: it draws that batch's starting noise, then the sampler's noise."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + k)
-
-
-def starting_noise(run: Run, n: int, *, seed: int = 0, batch_size: int = BATCH_SIZE) -> torch.Tensor:
-    """The starting noise x_T that ``generate(run, n, seed=seed, batch_size=batch_size)`` draws:
-    float32 [n, C, H, W], standard normal, on the CPU."""
+def starting_noise(run: Run, n: int, *, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+    """The starting noise x_T that ``generate(run, n, seed=seed)`` draws, at any batch size:
+    float32 [n, C, H, W], standard normal, on the CPU. Row i is the first draw of image i's own
+    CPU generator, seeded ``seed * 1_000_003 + i`` (:func:`ddpm.samplers.image_seed`), so it
+    depends on the seed and i alone: the first rows of a larger n are the rows of a smaller one.
+    ``batch_size`` is accepted for callers written when batches were seeded, and changes nothing.
+    """
+    del batch_size  # images are seeded one by one: the batch changes nothing
     c, size = run.model.config.in_channels, run.image_size
-    parts = [torch.randn(min(batch_size, n - start), c, size, size, generator=_batch_generator(seed, k))
-             for k, start in enumerate(range(0, n, batch_size))]
-    return torch.cat(parts)
+    return ImageGenerators.seeded(seed, n).randn((c, size, size))
 
 
 def generate(
@@ -67,17 +66,23 @@ def generate(
     device: str | torch.device | None = None,
     progress: bool = True,
     clip: bool = True,
-    precision: str = "fp32",
+    precision: str = "auto",
     callback: BatchCallback | None = None,
     **sampler_options,
 ) -> torch.Tensor:
     """``n`` images as uint8 [N, 3, H, W] from ``run``'s EMA (or raw) weights.
 
     ``labels`` (int64 [N]) picks the class of each image for conditional runs; without labels a
-    conditional run samples unconditionally (the null class). Batch ``k`` starts from noise
-    seeded by ``(seed, k)`` (:func:`starting_noise`), so the same seed and batch size give the
-    same images; ``noise`` (float [N, C, H, W]) replaces that starting noise, and the seed then
-    only drives the noise that stochastic samplers add on the way.
+    conditional run samples unconditionally (the null class). Image ``i`` has a CPU generator of
+    its own, seeded ``seed * 1_000_003 + i`` (:class:`ddpm.samplers.ImageGenerators`): it draws
+    the image's starting noise (:func:`starting_noise`), then every noise a stochastic sampler
+    (ancestral, langevin, ddim with eta > 0) adds to that image, in the same order at any
+    ``batch_size``. So the seed alone fixes image i: the batch size does not change it, and the
+    first images of a larger ``n`` are those of a smaller one. (Up to float rounding: the network
+    may round a batch of 1 and a batch of 64 differently on some devices, which can move a pixel
+    by one level.) ``noise`` (float [N, C, H, W]) replaces the starting noise; image i's generator
+    still draws (and drops) its own first, so a stochastic sampler adds the same noise with or
+    without it. ``batch_size`` sets only how many images go through the network at once.
 
     ``callback(batch, i, t, x, x0)``, when given, is called after step ``i`` (timestep ``t``) of
     each batch in turn, with the new x_t and the model's current prediction of x0, both float32
@@ -113,10 +118,10 @@ def generate(
     call = inference_model(net, device, precision)
     for k in batches:
         b = min(batch_size, n - k * batch_size)
-        gen = _batch_generator(seed, k)
-        if noise is None:
-            x_T = torch.randn(b, net.config.in_channels, size, size, generator=gen)
-        else:
+        # The generators of this batch's images: each draws its image's x_T, then its step noise.
+        gen = ImageGenerators.seeded(seed, b, start=k * batch_size)
+        x_T = gen.randn((net.config.in_channels, size, size))  # drawn even when replaced: see above
+        if noise is not None:
             x_T = noise[k * batch_size : k * batch_size + b].float()
         x_T = x_T.to(device)
         if labels is not None:
@@ -147,14 +152,12 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: int 
 
 
 def save_png(array: np.ndarray, path: str | Path) -> None:
-    """Save an HWC uint8 array as PNG, atomically."""
-    import io
-
+    """Save an HWC (or HW grey) uint8 array as a PNG at ``path``, atomically
+    (:func:`ddpm.outputs.atomic_write_with`, whose errors it raises)."""
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    image = Image.fromarray(array)
+    atomic_write_with(path, lambda f: image.save(f, format="PNG"))
 
 
 def save_gif(frames: Sequence[np.ndarray], path: str | Path, *, frame_ms: int = 100, hold_ms: int = 2000) -> None:
@@ -162,19 +165,17 @@ def save_gif(frames: Sequence[np.ndarray], path: str | Path, *, frame_ms: int = 
 
     Each frame shows for ``frame_ms`` milliseconds, the last for ``hold_ms``. Pillow writes it and
     reduces each frame to its own 256-colour palette; it also merges identical consecutive
-    frames into one (adding their durations), so such frames count once.
+    frames into one (adding their durations), so such frames count once. Raises ``ValueError``
+    for no frames, and the errors of :func:`ddpm.outputs.atomic_write_with`.
     """
-    import io
-
     from PIL import Image
 
     if not frames:
         raise ValueError("an animation needs at least one frame")
     images = [Image.fromarray(f) for f in frames]
     durations = [frame_ms] * (len(images) - 1) + [hold_ms]
-    buf = io.BytesIO()
-    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_with(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
+                                                     duration=durations, loop=0))
 
 
 def class_labels(counts: Sequence[int]) -> torch.Tensor:
@@ -256,8 +257,8 @@ def guidance_sweep(run: Run, scales: Sequence[float], labels: torch.Tensor, **ge
         raise DDPMError("--guidance-sweep needs a class-conditional run (trained with --conditional); this one is "
                         "unconditional")
     check_sweep_scales(scales)
-    # generate() draws its starting noise from the seed and the batch alone, so every scale
-    # starts row r from the same noise (and stochastic samplers add the same noise on the way).
+    # generate() draws image i's noise from the seed and i alone, so every scale starts row r
+    # from the same noise (and stochastic samplers add the same noise on the way).
     per_scale = [generate(run, len(labels), labels=labels, guidance=float(s), **generate_options) for s in scales]
     return torch.stack(per_scale, dim=1).flatten(0, 1)
 
@@ -303,9 +304,9 @@ def interpolate(run: Run, n: int, *, seed: int = 0, sampler: str = "dpm-solver",
     With a deterministic sampler (dpm-solver, or ddim with ``eta`` = 0) the row is a smooth path
     and its ends are those two plain samples (to float rounding: a batch of n may round
     differently from a batch of 1; exactly with ``batch_size=1``). Stochastic samplers (ancestral,
-    langevin, ddim with eta > 0) add independent noise to every image at every step, so the row is
-    not smooth and its ends are other samples from the same starting noises; a warning says so.
-    Raises :class:`DDPMError` when ``n`` < 2.
+    langevin, ddim with eta > 0) add each image's own noise (image i's generator of ``seed``) at
+    every step, so the row is not smooth and its last end is another sample from seed + 1's
+    starting noise; a warning says so. Raises :class:`DDPMError` when ``n`` < 2.
     """
     check_interpolation_n(n)
     if sampler.replace("_", "-") in STOCHASTIC_SAMPLERS or (sampler == "ddim" and eta > 0):

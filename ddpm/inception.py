@@ -155,7 +155,9 @@ class FeatureExtractor:
     """
 
     def __init__(self, path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> None:
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        from .perf import resolve_device  # local: perf is not needed to read features from a cache
+
+        self.device = resolve_device(device)
         self.path = weights_path(path)
         self.sha256 = verify_weights(self.path)  # identifies the extractor in cache keys
 

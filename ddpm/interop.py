@@ -63,7 +63,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import DDPMError
-from .outputs import check_writable
+from .outputs import atomic_write_json, check_writable, process_umask
 from .schedule import Schedule, _reshape_abar
 from .unet import UNet, UNetConfig
 
@@ -537,8 +537,6 @@ def schedule_from_diffusers(config: dict[str, Any]) -> tuple[Schedule, str]:
 def _new_folder(target: Path, what: str) -> Iterator[Path]:
     """A temporary folder beside ``target`` that becomes ``target`` in one rename when the block
     succeeds, and is removed when it fails: readers never see a half-written folder."""
-    from .checkpoint import process_umask
-
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise DDPMError(f"{what} {str(target)!r} already exists; choose a new folder (or remove it)")
     parent = target.absolute().parent
@@ -588,9 +586,7 @@ def export_diffusers(run_dir: str | Path, out_dir: str | Path, *, use_ema: bool 
     Raises :class:`DDPMError` for an unreadable run, an unexportable attention layout, or an
     unwritable ``out_dir``.
     """
-    from safetensors.torch import save_file
-
-    from .checkpoint import atomic_write_json, load_run
+    from .checkpoint import load_run, save_safetensors
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -623,9 +619,7 @@ def export_diffusers(run_dir: str | Path, out_dir: str | Path, *, use_ema: bool 
                                                "scheduler": ["diffusers", "DDPMScheduler"],
                                                "unet": ["diffusers", "UNet2DModel"]})
         atomic_write_json(tmp / "unet" / "config.json", unet_config)
-        save_file(tensors, str(tmp / "unet" / WEIGHTS), metadata={"format": "pt"})
-        with open(tmp / "unet" / WEIGHTS, "rb") as f:
-            os.fsync(f.fileno())
+        save_safetensors(tmp / "unet" / WEIGHTS, tensors, {"format": "pt"})
         atomic_write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
         atomic_write_json(tmp / EXPORT_META, meta)
     return out_dir
@@ -706,7 +700,7 @@ def import_diffusers(src: str | Path, out_dir: str | Path, *, scheduler: str | P
     unreadable or mismatched weights, or an ``out_dir`` that exists and is not empty.
     """
     from . import __version__
-    from .checkpoint import atomic_write_json, save_checkpoint
+    from .checkpoint import save_checkpoint
     from .train import IMPORTED, TrainConfig
 
     src, out_dir = Path(src), Path(out_dir)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import scipy.linalg
 import torch
+
+from .outputs import atomic_write_with
 
 __all__ = ["gaussian_stats", "frechet_distance", "fid_from_features", "kid", "precision_recall",
            "LinearProbe", "fit_linear_probe", "class_accuracy"]
@@ -209,19 +209,12 @@ class LinearProbe:
         return self.logits(feats).argmax(1).astype(np.int64)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file in the same folder, then rename)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name, suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, weight=self.weight, bias=self.bias, mean=self.mean, scale=self.scale,
-                         classes=np.array(self.classes, dtype=str),
-                         holdout_accuracy=np.array(np.nan if self.holdout_accuracy is None else self.holdout_accuracy))
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the probe to ``path`` as an ``.npz`` (no pickles), atomically
+        (:func:`ddpm.outputs.atomic_write_with`, whose errors it raises)."""
+        arrays = dict(weight=self.weight, bias=self.bias, mean=self.mean, scale=self.scale,
+                      classes=np.array(self.classes, dtype=str),
+                      holdout_accuracy=np.array(np.nan if self.holdout_accuracy is None else self.holdout_accuracy))
+        atomic_write_with(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LinearProbe":

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .errors import DDPMError
+from .perf import resolve_runtime
 
 __all__ = ["NEAR_COPY_FACTOR", "HELDOUT_PERCENTILE", "HELDOUT_MAX", "SAME_IMAGE_RMS", "RULE", "nearest_neighbours",
            "near_copy_thresholds", "MemorisationReport", "memorisation_check", "nearest_grid", "format_report",
@@ -351,7 +352,8 @@ def check_run(run_dir: str | os.PathLike, ref: str, *, n: int = 1000, sampler: s
               heldout_max: int | None = None, train_data: str | None = None,
               inception: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
               use_cache: bool = True, cifar_root: str | os.PathLike | None = None,
-              out: str | os.PathLike | None = None, progress: bool = True, verbose: bool = True) -> dict:
+              out: str | os.PathLike | None = None, progress: bool = True, verbose: bool = True,
+              precision: str = "auto") -> dict:
     """The memorisation check of a run: ``n`` samples against the run's training images, held-out
     real images from ``ref`` (a folder or ``cifar10[:test]`` that holds no training images;
     ``heldout_max``, default :data:`HELDOUT_MAX`, of them).
@@ -377,7 +379,8 @@ def check_run(run_dir: str | os.PathLike, ref: str, *, n: int = 1000, sampler: s
         check_writable(out, "--out", is_file=True)
         grid_path = Path(out).with_suffix(".png")
         check_writable(grid_path, "the nearest-neighbour grid", is_file=True)
-    dev = evaluate._resolve_device(device)
+    runtime = resolve_runtime(device, precision)
+    dev = runtime.device
     run = load_run(run_dir, device=dev)
     steps_used = resolve_steps(sampler, steps, run.schedule.T)
     train_cfg = run.config.get("train", {})
@@ -405,7 +408,7 @@ def check_run(run_dir: str | os.PathLike, ref: str, *, n: int = 1000, sampler: s
     extractor = evaluate.FeatureExtractor(inception, dev)
     images = generate(run, n, labels=evaluate.spread_labels(n, run.classes), sampler=sampler, steps=steps_used,
                       guidance=guidance, seed=seed, batch_size=batch_size, use_ema=use_ema, device=dev,
-                      progress=progress)
+                      precision=runtime.precision, progress=progress)
     mirrored = bool(train_cfg.get("hflip", True))
     report = memorisation_check(images, train, heldout, extractor, train_features=train_fs.features, k=k,
                                 mirrored=mirrored, show=show)

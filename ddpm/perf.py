@@ -4,6 +4,10 @@ The trainer, the sampling CLI and the benchmark all call these helpers, so the b
 measures exactly what a user gets. Each helper makes one decision and says why; the numbers
 behind the defaults are in ``docs/benchmarks.md``.
 
+* **Device.** :func:`resolve_device` is the one reading of ``--device`` (``auto``, ``cpu``,
+  ``cuda``, ``cuda:N``) for every command, the trainer under torchrun, evaluation and the
+  Inception network; :func:`resolve_runtime` bundles it with the resolved precision and memory
+  layout into the :class:`Runtime` that a command prints once and passes on.
 * **Precision.** ``"bf16"`` means bfloat16 *autocast*: weights, optimiser state and the loss
   stay in float32; convolutions, matmuls and attention run in bfloat16. bf16 has float32's
   exponent range, so no loss scaling is needed. On CUDA it is used on every GPU that supports
@@ -39,13 +43,19 @@ import resource
 import shutil
 import sys
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
 
+from .errors import DDPMError
+
 __all__ = [
     "PRECISIONS",
+    "Runtime",
+    "resolve_device",
+    "resolve_runtime",
     "bf16_supported",
     "default_precision",
     "resolve_precision",
@@ -72,6 +82,69 @@ PRECISIONS = ("fp32", "bf16")
 
 def _device(device: torch.device | str) -> torch.device:
     return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def resolve_device(device: str | torch.device | None = "auto", *, local_rank: int = 0, world: int = 1) -> torch.device:
+    """The torch.device a ``--device`` value names: ``auto`` (or None) is ``cuda:LOCAL_RANK`` when
+    CUDA is available, else ``cpu``; ``cuda`` under several processes (torchrun) is each
+    process's own ``cuda:LOCAL_RANK``; ``cpu``, ``cuda:N`` and torch.device values pass through.
+
+    Raises :class:`DDPMError` (one line) for a CUDA device on a machine without CUDA, a
+    ``cuda:N`` beyond the GPUs present, or a name torch does not know.
+    """
+    if isinstance(device, torch.device):
+        name = str(device)
+    else:
+        name = "auto" if device is None else str(device).strip()
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DDPMError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DDPMError(f"--device {name} asked for but CUDA is not available; use --device cpu or auto")
+        if dev.index is None:
+            return torch.device(f"cuda:{local_rank}") if world > 1 else dev
+        if dev.index >= torch.cuda.device_count():
+            raise DDPMError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                            f"numbered 0 to {torch.cuda.device_count() - 1}")
+    return dev
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a command runs, decided once (:func:`resolve_runtime`) and passed on.
+
+    ``precision`` is what really runs ("fp32" or "bf16" autocast), never "auto".
+    """
+
+    device: torch.device
+    precision: str
+    channels_last: bool
+
+    def autocast(self) -> ContextManager[Any]:
+        """The forward pass's autocast context for this runtime (see :func:`autocast_context`)."""
+        return autocast_context(self.device, self.precision)
+
+    def describe(self) -> str:
+        """One line for the log, e.g. ``bf16 autocast on cpu``."""
+        return f"{'bf16 autocast' if self.precision == 'bf16' else 'fp32'} on {self.device}"
+
+
+def resolve_runtime(device: str | torch.device | None = "auto", precision: str = "auto", *, local_rank: int = 0,
+                    world: int = 1, channels_last: bool | None = None) -> Runtime:
+    """The :class:`Runtime` of ``--device`` and ``--precision`` (``auto``, ``fp32`` or ``bf16``):
+    the device by :func:`resolve_device`, the precision by :func:`resolve_precision` (``bf16`` on a
+    device without fast bf16 warns and runs fp32, and the runtime says fp32), channels_last by
+    :func:`default_channels_last` unless given. Raises :class:`DDPMError` for a bad device or an
+    unknown precision."""
+    dev = resolve_device(device, local_rank=local_rank, world=world)
+    if precision != "auto" and precision not in PRECISIONS:
+        raise DDPMError(f"unknown precision {precision!r}; expected auto, {' or '.join(PRECISIONS)}")
+    prec = resolve_precision(dev, precision)
+    return Runtime(dev, prec, default_channels_last(dev) if channels_last is None else channels_last)
 
 
 @functools.lru_cache(maxsize=None)

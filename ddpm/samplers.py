@@ -9,8 +9,11 @@ Every sampler has the same form::
 network that predicts v or x0 with :func:`eps_model`: the :class:`Denoiser` it returns is still
 an eps callable, and also hands the samplers its x0 prediction directly, which stays exact where
 ``x0 = (x - sigma eps) / alpha`` would divide by an ``alpha`` near or at zero. ``x_T`` is the starting noise; further noise is
-drawn from ``generator`` so a seed fixes the whole chain. ``callback(i, t, x, x0)`` is called
-after each step with the step index, timestep, new sample and the current prediction of x0.
+drawn from ``generator`` so a seed fixes the whole chain: a ``torch.Generator`` draws the noise
+of the whole batch at once (so an image's noise depends on the batch it is in), an
+:class:`ImageGenerators` draws each image's noise from that image's own generator (so it does
+not). ``callback(i, t, x, x0)`` is called after each step with the step index, timestep, new
+sample and the current prediction of x0.
 
 Sampling runs under ``torch.inference_mode``; the update arithmetic is done in float32
 whatever dtype the model returns.
@@ -19,7 +22,7 @@ whatever dtype the model returns.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -27,7 +30,7 @@ from .errors import DDPMError
 from .schedule import Schedule
 
 __all__ = ["ancestral", "ddim", "langevin", "dpm_solver", "SAMPLERS", "SAMPLER_NAMES", "STOCHASTIC", "get_sampler",
-           "eps_model", "Denoiser",
+           "eps_model", "Denoiser", "ImageGenerators", "image_seed",
            "ancestral_step", "ddim_step", "model_evaluations", "DEFAULT_STEPS", "resolve_steps"]
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -89,7 +92,64 @@ def _predict(model: Model, x: torch.Tensor, t: int, schedule: Schedule) -> tuple
     return eps, None
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def image_seed(seed: int, i: int) -> int:
+    """The seed of image ``i`` of a call with ``seed``: ``seed * 1_000_003 + i`` (1,000,003 is a
+    prime larger than any image count a call makes, so two images of one call, or image i of
+    seeds s and s + 1, never share a seed). Image 0's seed is the one the first batch of a seed
+    had before images were seeded one by one, so a single image of a seed is what it was."""
+    return int(seed) * 1_000_003 + int(i)
+
+
+class ImageGenerators:
+    """One CPU ``torch.Generator`` per image of a batch, so that every image's noise comes from
+    its own generator and never depends on which batch, or where in it, the image is sampled
+    (as EDM's ``StackedRandomGenerator`` does). Pass it as a sampler's ``generator``.
+
+    ``randn(shape)`` draws one standard-normal tensor of ``shape`` (one image) from each generator
+    in turn and stacks them: float32 [N, *shape]. Each image's draws therefore come in the same
+    order (its starting noise, then each step's noise) whatever the batch size. Slicing gives the
+    generators of a part of the batch (the same objects, so draws advance them).
+
+        gens = ImageGenerators.seeded(seed=0, n=9)      # image i seeded by image_seed(0, i)
+        x_T = gens.randn((3, 32, 32))                   # float32 [9, 3, 32, 32]
+        x = ancestral(model, x_T, schedule, generator=gens)
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator]) -> None:
+        self.generators = list(generators)
+        if not self.generators:
+            raise ValueError("ImageGenerators needs at least one generator")
+
+    @classmethod
+    def seeded(cls, seed: int, n: int, start: int = 0) -> "ImageGenerators":
+        """Generators of images ``start .. start + n - 1`` of a call with ``seed`` (:func:`image_seed`)."""
+        return cls([torch.Generator().manual_seed(image_seed(seed, i)) for i in range(start, start + n)])
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def __getitem__(self, index: slice) -> "ImageGenerators":
+        if not isinstance(index, slice):
+            raise TypeError("ImageGenerators are sliced (gens[a:b]), not indexed")
+        return ImageGenerators(self.generators[index])
+
+    def randn(self, shape: Sequence[int], device: str | torch.device | None = None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """float [N, *shape] standard normal, row i from generator i (drawn on its device, then moved)."""
+        draws = [torch.randn(tuple(shape), generator=g, device=g.device, dtype=dtype) for g in self.generators]
+        return torch.stack(draws).to(device if device is not None else draws[0].device)
+
+
+Generator = Union[torch.Generator, ImageGenerators, None]
+
+
+def _randn_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
+    """Standard normal noise like ``x`` (float32, on x's device) from ``generator``: a torch
+    generator draws the batch at once; :class:`ImageGenerators` draw a row per image."""
+    if isinstance(generator, ImageGenerators):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} image generators for a batch of {x.shape[0]}")
+        return generator.randn(x.shape[1:], device=x.device)
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
 
@@ -171,7 +231,7 @@ def ancestral(
     *,
     steps: int | None = None,
     clip: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     callback: Callback = None,
     variance: str = "small",
     spacing: str = "linspace",
@@ -238,7 +298,7 @@ def ddim(
     *,
     steps: int = 50,
     clip: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     callback: Callback = None,
     eta: float = 0.0,
     spacing: str = "linspace",
@@ -266,7 +326,7 @@ def langevin(
     *,
     steps: int | None = None,
     clip: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     callback: Callback = None,
     corrector_steps: int = 1,
     snr: float = 0.16,
@@ -318,7 +378,7 @@ def dpm_solver(
     *,
     steps: int = 20,
     clip: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     callback: Callback = None,
     order: int = 2,
     spacing: str = "logsnr",

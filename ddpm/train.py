@@ -33,16 +33,16 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
-from .checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, remove_temp_files, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import BatchStream, ImageSet, _mix, batches, count_hidden_images, load_dataset, to_model_range
 from .ema import EMA, edm_ema_decay
 from .errors import DDPMError
 from .generate import make_grid, save_png
-from .outputs import check_writable
+from .outputs import atomic_write_json, atomic_write_text, atomic_write_with, check_writable, remove_temp_files
 from .run_folder import lock_run_folder, run_write_errors
 from .guidance import guided
 from .losses import PREDICTIONS, T_SAMPLINGS, WEIGHTINGS, diffusion_loss, timestep_probabilities
-from .samplers import eps_model, get_sampler
+from .samplers import ImageGenerators, eps_model, get_sampler
 from .schedule import SCHEDULES, Schedule
 from .unet import PRESETS, UNet, UNetConfig, count_parameters
 
@@ -158,19 +158,6 @@ def _init_distributed(device_pref: str) -> _Dist:
         # A finite timeout turns a dead peer into an error on the survivors instead of a hang.
         dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("DDPM_DIST_TIMEOUT_MIN", "10"))))
     return _Dist(rank, world, local_rank)
-
-
-def _resolve_device(pref: str, d: _Dist) -> torch.device:
-    if pref == "auto":
-        return torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
-    if pref.startswith("cuda") and not torch.cuda.is_available():
-        raise DDPMError(f"--device {pref} asked for but CUDA is not available; use --device cpu")
-    if pref == "cuda" and d.world > 1:
-        return torch.device(f"cuda:{d.local_rank}")
-    try:
-        return torch.device(pref)
-    except RuntimeError:
-        raise DDPMError(f"unknown device {pref!r}; expected auto, cpu, cuda or cuda:N") from None
 
 
 # ----------------------------------------------------------------------------------- checks
@@ -334,9 +321,7 @@ class _Logger:
             w = csv.DictWriter(buf, fieldnames=self.FIELDS)
             w.writeheader()
             w.writerows(self.rows)
-            from .checkpoint import atomic_write_bytes
-
-            atomic_write_bytes(self.path, buf.getvalue().encode())
+            atomic_write_text(self.path, buf.getvalue())
         self.tb = None
         if tensorboard:
             try:
@@ -463,20 +448,18 @@ def _plot_curve(path: Path, points: list[tuple[float, float]], ylabel: str, *, m
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    from .checkpoint import atomic_write_bytes
-
-    with run_write_errors(path.parent, path.name):
-        atomic_write_bytes(path, buf.getvalue())
+    try:
+        with run_write_errors(path.parent, path.name):
+            atomic_write_with(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _append(path: Path, data: bytes) -> None:
     """Append ``data`` to ``path`` whole or not at all: a row cut short by a full disk would
     read back as a wrong number, so a failed write is truncated away before the error is raised."""
+    # An append, not ddpm.outputs' atomic rewrite: that would copy the whole log per row and break
+    # `tail -f`. The file is first made by atomic_write_text; O_CREAT with 0o666 gives umask permissions.
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         start = os.lseek(fd, 0, os.SEEK_END)
@@ -578,9 +561,10 @@ class _TrainingEval:
 
     The reference statistics come from :func:`ddpm.evaluate.reference_stats` (its cache: computed
     once per reference and image size); the FID floor of --eval-n real images is computed once and
-    kept in ``RUN/fid_floor.json``, so a resumed run reads it back. Samples start from noise of a
-    generator of their own, the same at every evaluation (the curve then follows the weights, not
-    the draw), and nothing here touches the global RNG the training steps draw from.
+    kept in ``RUN/fid_floor.json``, so a resumed run reads it back. Each sample starts from noise
+    of a generator of its own (seeded by --seed and its index), the same at every evaluation and
+    at any batch size (the curve then follows the weights, not the draw), and nothing here
+    touches the global RNG the training steps draw from.
     """
 
     FLOOR_FILE = "fid_floor.json"
@@ -647,10 +631,13 @@ class _TrainingEval:
         labels = spread_labels(n, self.classes)  # as 'ddpm eval' spreads its samples over the classes
         size, channels = ema_model.config.image_size, ema_model.config.in_channels
         parts = []
-        for k, start in enumerate(range(0, n, self.batch)):
+        for start in range(0, n, self.batch):
             b = min(self.batch, n - start)
-            gen = torch.Generator().manual_seed(_mix(cfg.seed, k, 0xF1D))
-            x_T = torch.randn(b, channels, size, size, generator=gen)
+            # Image i's noise comes from a generator of its own, so the samples (and the curve) do
+            # not depend on the micro-batch, which --batch-size, --grad-accum and the processes set.
+            gens = ImageGenerators([torch.Generator().manual_seed(_mix(cfg.seed, i, 0xF1D))
+                                    for i in range(start, start + b)])
+            x_T = gens.randn((channels, size, size))
             parts.append(_ema_samples(ema_model, schedule, cfg, x_T, None if labels is None else labels[start:start + b],
                                       self.steps, self.device, autocast))
         scores = score_images(torch.cat(parts), self.ref, self.extractor)
@@ -692,12 +679,13 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
 
 def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | None,
            held: contextlib.ExitStack) -> Path:
-    from .perf import (autocast_context, default_precision, load_optimizer_state, make_optimizer, peak_flops,
-                       prepare_model)
+    from .perf import load_optimizer_state, make_optimizer, peak_flops, prepare_model, resolve_runtime
 
     _validate(cfg, d)
-    device = _resolve_device(cfg.device, d)
-    precision = default_precision(device) if cfg.precision == "auto" else cfg.precision
+    # device and precision are decided here once; "bf16" where it would not run becomes fp32 (warned)
+    runtime = resolve_runtime(cfg.device, cfg.precision, local_rank=d.local_rank, world=d.world,
+                              channels_last=cfg.channels_last)
+    device, precision = runtime.device, runtime.precision
     run_dir = Path(cfg.out)
     say = print if d.main else (lambda *a, **k: None)
 
@@ -801,7 +789,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
         with run_write_errors(run_dir, "config.json"):
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run_dir / "config.json", run_config)
-    say(f"model: {cfg.model}, {count_parameters(model) / 1e6:.2f}M parameters, {precision} on {device}"
+    say(f"model: {cfg.model}, {count_parameters(model) / 1e6:.2f}M parameters, {runtime.describe()}"
         + (f", {d.world} processes" if d.world > 1 else ""))
     say(f"batch: {cfg.batch_size} global = {d.world} process(es) x {cfg.grad_accum} micro-batch(es) x "
         f"{cfg.batch_size // (d.world * cfg.grad_accum)} images")
@@ -820,7 +808,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
     micro = cfg.batch_size // (d.world * cfg.grad_accum)
 
     def autocast():
-        return autocast_context(device, precision)
+        return runtime.autocast()
 
     # Rank 0 alone evaluates (the other ranks wait for it at the agreement after each evaluation);
     # the reference statistics are made before the first step, so a bad reference costs no training.

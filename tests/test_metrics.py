@@ -389,8 +389,8 @@ def stub_run(tmp_path, monkeypatch, fake_net):
         return run
 
     def generate(r, n, *, labels=None, sampler="dpm-solver", steps=None, guidance=1.0, seed=0, batch_size=64,
-                 use_ema=True, device=None, progress=True):
-        seen.update(n=n, labels=labels, sampler=sampler, steps=steps, guidance=guidance)
+                 use_ema=True, device=None, precision="auto", progress=True):
+        seen.update(n=n, labels=labels, sampler=sampler, steps=steps, guidance=guidance, precision=precision)
         pix = {name: torch.from_numpy(np.array(Image.open(sorted((ref / name).iterdir())[0]))).permute(2, 0, 1)
                for name in COLOURS}
         g = torch.Generator().manual_seed(seed)

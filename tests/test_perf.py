@@ -45,6 +45,49 @@ def test_precision_resolution_and_validation():
         assert perf.default_precision("cuda") == "fp32"
 
 
+def test_resolve_device_is_the_one_reading_of_device(monkeypatch):
+    from ddpm.errors import DDPMError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert perf.resolve_device("auto") == perf.resolve_device(None) == torch.device("cpu")
+    assert perf.resolve_device("cpu") == perf.resolve_device(torch.device("cpu")) == torch.device("cpu")
+    for name, words in (("cuda", "CUDA is not available"), ("cuda:1", "CUDA is not available"),
+                        ("gpu", "unknown device 'gpu'")):
+        with pytest.raises(DDPMError, match=words) as e:
+            perf.resolve_device(name)
+        assert "\n" not in str(e.value)
+    # a machine with two GPUs (only the counting is faked: no CUDA call is made)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert perf.resolve_device("auto") == torch.device("cuda:0")
+    assert perf.resolve_device("auto", local_rank=1, world=2) == torch.device("cuda:1")
+    assert perf.resolve_device("cuda") == torch.device("cuda")  # one process: the current GPU
+    assert perf.resolve_device("cuda", local_rank=1, world=2) == torch.device("cuda:1")  # torchrun: its own
+    assert perf.resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DDPMError, match="has 2 GPU"):
+        perf.resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_resolve_runtime_says_what_really_runs(monkeypatch, fast_bf16):
+    from ddpm.errors import DDPMError
+
+    monkeypatch.setattr(perf, "bf16_supported", lambda device: fast_bf16)
+    auto = perf.resolve_runtime("cpu")
+    assert auto.device == torch.device("cpu") and auto.channels_last is True
+    assert auto.precision == ("bf16" if fast_bf16 else "fp32")
+    assert auto.describe() == ("bf16 autocast on cpu" if fast_bf16 else "fp32 on cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asked = perf.resolve_runtime("cpu", "bf16")
+    # bf16 where it would not run is said and done as fp32, never printed as bf16
+    assert asked.precision == ("bf16" if fast_bf16 else "fp32")
+    assert bool(caught) is (not fast_bf16)
+    assert perf.resolve_runtime("cpu", "fp32", channels_last=False) == perf.Runtime(torch.device("cpu"), "fp32", False)
+    with pytest.raises(DDPMError, match="unknown precision 'fp16'"):
+        perf.resolve_runtime("cpu", "fp16")
+
+
 def test_cpu_bf16_detection_follows_the_cpu_flags():
     """bf16 is only called fast when the CPU has bf16 dot products, not merely AVX-512."""
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}

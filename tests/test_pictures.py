@@ -281,3 +281,49 @@ def test_interpolation_row_layout_and_its_ends_are_the_plain_samples(cond_run: P
             assert (got.int() - want.int()).abs().max() <= 1
     with pytest.warns(UserWarning, match="not a smooth path"):
         interpolate(run, 2, seed=0, sampler="ancestral", steps=2, progress=False)
+
+
+# ------------------------------------------------------------------------------- runtime policy
+def test_train_sample_and_eval_use_one_precision_policy(uncond_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """'ddpm sample' and 'ddpm eval' sample in the precision 'ddpm train' chooses (bf16 where the
+    device runs it fast), and each says so; --precision fp32 overrides it."""
+    from ddpm import evaluate
+
+    monkeypatch.setattr(perf, "bf16_supported", lambda device: True)  # any CPU: as on one with native bf16
+    seen: list[str] = []
+    real = perf.inference_model
+
+    def spy(net, device, precision="auto", channels_last=None):
+        seen.append(perf.resolve_precision(device, precision))
+        return real(net, device, precision, channels_last)
+
+    monkeypatch.setattr(perf, "inference_model", spy)
+    out = tmp_path / "g.png"
+    assert main(["sample", "--run", str(uncond_run), "--n", "2", "--steps", "2", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert seen == ["bf16"] and "bf16 autocast on cpu" in capsys.readouterr().out
+    assert main(["sample", "--run", str(uncond_run), "--n", "2", "--steps", "2", "--out", str(out),
+                 "--device", "cpu", "--precision", "fp32"]) == 0
+    assert seen == ["bf16", "fp32"] and "fp32 on cpu" in capsys.readouterr().out
+    # eval: the same default, reported in its JSON; a stand-in extractor keeps Inception out of it
+    ref = _images(tmp_path / "ref", None, per=6)
+
+    class Features:
+        sha256 = "stand-in"
+
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def __call__(self, batch) -> np.ndarray:
+            x = torch.stack(list(batch)).float() if isinstance(batch, list) else batch.float()
+            return x.flatten(1)[:, :8].double().numpy() + np.arange(8)
+
+    monkeypatch.setattr(evaluate, "FeatureExtractor", Features)
+    from ddpm.metrics import gaussian_stats
+
+    feats = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+    fs = evaluate.FeatureSet(*gaussian_stats(feats.astype(np.float64)), feats, None, None, str(ref), "stand-in")
+    monkeypatch.setattr(evaluate, "reference_stats", lambda *a, **k: fs)
+    r = evaluate.evaluate_run(uncond_run, str(ref), n=3, steps=2, device="cpu", use_cache=False, compute_pr=False,
+                              kid_subset=2, kid_subsets=2, progress=False, verbose=False)
+    assert r["sampling_precision"] == "bf16" and seen[-1] == "bf16"
