@@ -21,8 +21,8 @@
 #                      --curve-n samples against the test images): RUN/fid.png, FID against images seen
 #   --curve-n N        samples per point of that curve (default 1000)
 #   --no-fid           no Inception: write each run's --n samples as PNGs in a tar instead
-#                      (land_samples.tar, cifar_samples.tar), to be scored elsewhere with
-#                      `ddpm eval`-compatible tools
+#                      (land_samples.tar; cifar_samples.tar, guided at 3, --n / 10 per class
+#                      rounded up), to be scored elsewhere with `ddpm fid`
 #
 # A run cut short is resumed by the same line (training time counts over resumes); a finished one
 # is not trained again, only sampled and scored. Check it on a CPU in a minute or two:
@@ -56,6 +56,7 @@ done
 [[ -d "$cifar/train" && -d "$cifar/test" ]] || {
   echo "gpu_seed_results.sh: --cifar $cifar must hold train/ and test/ class folders" >&2; exit 2; }
 
+mapfile -t classes < <(ls "$cifar/train")
 here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 summary="$out/summary.txt"
@@ -82,8 +83,11 @@ score() {  # name ref [eval flags...]: FID (and class accuracy) as NAME_eval.jso
     ddpm eval --run "$out/$name" --ref "$ref" --n "$n" --device "$device" --batch-size "$batch" \
       --feature-batch-size "$batch" --no-pr --quiet --out "$out/${name}_eval.json" "$@"
   else
+    # the samples the FID would have scored: for CIFAR-10 the same share of every class, guided
+    local count=(--n "$n")
+    [[ $name == cifar ]] && count=(--class "${classes[@]}" --n $(( (n + ${#classes[@]} - 1) / ${#classes[@]} )))
     rm -rf "$out/${name}_samples"
-    ddpm sample --run "$out/$name" --n "$n" --device "$device" --batch-size "$batch" "$@" \
+    ddpm sample --run "$out/$name" "${count[@]}" --device "$device" --batch-size "$batch" "$@" \
       --individual "$out/${name}_samples" --out "$out/${name}_samples_grid.png"
     tar -cf "$out/${name}_samples.tar" -C "$out" "${name}_samples"
   fi

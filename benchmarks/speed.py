@@ -82,6 +82,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import ddpm  # noqa: E402
 from ddpm import perf  # noqa: E402
+from ddpm.errors import DDPMError  # noqa: E402
 
 SUITES = ("ddpm-cifar10", "ddpm-64")
 PEERS = ("diffusers", "lucidrains")
@@ -724,9 +725,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="also train the small preset STEPS steps in fp32 and in bf16 and compare the losses")
     args = ap.parse_args(argv)
 
-    device = perf.resolve_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda but no CUDA device is available")
+    try:
+        device = perf.resolve_device(args.device)
+    except DDPMError as e:
+        ap.error(str(e))
     if args.threads is None:
         args.threads = 2 if device.type == "cpu" else torch.get_num_threads()
     torch.set_num_threads(args.threads)

@@ -95,8 +95,9 @@ def generate(
         raise DDPMError(f"starting noise of shape {tuple(noise.shape)} does not fit {n} images of "
                         f"{run.model.config.in_channels}x{run.image_size}x{run.image_size}")
     net = run.ema_model if use_ema and run.ema_model is not None else run.model
-    device = torch.device(device) if device is not None else next(net.parameters()).device
-    from .perf import inference_model, prepare_model  # local: perf depends on nothing here
+    from .perf import inference_model, prepare_model, resolve_device  # local: perf depends on nothing here
+
+    device = resolve_device(device) if device is not None else next(net.parameters()).device
 
     net = prepare_model(net, device).eval()  # on the device, channels_last where that is the default
     sample_fn = get_sampler(sampler)

@@ -122,7 +122,9 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
     p = weights_path(path)
     if verify:
         verify_weights(p)
-    return _load(str(p.resolve()), str(torch.device(device)))
+    from .perf import resolve_device
+
+    return _load(str(p.resolve()), str(resolve_device(device)))
 
 
 def resize(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:

@@ -172,11 +172,17 @@ def _atomic_write(path: str | os.PathLike, writer: Callable[[BinaryIO], None] | 
             # The file may be a new one: safetensors 0.8 writes its own temporary file, 0600,
             # and renames it over ours. So give it our file's permissions back, and sync it by name.
             os.chmod(tmp, mode)
-            with open(tmp, "r+b") as f:
-                os.fsync(f.fileno())
+            # read-only: a umask without the owner's write bit (0o222) leaves no write access
+            sync_fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(sync_fd)
+            finally:
+                os.close(sync_fd)
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
+        if e.errno is None and not isinstance(e, OutputWriteError):
+            raise  # the writer's own failure (e.g. PIL's "encoder error"), not the file system's
         raise _write_error(e, path) from e
     finally:
         if tmp is not None:

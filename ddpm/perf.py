@@ -90,26 +90,40 @@ def resolve_device(device: str | torch.device | None = "auto", *, local_rank: in
     process's own ``cuda:LOCAL_RANK``; ``cpu``, ``cuda:N`` and torch.device values pass through.
 
     Raises :class:`DDPMError` (one line) for a CUDA device on a machine without CUDA, a
-    ``cuda:N`` beyond the GPUs present, or a name torch does not know.
+    ``cuda:N`` beyond the GPUs present, ``cuda:N`` under several processes (all would share one
+    GPU), a LOCAL_RANK with no GPU of its own, or any other device type (this package runs on
+    CPUs and CUDA GPUs).
     """
     if isinstance(device, torch.device):
         name = str(device)
     else:
         name = "auto" if device is None else str(device).strip()
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    auto = name == "auto"
+    if auto:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = "cuda"
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise DDPMError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DDPMError(f"--device {name} asked for but CUDA is not available; use --device cpu or auto")
-        if dev.index is None:
-            return torch.device(f"cuda:{local_rank}") if world > 1 else dev
-        if dev.index >= torch.cuda.device_count():
-            raise DDPMError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
-                            f"numbered 0 to {torch.cuda.device_count() - 1}")
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise DDPMError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DDPMError(f"--device {name} asked for but CUDA is not available; use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if world > 1 and dev.index is not None:
+        raise DDPMError(f"--device {name} under torchrun would put every process on one GPU; use --device cuda "
+                        "(each process takes the GPU of its LOCAL_RANK)")
+    if world > 1 and local_rank >= count:
+        raise DDPMError(f"process LOCAL_RANK={local_rank} needs GPU {local_rank}, but only {count} are visible; "
+                        "start one process per visible GPU (torchrun --nproc-per-node)")
+    if dev.index is None:
+        return torch.device(f"cuda:{local_rank}") if world > 1 or auto else dev
+    if dev.index >= count:
+        raise DDPMError(f"--device {name}: this machine has {count} GPU(s), numbered 0 to {count - 1}")
     return dev
 
 
@@ -180,13 +194,14 @@ def _cpu_has_native_bf16() -> bool:
 def bf16_supported(device: torch.device | str) -> bool:
     """Whether bf16 autocast is *fast* on ``device`` (not merely possible).
 
-    CUDA: the GPU supports bf16 (compute capability 8.0+, i.e. Ampere or newer).
+    CUDA: the GPU has bf16 tensor cores (compute capability 8.0+, i.e. Ampere or newer; older
+    GPUs such as the T4 and V100 only emulate bf16, which torch's ``is_bf16_supported`` counts).
     CPU: the processor has native bf16 dot products (see :func:`_cpu_has_native_bf16`);
     otherwise oneDNN emulates bf16 and float32 is faster. Other devices: False.
     """
     device = _device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         return _cpu_has_native_bf16()
     return False

@@ -150,10 +150,13 @@ def _init_distributed(device_pref: str) -> _Dist:
     if world <= 1:
         return _Dist()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_pref in ("auto",) or device_pref.startswith("cuda")
-    backend = "nccl" if use_cuda else "gloo"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
+    from .perf import resolve_device
+
+    # the same reading of --device as every other command; each rank then owns its own GPU
+    device = resolve_device(device_pref, local_rank=local_rank, world=world)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         # A finite timeout turns a dead peer into an error on the survivors instead of a hang.
         dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("DDPM_DIST_TIMEOUT_MIN", "10"))))
@@ -563,7 +566,8 @@ class _TrainingEval:
     once per reference and image size); the FID floor of --eval-n real images is computed once and
     kept in ``RUN/fid_floor.json``, so a resumed run reads it back. Each sample starts from noise
     of a generator of its own (seeded by --seed and its index), the same at every evaluation and
-    at any batch size (the curve then follows the weights, not the draw), and nothing here
+    at any batch size (the curve then follows the weights, not the draw; a run resumed from before
+    2026-12-04, when noise was seeded per batch, changes draws once at the resume), and nothing here
     touches the global RNG the training steps draw from.
     """
 

@@ -102,10 +102,12 @@ def test_gpu_seed_results_script_without_fid_returns_the_samples(cifar10_dir: Pa
     PNGs in a tar, to be scored elsewhere."""
     import tarfile
 
-    _, _, out, _ = _gpu_script(cifar10_dir, landscapes_dir, tmp_path, "--no-fid", "--curve-every", "1")
+    _, _, out, proc = _gpu_script(cifar10_dir, landscapes_dir, tmp_path, "--no-fid", "--curve-every", "1")
     assert not (out / "land_eval.json").exists() and not (out / "cifar_fid_curve.png").exists()
     for name in ("land", "cifar"):
         with tarfile.open(out / f"{name}_samples.tar") as tar:
             pngs = [m.name for m in tar.getmembers() if m.name.endswith(".png")]
         assert len(pngs) == 8, (name, pngs)
+    # the CIFAR-10 samples are what the FID would score: every class of the data, in equal shares
+    assert "cifar_samples_grid.png (8 images of airplane, ship," in proc.stdout, proc.stdout[-800:]
     assert "no FID" in (out / "summary.txt").read_text()

@@ -209,3 +209,29 @@ def test_outputs_imports_nothing_else_of_the_package():
     src = Path(outputs.__file__).read_text()
     imports = [line for line in src.splitlines() if line.startswith(("from .", "import ddpm", "from ddpm"))]
     assert imports == ["from .errors import DDPMError"]
+
+
+def test_a_umask_without_the_owner_write_bit_still_writes_read_only_files(tmp_path):
+    # The by-name path (safetensors) syncs the finished temp file: read access must be enough.
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # folders made before: 0o222 would make them 0555
+    old = os.umask(0o222)
+    try:
+        ckpt = checkpoint.save_checkpoint(tmp_path / "run", 1, {}, {"w": torch.ones(2)})
+        png = tmp_path / "g.png"
+        generate.save_png(np.zeros((4, 4, 3), np.uint8), png)
+    finally:
+        os.umask(old)
+    assert _mode(ckpt) == 0o444 and _mode(png) == 0o444
+    assert checkpoint.load_checkpoint(ckpt)[2]["w"].tolist() == [1.0, 1.0]  # (root could write anyway)
+
+
+def test_a_writer_failing_on_its_own_is_not_reported_as_a_disk_error(tmp_path):
+    # PIL's encoders raise OSError("encoder error -2"), no errno: the cause is the data, not the disk.
+    def encoder_fails(f):
+        f.write(b"partial")
+        raise OSError("encoder error -2")
+
+    with pytest.raises(OSError, match="encoder error") as info:
+        atomic_write_with(tmp_path / "x.png", encoder_fails)
+    assert not isinstance(info.value, OutputWriteError)
+    assert list(tmp_path.iterdir()) == []

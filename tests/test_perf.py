@@ -64,8 +64,22 @@ def test_resolve_device_is_the_one_reading_of_device(monkeypatch):
     assert perf.resolve_device("cuda") == torch.device("cuda")  # one process: the current GPU
     assert perf.resolve_device("cuda", local_rank=1, world=2) == torch.device("cuda:1")  # torchrun: its own
     assert perf.resolve_device("cuda:1") == torch.device("cuda:1")
-    with pytest.raises(DDPMError, match="has 2 GPU"):
-        perf.resolve_device("cuda:2")
+    for name, kw, words in (("cuda:2", {}, "has 2 GPU"),
+                            ("cuda:1", {"local_rank": 0, "world": 2}, "every process on one GPU"),
+                            ("auto", {"local_rank": 2, "world": 3}, "LOCAL_RANK=2 needs GPU 2"),
+                            ("mps", {}, "unknown device 'mps'"), ("cpu:3", {}, "unknown device 'cpu:3'")):
+        with pytest.raises(DDPMError, match=words):
+            perf.resolve_device(name, **kw)
+
+
+def test_bf16_counts_as_fast_only_on_gpus_with_bf16_tensor_cores(monkeypatch):
+    # torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (T4, V100)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    for capability, fast in (((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert perf.bf16_supported("cuda:0") is fast
+        assert perf.default_precision("cuda:0") == ("bf16" if fast else "fp32")
 
 
 @pytest.mark.parametrize("fast_bf16", [True, False])

@@ -294,7 +294,7 @@ def test_train_sample_and_eval_use_one_precision_policy(uncond_run: Path, tmp_pa
     real = perf.inference_model
 
     def spy(net, device, precision="auto", channels_last=None):
-        seen.append(perf.resolve_precision(device, precision))
+        seen.append(precision)  # what the command passed: resolved once, never "auto" here
         return real(net, device, precision, channels_last)
 
     monkeypatch.setattr(perf, "inference_model", spy)
