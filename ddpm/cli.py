@@ -180,13 +180,6 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
 DEFAULT_N = {"grid": 16, "sweep": 1, "interpolate": 8}
 
 
-def parse_device(name: str):
-    """``--device`` as a torch.device (:func:`ddpm.perf.resolve_device`, the one reading of it)."""
-    from .perf import resolve_device
-
-    return resolve_device(name)
-
-
 def _cmd_sample(args: argparse.Namespace) -> int:
     import math
 

@@ -14,15 +14,10 @@ from typing import Sequence
 
 from .errors import DDPMError
 from .outputs import check_writable
+from .perf import resolve_device
 from .run_folder import lock_if_inside
 from .samplers import SAMPLER_NAMES
 
-
-def parse_device(name: str):
-    """``--device`` as a torch.device (:func:`ddpm.perf.resolve_device`, the one reading of it)."""
-    from .perf import resolve_device
-
-    return resolve_device(name)
 
 __all__ = ["register", "main"]
 
@@ -143,7 +138,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not Path(args.run).is_dir():
         raise DDPMError(f"run folder {args.run!r} does not exist; expected the --out folder of 'ddpm train'")
     what = "--out" if args.out else "the result file (pass --out to choose another)"
-    common = dict(batch_size=args.batch_size, seed=args.seed, device=parse_device(args.device), use_ema=not args.no_ema,
+    common = dict(batch_size=args.batch_size, seed=args.seed, device=resolve_device(args.device), use_ema=not args.no_ema,
                   precision=args.precision,
                   inception=args.inception, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                   ref_max=args.ref_max, cifar_root=args.cifar_root, feature_batch_size=args.feature_batch_size,
@@ -180,7 +175,7 @@ def _cmd_nearest(args: argparse.Namespace, eval_dir: Path, what: str) -> int:
     check_writable(out, what, is_file=True)
     with lock_if_inside(args.run, out, advice=_BUSY_ADVICE):
         nearest.check_run(args.run, args.ref, n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                          seed=args.seed, batch_size=args.batch_size, device=parse_device(args.device),
+                          seed=args.seed, batch_size=args.batch_size, device=resolve_device(args.device),
                           use_ema=not args.no_ema, precision=args.precision, k=args.nearest_k,
                           show=args.nearest_n, heldout_max=args.ref_max,
                           train_data=args.train_data, inception=args.inception, cache_dir=args.cache_dir,
@@ -193,7 +188,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
 
     _positive("--batch-size", args.batch_size)
     _positive("--image-size", args.image_size)
-    r = evaluate.fid_folders(args.dir_a, args.dir_b, batch_size=args.batch_size, device=parse_device(args.device),
+    r = evaluate.fid_folders(args.dir_a, args.dir_b, batch_size=args.batch_size, device=resolve_device(args.device),
                              inception=args.inception, image_size=args.image_size, cache_dir=args.cache_dir,
                              use_cache=not args.no_cache, progress=not args.quiet)
     print(f"FID: {r['fid']:.4f}")
