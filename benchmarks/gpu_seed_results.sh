@@ -20,6 +20,7 @@
 #   --curve-every S    also score the CIFAR-10 run every S steps during training (--eval-every,
 #                      --curve-n samples against the test images): RUN/fid.png, FID against images seen
 #   --curve-n N        samples per point of that curve (default 1000)
+#   --only NAME        land or cifar: train and score that config alone (a lease too short for both)
 #   --no-fid           no Inception: write each run's --n samples as PNGs in a tar instead
 #                      (land_samples.tar; cifar_samples.tar, guided at 3, --n / 10 per class
 #                      rounded up), to be scored elsewhere with `ddpm fid`
@@ -30,7 +31,7 @@
 #        --device cpu --train-args "--model tiny --batch-size 4 --save-every 0 --sample-every 0"
 set -euo pipefail
 
-minutes=5 cifar_minutes="" n=5000 device=cuda train_args="" land="" cifar="" out="" batch=64 curve=0 curve_n=1000 fid=1
+minutes=5 cifar_minutes="" n=5000 device=cuda train_args="" land="" cifar="" out="" batch=64 curve=0 curve_n=1000 fid=1 only=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --landscapes) land=$2; shift 2 ;;
@@ -42,6 +43,7 @@ while [[ $# -gt 0 ]]; do
     --curve-every) curve=$2; shift 2 ;;
     --curve-n) curve_n=$2; shift 2 ;;
     --no-fid) fid=0; shift ;;
+    --only) only=$2; shift 2 ;;
     --n) n=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
     --train-args) train_args=$2; shift 2 ;;
@@ -49,18 +51,23 @@ while [[ $# -gt 0 ]]; do
     *) echo "gpu_seed_results.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-for pair in "--landscapes:$land" "--cifar:$cifar" "--out:$out"; do
+[[ -z "$only" || "$only" == land || "$only" == cifar ]] || {
+  echo "gpu_seed_results.sh: --only $only: expected land or cifar" >&2; exit 2; }
+need=("--out:$out")
+[[ "$only" != cifar ]] && need+=("--landscapes:$land")
+[[ "$only" != land ]] && need+=("--cifar:$cifar")
+for pair in "${need[@]}"; do
   [[ -n "${pair#*:}" ]] || { echo "gpu_seed_results.sh: ${pair%%:*} is required (see --help)" >&2; exit 2; }
 done
-[[ -d "$land" ]] || { echo "gpu_seed_results.sh: --landscapes $land is not a folder" >&2; exit 2; }
-[[ -d "$cifar/train" && -d "$cifar/test" ]] || {
+[[ "$only" == cifar || -d "$land" ]] || { echo "gpu_seed_results.sh: --landscapes $land is not a folder" >&2; exit 2; }
+[[ "$only" == land || ( -d "$cifar/train" && -d "$cifar/test" ) ]] || {
   echo "gpu_seed_results.sh: --cifar $cifar must hold train/ and test/ class folders" >&2; exit 2; }
 
-mapfile -t classes < <(ls "$cifar/train")
+mapfile -t classes < <([[ "$only" == land ]] || ls "$cifar/train")
 here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 summary="$out/summary.txt"
-{ echo "# gpu_seed_results.sh, $(date -u +%Y-%m-%dT%H:%MZ), $minutes min per config, n=$n, device $device"
+{ echo "# gpu_seed_results.sh, $(date -u +%Y-%m-%dT%H:%MZ), training minutes: landscapes $minutes, CIFAR-10 ${cifar_minutes:-$minutes}${only:+ (--only $only)}, n=$n, device $device"
   python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 } > "$summary"
 
@@ -94,18 +101,22 @@ score() {  # name ref [eval flags...]: FID (and class accuracy) as NAME_eval.jso
 }
 
 # landscapes: unconditional grid and FID against the training photographs
-train land landscapes-64.toml "$land" "$minutes"
-ddpm sample --run "$out/land" --n 64 --device "$device" --batch-size "$batch" --out "$out/landscapes.png"
-score land "$land"
+if [[ "$only" != cifar ]]; then
+  train land landscapes-64.toml "$land" "$minutes"
+  ddpm sample --run "$out/land" --n 64 --device "$device" --batch-size "$batch" --out "$out/landscapes.png"
+  score land "$land"
+fi
 
 # CIFAR-10: guided ship and airplane grid, FID and class accuracy against the test images
-curve_flags=()
-[[ $curve -gt 0 && $fid == 1 ]] && curve_flags=(--eval-every "$curve" --eval-n "$curve_n" --eval-ref "$cifar/test")
-train cifar cifar10-64-cfg.toml "$cifar/train" "${cifar_minutes:-$minutes}" "${curve_flags[@]}"
-ddpm sample --run "$out/cifar" --class ship airplane --n 8 --guidance 3 --device "$device" --batch-size "$batch" \
-  --out "$out/cifar_ship_airplane.png"
-score cifar "$cifar/test" --guidance 3
-[[ -f "$out/cifar/fid.png" ]] && cp "$out/cifar/fid.png" "$out/cifar_fid_curve.png"
+if [[ "$only" != land ]]; then
+  curve_flags=()
+  [[ $curve -gt 0 && $fid == 1 ]] && curve_flags=(--eval-every "$curve" --eval-n "$curve_n" --eval-ref "$cifar/test")
+  train cifar cifar10-64-cfg.toml "$cifar/train" "${cifar_minutes:-$minutes}" "${curve_flags[@]}"
+  ddpm sample --run "$out/cifar" --class ship airplane --n 8 --guidance 3 --device "$device" --batch-size "$batch" \
+    --out "$out/cifar_ship_airplane.png"
+  score cifar "$cifar/test" --guidance 3
+  [[ -f "$out/cifar/fid.png" ]] && cp "$out/cifar/fid.png" "$out/cifar_fid_curve.png"
+fi
 
 [[ $fid == 1 ]] || { echo "no FID (--no-fid): samples in $out/{land,cifar}_samples.tar" >> "$summary"; cat "$summary"; exit 0; }
 python3 - "$out" >> "$summary" <<'EOF'
@@ -113,6 +124,8 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 for name, ref in (("land", "the training photographs"), ("cifar", "the CIFAR-10 test images")):
+    if not (out / f"{name}_eval.json").is_file():  # --only the other one
+        continue
     ev = json.loads((out / f"{name}_eval.json").read_text())
     tc = json.loads((out / name / "config.json").read_text())["train"]
     line = f"{name}: step {ev['step']}, FID {ev['fid']:.2f} of {ev['n']} samples against {ref}"

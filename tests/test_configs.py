@@ -111,3 +111,20 @@ def test_gpu_seed_results_script_without_fid_returns_the_samples(cifar10_dir: Pa
     # the CIFAR-10 samples are what the FID would score: every class of the data, in equal shares
     assert "cifar_samples_grid.png (8 images of airplane, ship," in proc.stdout, proc.stdout[-800:]
     assert "no FID" in (out / "summary.txt").read_text()
+
+
+def test_gpu_seed_results_script_runs_one_config_with_only(cifar10_dir: Path, landscapes_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """--only cifar (a lease too short for both): the CIFAR-10 run alone is trained and scored,
+    the landscapes are neither trained nor required; a wrong name is refused in one line."""
+    import subprocess
+
+    cmd, env, out, _ = _gpu_script(cifar10_dir, landscapes_dir, tmp_path, "--only", "cifar")
+    assert (out / "cifar_eval.json").is_file() and (out / "cifar.trained").is_file()
+    assert not (out / "land").exists() and not (out / "land_eval.json").exists()
+    summary = (out / "summary.txt").read_text()
+    assert "cifar: step" in summary and "land: step" not in summary and "(--only cifar)" in summary
+    no_land = [a for i, a in enumerate(cmd) if a != "--landscapes" and (i == 0 or cmd[i - 1] != "--landscapes")]
+    assert subprocess.run(no_land, env=env, capture_output=True, text=True).returncode == 0  # not required
+    bad = subprocess.run(cmd[:2] + ["--only", "birds", "--out", str(out)], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "gpu_seed_results.sh: --only birds: expected land or cifar"
