@@ -53,9 +53,10 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -z "$only" || "$only" == land || "$only" == cifar ]] || {
   echo "gpu_seed_results.sh: --only $only: expected land or cifar" >&2; exit 2; }
-need=("--out:$out")
+need=()
 [[ "$only" != cifar ]] && need+=("--landscapes:$land")
 [[ "$only" != land ]] && need+=("--cifar:$cifar")
+need+=("--out:$out")
 for pair in "${need[@]}"; do
   [[ -n "${pair#*:}" ]] || { echo "gpu_seed_results.sh: ${pair%%:*} is required (see --help)" >&2; exit 2; }
 done
