@@ -3,8 +3,9 @@
 For each suite (our DDPM-CIFAR preset at 32x32, our 64x64 preset) it measures, at the same batch
 size, threads and device:
 
-* training images/s: forward on noisy images, MSE against the noise (``ddpm.diffusion_loss``),
-  backward, AdamW step, EMA update (``ddpm.EMA`` for every model);
+* training images/s: the optimiser step of ``ddpm train`` itself (``ddpm.train.train_step`` with
+  the trainer's default recipe: sigmoid schedule, v target, lognormal timesteps, gradient
+  clipping, AdamW, EDM's EMA), the same for every model;
 * sampling: seconds per model evaluation under ``torch.inference_mode`` (EMA weights, eval mode),
   per image per evaluation, and per image for a 1000-step DDPM and a 20-step DPM-Solver run;
 * peak memory of a training step: the exact size of what lives between steps (weights, AdamW
@@ -63,7 +64,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -83,6 +84,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import ddpm  # noqa: E402
 from ddpm import perf  # noqa: E402
 from ddpm.errors import DDPMError  # noqa: E402
+from ddpm.train import TrainConfig, t_probabilities_for  # noqa: E402
+from ddpm.train import train_step as trainer_step  # noqa: E402
 
 SUITES = ("ddpm-cifar10", "ddpm-64")
 PEERS = ("diffusers", "lucidrains")
@@ -359,8 +362,7 @@ def build_entry(name: str, kind: str, suite: str, device: torch.device, *, ours_
     train_call = call_adapter(kind, train_net)
 
     def train_fwd(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with perf.autocast_context(device, prec):
-            return train_call(perf.to_memory_format(x, cl), t)
+        return train_call(perf.to_memory_format(x, cl), t)  # autocast: the trainer's step sets it
 
     sample_net: Callable[..., Any] = ema.module
     if ours_settings and compile:
@@ -378,20 +380,30 @@ def build_entry(name: str, kind: str, suite: str, device: torch.device, *, ours_
 
 
 # ------------------------------------------------------------------------------ the work
-def train_step(e: Entry, x0: torch.Tensor, schedule: ddpm.Schedule, gen: torch.Generator) -> float:
-    """One optimiser step on ``x0``: per micro-batch forward + loss + backward, then AdamW and EMA."""
+# What every entry's step trains with: the defaults of `ddpm train` (so the figure is what a user's
+# run gets), at a constant learning rate (its value does not change the work of a step).
+RECIPE = TrainConfig()
+
+
+def training_recipe() -> tuple[ddpm.Schedule, torch.Tensor | None]:
+    """The schedule (float64 tables on the CPU) and timestep density (float64 [T] or None) that
+    ``ddpm train`` builds from its default config."""
+    schedule = ddpm.Schedule.from_name(RECIPE.schedule, RECIPE.timesteps, logsnr_shift=RECIPE.logsnr_shift,
+                                       zero_terminal_snr=RECIPE.zero_terminal_snr)
+    return schedule, t_probabilities_for(RECIPE, schedule)
+
+
+def train_step(e: Entry, x0: torch.Tensor, schedule: ddpm.Schedule, t_probabilities: torch.Tensor | None,
+               gen: torch.Generator, step: int = 0) -> float:
+    """One optimiser step of ``ddpm train`` (``ddpm.train.train_step``) on ``x0`` (float [B, 3, H, W]
+    in [-1, 1]) in ``e.grad_accum`` micro-batches; returns its mean loss (a float: the host waits
+    for the step, so its timing is complete)."""
     perf.SMALL_CONV_FP32_WEIGHT_GRAD = e.small_conv_fix
-    micro = x0.shape[0] // e.grad_accum
-    total = 0.0
-    for k in range(e.grad_accum):
-        xb = x0[k * micro:(k + 1) * micro]
-        loss = ddpm.diffusion_loss(e.train_fwd, schedule, xb, generator=gen).mean() / e.grad_accum
-        loss.backward()
-        total += float(loss.detach())
-    e.opt.step()
-    e.opt.zero_grad(set_to_none=True)
-    e.ema.update(e.model)
-    return total
+    cfg = replace(RECIPE, grad_accum=e.grad_accum, batch_size=x0.shape[0])
+    loss, _, _ = trainer_step(e.train_fwd, e.model, e.opt, e.ema, schedule, x0, None, cfg, step=step, lr=RECIPE.lr,
+                              generator=gen, t_probabilities=t_probabilities,
+                              autocast=lambda: perf.autocast_context(x0.device, e.precision))
+    return float(loss)
 
 
 def count_flops(e: Entry, size: int, device: torch.device) -> dict[str, float]:
@@ -422,13 +434,13 @@ def count_flops(e: Entry, size: int, device: torch.device) -> dict[str, float]:
 def bench_training(entries: list[Entry], batch: int, size: int, device: torch.device, warmup: int, rounds: int,
                    threads: int) -> None:
     """Warm up each entry, measure its step's memory, then time all entries interleaved."""
-    schedule = ddpm.Schedule.linear()
+    schedule, t_probabilities = training_recipe()
     gen = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch, 3, size, size, device=device, generator=gen) * 2 - 1
     for e in entries:
         with Clock(device) as c:
             for _ in range(warmup):
-                train_step(e, x0, schedule, gen)
+                train_step(e, x0, schedule, t_probabilities, gen)
         e.results["train_warmup_s"] = c.wall
         print(f"  warmed up {e.name:<18} {c.wall:7.1f} s for {warmup} step(s)", flush=True)
     walls: dict[str, list[float]] = {e.name: [] for e in entries}
@@ -439,7 +451,7 @@ def bench_training(entries: list[Entry], batch: int, size: int, device: torch.de
             mem = _StepMemory(device) if r == 0 else contextlib.nullcontext()
             with mem:
                 with Clock(device) as c:
-                    train_step(e, x0, schedule, gen)
+                    train_step(e, x0, schedule, t_probabilities, gen)
             if r == 0:
                 st = state_bytes(e.model, e.opt, e.ema)
                 e.results.update(state_bytes=st, step_peak_bytes=mem.delta, peak_memory_bytes=st + mem.delta,
@@ -486,6 +498,28 @@ def bench_sampling(entries: list[Entry], batch: int, size: int, device: torch.de
                          sample_s_per_image_20_steps=20 * s / batch)
         if device.type == "cpu":
             e.results["sample_cpu_s_per_eval_over_threads"] = statistics.median(cpus[e.name]) / threads
+
+
+def bench_generate(e: Entry, batch: int, size: int, device: torch.device, rounds: int) -> None:
+    """What ``ddpm sample`` runs by default on the entry's EMA weights: ``ddpm.generate.generate``
+    (DPM-Solver++ with its default 20 steps, per-image seeds, the entry's precision), ``batch``
+    images at once; seconds per image (median over rounds), and their ratio to 20 bare network
+    evaluations of ``bench_sampling`` (what the sampler and seeding add on top of the network)."""
+    from ddpm.checkpoint import Sampleable
+    from ddpm.generate import generate
+
+    schedule, _ = training_recipe()
+    run = Sampleable(model=e.model, ema_model=e.ema.module, schedule=schedule, classes=None,
+                     prediction=RECIPE.prediction, image_size=size)
+    generate(run, batch, steps=2, batch_size=batch, device=device, precision=e.precision, progress=False)  # warm-up
+    walls = []
+    for _ in range(rounds):
+        with Clock(device) as c:
+            generate(run, batch, batch_size=batch, device=device, precision=e.precision, progress=False)
+        walls.append(c.wall / batch)
+    per_image = statistics.median(walls)
+    e.results.update(generate_s_per_image_20_steps=per_image, generate_s_per_image=walls,
+                     generate_over_network_20_steps=per_image / e.results["sample_s_per_image_20_steps"])
 
 
 def paired_ratio(num: list[float], den: list[float]) -> float:
@@ -628,6 +662,7 @@ def run_suite(suite: str, args: argparse.Namespace, device: torch.device, peak: 
     sb = args.sample_batch or batch
     bench_sampling(entries, sb, size, device, args.warmup + (2 if args.compile else 0), args.rounds,
                    args.sample_evals, args.threads)
+    bench_generate(entries[0], sb, size, device, args.rounds)
 
     # FLOP/s and fraction of the peak of the dtype the entry computes in
     for e in entries:
@@ -686,6 +721,9 @@ def print_suite(entries: list[Entry], ratios: dict[str, dict[str, float]], batch
         print(f"  {e.name:<18}{1e3 * r['sample_s_per_eval']:9.1f}{1e3 * r['sample_s_per_image_per_eval']:13.2f}"
               f"{r['sample_s_per_image_1000_steps']:18.2f}{r['sample_s_per_image_20_steps']:16.3f}"
               f"{(100 * frac if frac else float('nan')):7.1f}")
+    r = entries[0].results
+    print(f"  {entries[0].name}: 'ddpm sample' by default (ddpm.generate, 20 steps): {r['generate_s_per_image_20_steps']:.3f}"
+          f" s/img, {r['generate_over_network_20_steps']:.2f}x the 20 network evaluations above")
     print("\n  ours / other: speed-up = median of per-round ratios (best round vs best round in brackets);"
           " memory: ours / other")
     for name, rr in ratios.items():

@@ -25,7 +25,7 @@ from .outputs import atomic_write_to, remove_temp_files
 from .schedule import Schedule
 from .unet import UNet, UNetConfig
 
-__all__ = ["Run", "save_checkpoint", "save_safetensors", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
+__all__ = ["Run", "Sampleable", "save_checkpoint", "save_safetensors", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
            "load_run", "weights_sha256"]
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.safetensors$")
@@ -157,29 +157,36 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
 
 # ------------------------------------------------------------------------------------ runs
 @dataclass
-class Run:
-    """A trained model ready to sample from, rebuilt from a run folder without any flags."""
+class Sampleable:
+    """A network ready to sample from, held in memory: what :func:`ddpm.generate` needs.
 
-    run_dir: Path
+    ``model`` and ``ema_model`` are :class:`~ddpm.unet.UNet` networks (the EMA one may be None);
+    ``schedule`` is the diffusion schedule they were trained with, ``prediction`` the target they
+    output (``eps``, ``v`` or ``x0``), ``classes`` the class names of a conditional model (index i
+    is label i; the null class is ``model.config.null_class``), ``image_size`` the side in pixels.
+    :func:`load_run` returns one (a :class:`Run`); the trainer builds one around its EMA weights
+    for its sample grids and in-training FID, so both sample the same way.
+    """
+
     model: UNet
     ema_model: UNet | None
     schedule: Schedule
     classes: list[str] | None
     prediction: str
-    step: int
     image_size: int
-    config: dict[str, Any]
-    checkpoint: Path
 
     @property
     def conditional(self) -> bool:
         """Whether the model was trained with class labels."""
         return self.model.config.conditional
 
+    def _unconditional_error(self) -> DDPMError:
+        return DDPMError("this model is unconditional; it has no classes to choose from")
+
     def class_index(self, name: str) -> int:
         """Index of class ``name``; an unknown name is an error listing the valid ones."""
         if not self.classes:
-            raise DDPMError(f"run {str(self.run_dir)!r} is unconditional; it has no classes to choose from")
+            raise self._unconditional_error()
         from .data import class_name
 
         # Class names are folder names with non-UTF-8 bytes escaped; the raw bytes (typed or
@@ -190,6 +197,21 @@ class Run:
         if name.isdigit() and int(name) < len(self.classes):
             return int(name)
         raise DDPMError(f"unknown class {name!r}; this run's classes are: {', '.join(self.classes)}")
+
+
+@dataclass
+class Run(Sampleable):
+    """A trained model ready to sample from, rebuilt from a run folder without any flags: a
+    :class:`Sampleable` with where it came from (``run_dir``, the ``checkpoint`` file, its
+    ``step``) and the run's saved ``config``."""
+
+    run_dir: Path
+    step: int
+    config: dict[str, Any]
+    checkpoint: Path
+
+    def _unconditional_error(self) -> DDPMError:
+        return DDPMError(f"run {str(self.run_dir)!r} is unconditional; it has no classes to choose from")
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None) -> Run:
@@ -210,8 +232,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
         ema_model.load_state_dict(state["ema"]["weights"])
         ema_model.to(device).eval().requires_grad_(False)
     model.to(device).eval().requires_grad_(False)
-    return Run(run_dir, model, ema_model, Schedule.from_dict(config["schedule"]), config.get("classes"),
-               config.get("prediction", "eps"), step, int(model_cfg.image_size), config, path)
+    return Run(model=model, ema_model=ema_model, schedule=Schedule.from_dict(config["schedule"]),
+               classes=config.get("classes"), prediction=config.get("prediction", "eps"),
+               image_size=int(model_cfg.image_size), run_dir=run_dir, step=step, config=config, checkpoint=path)
 
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:

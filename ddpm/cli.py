@@ -181,14 +181,22 @@ DEFAULT_N = {"grid": 16, "sweep": 1, "interpolate": 8}
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from .distributed import process_group
+
+    # Under torchrun each process draws its block of image indices and rank 0 writes them all.
+    with process_group(args.device) as d:
+        return _sample(args, d)
+
+
+def _sample(args: argparse.Namespace, d: Any) -> int:
     import math
 
     import torch
 
     from .checkpoint import load_run
     from .generate import (ChainRecorder, chain_frames, check_animate_every, check_interpolation_n, check_sweep_scales,
-                           default_animate_every, generate, guidance_sweep, interpolate, make_grid, save_gif,
-                           save_png)
+                           default_animate_every, generate_sharded, guidance_sweep, interpolate, make_grid,
+                           save_gif, save_png)
     from .outputs import check_writable
     from .samplers import resolve_steps
 
@@ -224,6 +232,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise DDPMError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.nrow < 0:
         raise DDPMError(f"--nrow must be >= 0, got {args.nrow}")
+    if d.world > 1 and (mode != "grid" or args.animate is not None):
+        what = "--animate" if args.animate is not None else f"--{'guidance-sweep' if mode == 'sweep' else 'interpolate'}"
+        raise DDPMError(f"{what} runs in one process; under torchrun 'ddpm sample' splits plain grids and "
+                        "--individual images over the processes")
     check_writable(args.out, "--out", is_file=True)
     if args.animate is not None:
         check_writable(args.animate, "--animate", is_file=True)
@@ -231,7 +243,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         check_writable(args.individual, "--individual")
     from .perf import resolve_runtime
 
-    runtime = resolve_runtime(args.device, args.precision)
+    runtime = resolve_runtime(args.device, args.precision, local_rank=d.local_rank, world=d.world)
     device = runtime.device
     run = load_run(args.run, device)
     steps = resolve_steps(args.sampler, args.steps, run.schedule.T)
@@ -240,7 +252,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                   use_ema=not args.no_ema, device=device, precision=runtime.precision)
     options = {"eta": args.eta} if args.sampler == "ddim" else {}
     recorder = ChainRecorder(args.animate_every or default_animate_every(steps), steps) if args.animate else None
-    done = f"{args.sampler}, step {run.step}{', EMA' if not args.no_ema else ''}, {runtime.describe()}"
+    done = (f"{args.sampler}, step {run.step}{', EMA' if not args.no_ema else ''}, {runtime.describe()}"
+            + (f", {d.world} processes" if d.world > 1 else ""))
     if mode == "sweep":
         rows = idx or list(range(len(run.classes or [])))  # guidance_sweep refuses an unconditional run
         labels = torch.tensor(rows).repeat_interleave(n_arg)
@@ -263,7 +276,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             labels = torch.tensor(idx).repeat_interleave(n_arg)
             nrow = args.nrow or n_arg
         n = len(labels) if labels is not None else n_arg
-        images = generate(run, n, labels=labels, guidance=args.guidance, callback=recorder, **common, **options)
+        images = generate_sharded(run, n, d, labels=labels, guidance=args.guidance, callback=recorder,
+                                  progress=d.main, **common, **options)
+        if images is None:  # a rank other than 0: its images went to rank 0, which writes
+            return 0
         # The run's own names (an index or raw bytes on the command line name the same class).
         what = f"{n} images" + (f" of {', '.join(run.classes[i] for i in idx)}" if idx else "")
     save_png(make_grid(images, nrow=nrow), args.out)
@@ -483,6 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     _escape_unprintable_output()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:
+        # `torchrun ... -m ddpm -- sample --run R --n 8`: torchrun's own parser stops reading at
+        # "--" and passes it on. Without it, it takes --run and --n for ambiguous abbreviations of
+        # its own options (--run-path, --nnodes, ...) and refuses the line.
+        argv = argv[1:]
     parser = build_parser()
     try:
         if argv[:1] == ["train"]:

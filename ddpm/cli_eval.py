@@ -8,9 +8,10 @@ prints as one line before exiting non-zero.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import DDPMError
 from .outputs import check_writable
@@ -54,6 +55,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                     "network evaluations for each sampler, as JSON and a PNG plot.\nWith --nearest: a memorisation "
                     "check, samples beside their nearest training images and a one-line reading.")
     p.add_argument("--run", required=True, help="run folder written by 'ddpm train'")
+    p.add_argument("--checkpoint", metavar="FILE", default=None,
+                   help="score this checkpoint of the run (an older RUN/checkpoints/ckpt_*.safetensors) instead of "
+                        "the newest; not with --sweep or --nearest")
     p.add_argument("--ref", required=True,
                    help="reference: a folder of images (class sub-folders give labels), a .npz with mu and sigma, "
                         "or cifar10 / cifar10:train (torchvision's copy under --cifar-root)")
@@ -125,6 +129,14 @@ _BUSY_ADVICE = "wait for it to finish, or pass --out with a result file outside 
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .distributed import process_group
+
+    # Under torchrun each process samples its block of the --n images and rank 0 scores them.
+    with process_group(args.device) as d:
+        return _eval(args, d)
+
+
+def _eval(args: argparse.Namespace, d: Any) -> int:
     from . import evaluate
 
     if args.n is None:  # a memorisation check looks at each sample's neighbours: fewer samples do
@@ -137,8 +149,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         _positive("--sweep-steps", k)
     if not Path(args.run).is_dir():
         raise DDPMError(f"run folder {args.run!r} does not exist; expected the --out folder of 'ddpm train'")
+    if args.checkpoint is not None and (args.nearest or args.sweep):
+        raise DDPMError(f"--checkpoint applies to one evaluation, not --{'nearest' if args.nearest else 'sweep'}")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise DDPMError(f"--checkpoint {args.checkpoint!r} is not a file; expected one of RUN/checkpoints/ckpt_*.safetensors")
+    if d.world > 1 and (args.nearest or args.sweep):
+        raise DDPMError(f"--{'nearest' if args.nearest else 'sweep'} runs in one process; under torchrun 'ddpm eval' "
+                        "splits the samples of one FID over the processes")
     what = "--out" if args.out else "the result file (pass --out to choose another)"
-    common = dict(batch_size=args.batch_size, seed=args.seed, device=resolve_device(args.device), use_ema=not args.no_ema,
+    device = resolve_device(args.device, local_rank=d.local_rank, world=d.world)
+    common = dict(batch_size=args.batch_size, seed=args.seed, device=device, use_ema=not args.no_ema,
                   precision=args.precision,
                   inception=args.inception, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                   ref_max=args.ref_max, cifar_root=args.cifar_root, feature_batch_size=args.feature_batch_size,
@@ -155,12 +175,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                             **common)
         print(f"wrote {out} and {report['plot']}")
         return 0
-    out = args.out or eval_dir / (f"eval-{args.sampler}-{args.steps or 'default'}steps-g{args.guidance:g}"
+    at = f"-{Path(args.checkpoint).stem}" if args.checkpoint else ""
+    out = args.out or eval_dir / (f"eval{at}-{args.sampler}-{args.steps or 'default'}steps-g{args.guidance:g}"
                                   f"-n{args.n}-seed{args.seed}.json")
     check_writable(out, what, is_file=True)
-    with lock_if_inside(args.run, out, advice=_BUSY_ADVICE):
+    # rank 0 alone writes the result, so it alone holds the run folder
+    with lock_if_inside(args.run, out, advice=_BUSY_ADVICE) if d.main else contextlib.nullcontext():
         evaluate.evaluate_run(args.run, args.ref, args.n, args.sampler, args.steps, args.guidance, out=out,
-                              compute_pr=not args.no_pr, **common)
+                              compute_pr=not args.no_pr, processes=d, checkpoint=args.checkpoint, **common)
     return 0
 
 

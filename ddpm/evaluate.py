@@ -23,7 +23,6 @@ container or on a cluster) is one warning, and the figures are computed all the 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -36,13 +35,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from .checkpoint import load_run
+from .distributed import Dist
 from .errors import DDPMError
+from .generate import generate, generate_sharded
 from .inception import FeatureExtractor
 from .metrics import (LinearProbe, class_accuracy, fit_linear_probe, frechet_distance, gaussian_stats, kid,
                       precision_recall)
 from .outputs import atomic_write_json, atomic_write_with, check_writable
 from .perf import resolve_device, resolve_runtime
-from .samplers import SAMPLER_NAMES
+from .samplers import SAMPLER_NAMES, model_evaluations, resolve_steps
 
 __all__ = ["ReferenceDataError", "FeatureSet", "default_cache_dir", "reference_stats", "reference_probe",
            "evaluate_run", "fid_folders", "sampler_sweep", "sweep_steps", "DEFAULT_SWEEP_STEPS", "format_summary",
@@ -550,15 +552,6 @@ def reference_images(ref: str | os.PathLike, image_size: int, *, max_images: int
     return torch.cat(parts)
 
 
-def _module(name: str):
-    # Looked up at call time through sys.modules, so tests can stand in for these modules.
-    return importlib.import_module(name)
-
-
-def _resolve_steps(sampler: str, steps: int | None, T: int, option: str = "--steps") -> int:
-    return _module("ddpm.samplers").resolve_steps(sampler, steps, T, option)
-
-
 # The sweep's default step counts; those above a run's T are dropped (with a warning).
 DEFAULT_SWEEP_STEPS = (10, 20, 50, 100)
 
@@ -572,7 +565,7 @@ def sweep_steps(steps_list: Sequence[int] | None, T: int) -> list[int]:
     """
     if steps_list is not None:
         # The sampler only matters for a default count; an explicit one is checked against T alone.
-        return [_resolve_steps("ddim", k, T, "--sweep-steps") for k in steps_list]
+        return [resolve_steps("ddim", k, T, "--sweep-steps") for k in steps_list]
     kept = [k for k in DEFAULT_SWEEP_STEPS if k <= T]
     if len(kept) < len(DEFAULT_SWEEP_STEPS):
         dropped = [k for k in DEFAULT_SWEEP_STEPS if k > T]
@@ -587,8 +580,8 @@ class _Context:
     """Everything loaded once and reused across evaluations of one run (e.g. a sweep)."""
 
     run: Any
-    ref: FeatureSet
-    extractor: FeatureExtractor
+    ref: FeatureSet | None  # None on torchrun ranks other than 0, which only sample
+    extractor: FeatureExtractor | None
     probe: LinearProbe | None
     label_map: np.ndarray | None  # run class index -> reference class index
     probe_note: str | None
@@ -598,13 +591,15 @@ class _Context:
 
 
 def _prepare(run_dir, ref, *, device, precision, inception, cache_dir, ref_max, feature_batch_size, cifar_root, probe_l2,
-             use_cache, progress, check_run=None) -> _Context:
+             use_cache, progress, check_run=None, processes: Dist = Dist(), checkpoint=None) -> _Context:
     t0 = time.perf_counter()
-    runtime = resolve_runtime(device, precision)
+    runtime = resolve_runtime(device, precision, local_rank=processes.local_rank, world=processes.world)
     dev = runtime.device
-    run = _module("ddpm.checkpoint").load_run(run_dir, device=dev)
+    run = load_run(run_dir, device=dev, checkpoint=checkpoint)
     if check_run is not None:
         check_run(run)  # settings that depend on the run (steps <= T) fail before the reference work
+    if not processes.main:  # under torchrun the other ranks only sample; rank 0 scores
+        return _Context(run, None, None, None, None, None, dev, runtime.precision, {"load_run_s": time.perf_counter() - t0})
     t1 = time.perf_counter()
     ref_fs = reference_stats(ref, image_size=run.image_size, max_images=ref_max, batch_size=feature_batch_size,
                              device=dev, inception=inception, cache_dir=cache_dir, use_cache=use_cache,
@@ -630,16 +625,20 @@ def _prepare(run_dir, ref, *, device, precision, inception, cache_dir, ref_max, 
 
 def _evaluate(ctx: _Context, *, n: int, sampler: str, steps: int | None, guidance: float, batch_size: int, seed: int,
               use_ema: bool, feature_batch_size: int, kid_subset: int, kid_subsets: int, pr: bool,
-              progress: bool) -> dict:
+              progress: bool, processes: Dist = Dist()) -> dict | None:
     run = ctx.run
-    samplers = _module("ddpm.samplers")
-    steps_used = _resolve_steps(sampler, steps, run.schedule.T)
+    steps_used = resolve_steps(sampler, steps, run.schedule.T)
     conditional = bool(run.classes)
     labels = spread_labels(n, run.classes)
     t0 = time.perf_counter()
-    images = _module("ddpm.generate").generate(
-        run, n, labels=labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-        use_ema=use_ema, device=ctx.device, precision=ctx.precision, progress=progress)
+    options = dict(labels=labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                   use_ema=use_ema, device=ctx.device, precision=ctx.precision, progress=progress)
+    if processes.world == 1:
+        images = generate(run, n, **options)
+    else:  # each rank draws its block of image indices; rank 0 gathers them and scores
+        images = generate_sharded(run, n, processes, **options)
+        if images is None:
+            return None
     t1 = time.perf_counter()
     batches = (images[i:i + feature_batch_size] for i in range(0, n, feature_batch_size))
     gen = _extract(batches, n, ctx.extractor, progress, "inception (samples)").astype(np.float64)
@@ -655,7 +654,7 @@ def _evaluate(ctx: _Context, *, n: int, sampler: str, steps: int | None, guidanc
         scores["class_accuracy"] = None
         scores["class_accuracy_note"] = ctx.probe_note
     t3 = time.perf_counter()
-    nfe = samplers.model_evaluations(sampler, steps_used)
+    nfe = model_evaluations(sampler, steps_used)
     guided_batch = conditional and guidance not in (0.0, 1.0)
     return {
         "sampler": sampler, "steps": steps_used, "nfe": nfe,
@@ -711,14 +710,21 @@ def evaluate_run(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     verbose: bool = True,
-) -> dict:
+    processes: Dist = Dist(),
+    checkpoint: str | os.PathLike | None = None,
+) -> dict | None:
     """Sample ``n`` images from the run in ``run_dir`` and score them against ``ref``.
 
     Conditional runs get ``n`` samples spread evenly over their classes (labels ``i % C``) and
     a class accuracy from the reference's linear probe, per class and overall. Returns a dict of
     settings, metrics and timings; prints a summary when ``verbose``; writes JSON to ``out``.
     ``steps`` above the run's T and an ``out`` that cannot be written are a :class:`DDPMError`
-    before any sampling or reference statistics.
+    before any sampling or reference statistics. ``checkpoint`` scores that checkpoint file of
+    the run instead of its newest (for a curve of quality over training). Under torchrun (``processes`` from
+    :func:`ddpm.distributed.init_distributed`) every rank samples its block of the ``n`` image
+    indices (:func:`ddpm.generate.generate_sharded`: the same images as one process) and rank 0
+    alone builds the reference, scores, prints, writes and returns the result; the other ranks
+    return None.
     """
     if n < 2:
         raise DDPMError(f"--n must be at least 2 for FID statistics, got {n}")
@@ -727,11 +733,15 @@ def evaluate_run(
     t0 = time.perf_counter()
     ctx = _prepare(run_dir, ref, device=device, precision=precision, inception=inception, cache_dir=cache_dir, ref_max=ref_max,
                    feature_batch_size=feature_batch_size, cifar_root=cifar_root, probe_l2=probe_l2,
-                   use_cache=use_cache, progress=progress,
-                   check_run=lambda run: _resolve_steps(sampler, steps, run.schedule.T))
+                   use_cache=use_cache, progress=progress and processes.main,
+                   check_run=lambda run: resolve_steps(sampler, steps, run.schedule.T), processes=processes,
+                   checkpoint=checkpoint)
     res = _evaluate(ctx, n=n, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size, seed=seed,
                     use_ema=use_ema, feature_batch_size=feature_batch_size, kid_subset=kid_subset,
-                    kid_subsets=kid_subsets, pr=compute_pr, progress=progress)
+                    kid_subsets=kid_subsets, pr=compute_pr, progress=progress and processes.main,
+                    processes=processes)
+    if res is None:
+        return None
     result = {**_header(ctx, ref), **res}
     result["timings"] = {**ctx.timings, **res["timings"], "total_s": time.perf_counter() - t0}
     if out is not None:

@@ -9,6 +9,7 @@ the starting noise of a seed, batching and precision are decided there alone.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from pathlib import Path
@@ -17,14 +18,15 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import Run
+from .checkpoint import Sampleable
 from .data import to_uint8
+from .distributed import Dist
 from .errors import DDPMError
 from .guidance import guided
 from .outputs import atomic_write_with
 from .samplers import STOCHASTIC, ImageGenerators, eps_model, get_sampler, resolve_steps
 
-__all__ = ["generate", "starting_noise", "make_grid", "save_png", "save_gif", "slerp",
+__all__ = ["generate", "generate_sharded", "starting_noise", "make_grid", "save_png", "save_gif", "slerp",
            "ChainRecorder", "Chain", "chain_frames", "default_animate_every", "guidance_sweep", "interpolate",
            "STOCHASTIC_SAMPLERS", "BATCH_SIZE", "check_animate_every", "check_sweep_scales",
            "check_interpolation_n"]
@@ -39,7 +41,7 @@ STOCHASTIC_SAMPLERS = tuple(name for name, noisy in STOCHASTIC.items() if noisy)
 BatchCallback = Callable[[int, int, int, torch.Tensor, torch.Tensor], None]
 
 
-def starting_noise(run: Run, n: int, *, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+def starting_noise(run: Sampleable, n: int, *, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
     """The starting noise x_T that ``generate(run, n, seed=seed)`` draws, at any batch size:
     float32 [n, C, H, W], standard normal, on the CPU. Row i is the first draw of image i's own
     CPU generator, seeded ``seed * 1_000_003 + i`` (:func:`ddpm.samplers.image_seed`), so it
@@ -52,7 +54,7 @@ def starting_noise(run: Run, n: int, *, seed: int = 0, batch_size: int | None = 
 
 
 def generate(
-    run: Run,
+    run: Sampleable,
     n: int,
     *,
     labels: torch.Tensor | None = None,
@@ -68,9 +70,16 @@ def generate(
     clip: bool = True,
     precision: str = "auto",
     callback: BatchCallback | None = None,
+    first_index: int = 0,
     **sampler_options,
 ) -> torch.Tensor:
     """``n`` images as uint8 [N, 3, H, W] from ``run``'s EMA (or raw) weights.
+
+    ``run`` is any :class:`ddpm.checkpoint.Sampleable`: a :class:`~ddpm.checkpoint.Run` from
+    :func:`ddpm.load_run`, or the one the trainer builds around its EMA weights. The caller's
+    network is left as it was found: on its device, in its layout and its train/eval mode
+    (sampling on another device, or where the network is not in the layout sampling uses
+    there, works on a copy).
 
     ``labels`` (int64 [N]) picks the class of each image for conditional runs; without labels a
     conditional run samples unconditionally (the null class). Image ``i`` has a CPU generator of
@@ -83,6 +92,8 @@ def generate(
     by one level.) ``noise`` (float [N, C, H, W]) replaces the starting noise; image i's generator
     still draws (and drops) its own first, so a stochastic sampler adds the same noise with or
     without it. ``batch_size`` sets only how many images go through the network at once.
+    ``first_index`` numbers the images from there: image i of this call is image
+    ``first_index + i`` of the seed (how :func:`generate_sharded` splits a draw over processes).
 
     ``callback(batch, i, t, x, x0)``, when given, is called after step ``i`` (timestep ``t``) of
     each batch in turn, with the new x_t and the model's current prediction of x0, both float32
@@ -91,15 +102,48 @@ def generate(
     """
     if n < 1:
         raise DDPMError(f"--n must be at least 1, got {n}")
+    if first_index < 0:
+        raise DDPMError(f"first_index must be >= 0, got {first_index}")
     if noise is not None and tuple(noise.shape) != (n, run.model.config.in_channels, run.image_size, run.image_size):
         raise DDPMError(f"starting noise of shape {tuple(noise.shape)} does not fit {n} images of "
                         f"{run.model.config.in_channels}x{run.image_size}x{run.image_size}")
     net = run.ema_model if use_ema and run.ema_model is not None else run.model
-    from .perf import inference_model, prepare_model, resolve_device  # local: perf depends on nothing here
+    from .perf import inference_model, resolve_device  # local: perf depends on nothing here
 
     device = resolve_device(device) if device is not None else next(net.parameters()).device
+    net = _sampling_network(net, device)
+    was_training = net.training
+    net.eval()
+    try:
+        return _generate(run, net, n, device, labels=labels, noise=noise, sampler=sampler, steps=steps,
+                         guidance=guidance, seed=seed, batch_size=batch_size, progress=progress, clip=clip,
+                         call=inference_model(net, device, precision), callback=callback, first_index=first_index,
+                         **sampler_options)
+    finally:
+        net.train(was_training)
 
-    net = prepare_model(net, device).eval()  # on the device, channels_last where that is the default
+
+def _sampling_network(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``net`` itself when it already sits on ``device`` in the memory layout sampling uses there
+    (:func:`ddpm.perf.default_channels_last`), else a copy prepared so: generate never moves or
+    re-lays the caller's weights (the trainer's EMA network, a run loaded on another device)."""
+    from .perf import default_channels_last, prepare_model
+
+    params = list(net.parameters())
+    here = all(p.device.type == device.type and (device.index is None or p.device.index == device.index)
+               for p in params)
+    laid_out = not default_channels_last(device) or all(
+        p.dim() != 4 or p.is_contiguous(memory_format=torch.channels_last) for p in params)
+    if here and laid_out:
+        return net
+    return prepare_model(copy.deepcopy(net), device)
+
+
+def _generate(run: Sampleable, net: torch.nn.Module, n: int, device: torch.device, *, labels: torch.Tensor | None,
+              noise: torch.Tensor | None, sampler: str, steps: int | None, guidance: float, seed: int,
+              batch_size: int, progress: bool, clip: bool, call: Callable[..., torch.Tensor],
+              callback: BatchCallback | None, first_index: int, **sampler_options) -> torch.Tensor:
+    """The body of :func:`generate` once the network is ready (on the device, eval mode)."""
     sample_fn = get_sampler(sampler)
     steps = resolve_steps(sampler, steps, run.schedule.T)
     if labels is not None:
@@ -115,18 +159,18 @@ def generate(
         from tqdm import tqdm
 
         batches = tqdm(batches, desc=f"sampling ({sampler})", unit="batch", dynamic_ncols=True, leave=False)
-    # Autocast and layout live inside the network call; the samplers' arithmetic stays float32.
-    call = inference_model(net, device, precision)
+    # Autocast and layout live inside the network call (``call``); the samplers' arithmetic stays float32.
     for k in batches:
         b = min(batch_size, n - k * batch_size)
         # The generators of this batch's images: each draws its image's x_T, then its step noise.
-        gen = ImageGenerators.seeded(seed, b, start=k * batch_size)
+        gen = ImageGenerators.seeded(seed, b, start=first_index + k * batch_size)
         x_T = gen.randn((net.config.in_channels, size, size))  # drawn even when replaced: see above
         if noise is not None:
             x_T = noise[k * batch_size : k * batch_size + b].float()
         x_T = x_T.to(device)
         if labels is not None:
-            model = guided(call, labels[k * batch_size : k * batch_size + b].to(device), guidance)
+            model = guided(call, labels[k * batch_size : k * batch_size + b].to(device), guidance,
+                           null_class=net.config.null_class)
         else:
             model = call
         model = eps_model(model, run.schedule, run.prediction)
@@ -136,6 +180,39 @@ def generate(
                       **sampler_options)
         out.append(to_uint8(x).cpu())
     return torch.cat(out)
+
+
+def generate_sharded(run: Sampleable, n: int, d: Dist, *, labels: torch.Tensor | None = None,
+                     noise: torch.Tensor | None = None, device: str | torch.device | None = None,
+                     progress: bool = True, **generate_options) -> torch.Tensor | None:
+    """:func:`generate` split over the processes of ``torchrun``: rank ``d.rank`` draws the images
+    of :func:`ddpm.distributed.shard` (a contiguous block of indices, each image from its own
+    seed), and rank 0 returns all ``n`` as uint8 [n, 3, H, W] on the CPU, in index order; the
+    other ranks return None. Because an image depends on its seed and index alone, these are the
+    images one process draws with the same options (up to the network's float rounding at
+    another batch size; equal at ``batch_size=1``). With one process it is :func:`generate`.
+    ``labels`` (int64 [n]) and ``noise`` (float [n, C, H, W]) are those of all n images; the
+    progress bar shows on rank 0 only. Raises :class:`DDPMError` as :func:`generate` does.
+    """
+    from .distributed import gather_images, shard
+    from .perf import resolve_device
+
+    if d.world == 1:
+        return generate(run, n, labels=labels, noise=noise, device=device, progress=progress, **generate_options)
+    if n < 1:
+        raise DDPMError(f"--n must be at least 1, got {n}")
+    if labels is not None and tuple(torch.as_tensor(labels).shape) != (n,):
+        raise DDPMError(f"need one label per image: {n} images but labels of shape {tuple(torch.as_tensor(labels).shape)}")
+    net = run.ema_model if generate_options.get("use_ema", True) and run.ema_model is not None else run.model
+    dev = resolve_device(device) if device is not None else next(net.parameters()).device
+    mine = shard(n, d)
+    if len(mine):
+        part = generate(run, len(mine), labels=None if labels is None else labels[mine.start:mine.stop],
+                        noise=None if noise is None else noise[mine.start:mine.stop], device=dev,
+                        progress=progress and d.main, first_index=mine.start, **generate_options)
+    else:  # fewer images than processes: this rank has none, but still joins the gather
+        part = torch.zeros((0, net.config.in_channels, run.image_size, run.image_size), dtype=torch.uint8)
+    return gather_images(part, n, d, dev)
 
 
 def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -248,7 +325,7 @@ def check_sweep_scales(scales: Sequence[float]) -> None:
         raise DDPMError(f"--guidance-sweep needs one or more finite scales, got {' '.join(map(str, scales)) or 'none'}")
 
 
-def guidance_sweep(run: Run, scales: Sequence[float], labels: torch.Tensor, **generate_options) -> torch.Tensor:
+def guidance_sweep(run: Sampleable, scales: Sequence[float], labels: torch.Tensor, **generate_options) -> torch.Tensor:
     """Images uint8 [R * S, 3, H, W], row-major: row r is class ``labels[r]`` (int64 [R]) at each of
     the S guidance ``scales`` in turn (``eps_uncond + s (eps_cond - eps_uncond)``, see
     :func:`ddpm.guided`), all from the same starting noise, so a row shows only what guidance does.
@@ -296,7 +373,7 @@ def check_interpolation_n(n: int) -> None:
         raise DDPMError(f"--interpolate needs --n of at least 2 (both ends are included), got {n}")
 
 
-def interpolate(run: Run, n: int, *, seed: int = 0, sampler: str = "dpm-solver", eta: float = 0.0,
+def interpolate(run: Sampleable, n: int, *, seed: int = 0, sampler: str = "dpm-solver", eta: float = 0.0,
                 batch_size: int = BATCH_SIZE, **generate_options) -> torch.Tensor:
     """``n`` images uint8 [n, 3, H, W] along the :func:`slerp` path between two starting noises,
     both ends included: the starting noise of ``generate(run, 1, seed=seed)`` and of

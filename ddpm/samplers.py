@@ -2,7 +2,11 @@
 
 Every sampler has the same form::
 
-    NAME(model, x_T, schedule, *, steps=..., clip=True, generator=None, callback=None, **options)
+    NAME(model, x_T, schedule, *, steps=None, clip=True, generator=None, callback=None, **options)
+
+``steps=None`` runs the sampler's default number of steps (:data:`DEFAULT_STEPS`: all T for
+ancestral, 50 for ddim, 250 for langevin, 20 for dpm-solver, each at most T), the same table
+``ddpm sample`` and ``ddpm eval`` read.
 
 ``model(x, t) -> eps`` is any callable; ``t`` is an int64 tensor [B] of indices into
 ``schedule.alphas_cumprod``. Wrap a class-conditional network with :func:`ddpm.guided`, and a
@@ -170,12 +174,18 @@ def _x0(x: torch.Tensor, eps: torch.Tensor, abar: float, clip: bool, x0: torch.T
     return x0.clamp(-1, 1) if clip else x0
 
 
-def _timesteps(schedule: Schedule, steps: int | None, timesteps: torch.Tensor | None, spacing: str) -> list[int]:
+def _timesteps(schedule: Schedule, steps: int | None, timesteps: torch.Tensor | None, spacing: str,
+               name: str) -> list[int]:
+    """The decreasing timesteps sampler ``name`` visits: ``timesteps`` when given, else ``steps``
+    of the schedule's grid, ``steps=None`` meaning the sampler's default (:data:`DEFAULT_STEPS`,
+    the same table the commands read, capped at T)."""
     if timesteps is not None:
         ts = [int(t) for t in torch.as_tensor(timesteps).flatten()]
         if any(a <= b for a, b in zip(ts, ts[1:])) or not all(0 <= t < schedule.T for t in ts):
             raise ValueError(f"timesteps must be strictly decreasing indices in [0, {schedule.T})")
         return ts
+    if steps is None and DEFAULT_STEPS[name] is not None:
+        steps = min(DEFAULT_STEPS[name], schedule.T)
     return schedule.timesteps(steps, spacing).tolist()
 
 
@@ -242,7 +252,7 @@ def ancestral(
     ``steps=None`` runs all ``T`` steps; fewer runs the respaced chain. ``variance`` is
     ``"small"`` (the posterior variance, best for few steps) or ``"large"`` (beta_t).
     """
-    ts = _timesteps(schedule, steps, timesteps, spacing)
+    ts = _timesteps(schedule, steps, timesteps, spacing, "ancestral")
     x = x_T.float()
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -296,7 +306,7 @@ def ddim(
     x_T: torch.Tensor,
     schedule: Schedule,
     *,
-    steps: int = 50,
+    steps: int | None = None,
     clip: bool = True,
     generator: Generator = None,
     callback: Callback = None,
@@ -305,7 +315,7 @@ def ddim(
     timesteps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoising diffusion implicit models (Song et al. 2021); ``eta=0`` is deterministic."""
-    ts = _timesteps(schedule, steps, timesteps, spacing)
+    ts = _timesteps(schedule, steps, timesteps, spacing, "ddim")
     x = x_T.float()
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -346,7 +356,7 @@ def langevin(
     """
     if corrector_steps < 0:
         raise ValueError(f"corrector_steps must be >= 0, got {corrector_steps}")
-    ts = _timesteps(schedule, steps, timesteps, spacing)
+    ts = _timesteps(schedule, steps, timesteps, spacing, "langevin")
     x = x_T.float()
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -376,7 +386,7 @@ def dpm_solver(
     x_T: torch.Tensor,
     schedule: Schedule,
     *,
-    steps: int = 20,
+    steps: int | None = None,
     clip: bool = True,
     generator: Generator = None,
     callback: Callback = None,
@@ -395,7 +405,7 @@ def dpm_solver(
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
-    ts = _timesteps(schedule, steps, timesteps, spacing)
+    ts = _timesteps(schedule, steps, timesteps, spacing, "dpm-solver")
     x = x_T.float()
     prev_x0: torch.Tensor | None = None
     prev_h = 0.0

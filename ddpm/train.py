@@ -23,8 +23,7 @@ import os
 import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
-from datetime import timedelta
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,26 +31,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import __version__
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from . import __version__, perf
+from .checkpoint import Sampleable, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import BatchStream, ImageSet, _mix, batches, count_hidden_images, load_dataset, to_model_range
+from .distributed import Dist, any_rank, process_group
 from .ema import EMA, edm_ema_decay
 from .errors import DDPMError
-from .generate import make_grid, save_png
-from .outputs import atomic_write_json, atomic_write_text, atomic_write_with, check_writable, remove_temp_files
-from .run_folder import lock_run_folder, run_write_errors
-from .guidance import guided
+from .generate import generate, make_grid, save_png
 from .losses import PREDICTIONS, T_SAMPLINGS, WEIGHTINGS, diffusion_loss, timestep_probabilities
-from .samplers import ImageGenerators, eps_model, get_sampler
+from .outputs import atomic_write_json, atomic_write_text, atomic_write_with, check_writable, remove_temp_files
+from .perf import Runtime, load_optimizer_state, make_optimizer, prepare_model, resolve_runtime
+from .run_folder import lock_run_folder, run_write_errors
 from .schedule import SCHEDULES, Schedule
 from .unet import PRESETS, UNet, UNetConfig, count_parameters
 
-__all__ = ["TrainConfig", "train", "lr_at", "LR_SCHEDULES", "LEGACY_RECIPE", "IMPORTED"]
+__all__ = ["TrainConfig", "train", "train_step", "t_probabilities_for", "lr_at", "LR_SCHEDULES", "LEGACY_RECIPE", "IMPORTED"]
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 # TrainConfig.model of a run written by 'ddpm import': no preset names its architecture, so the
 # network and the schedule are the ones in the run's config.json.
 IMPORTED = "imported"
+# The sample grids' images are seeded --seed + this (ddpm.samplers.image_seed), apart from the
+# in-training FID's, which are those of `ddpm eval --seed SEED` so that its curve can be checked.
+GRID_SEED_OFFSET = 12345
 
 
 @dataclass
@@ -132,39 +134,8 @@ LEGACY_RECIPE: dict[str, Any] = {
 }
 
 
-# ----------------------------------------------------------------------------- distributed
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_pref: str) -> _Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    from .perf import resolve_device
-
-    # the same reading of --device as every other command; each rank then owns its own GPU
-    device = resolve_device(device_pref, local_rank=local_rank, world=world)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        # A finite timeout turns a dead peer into an error on the survivors instead of a hang.
-        dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("DDPM_DIST_TIMEOUT_MIN", "10"))))
-    return _Dist(rank, world, local_rank)
-
-
 # ----------------------------------------------------------------------------------- checks
-def _validate(cfg: TrainConfig, d: _Dist) -> None:
+def _validate(cfg: TrainConfig, d: Dist) -> None:
     if not cfg.data:
         raise DDPMError("no training data given; pass --data PATH (a folder of images) or --data cifar10")
     if cfg.model == IMPORTED and not cfg.resume:
@@ -499,21 +470,22 @@ def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
     return cfg.lr * warm * decay
 
 
-def _sample_grid(ema_model: UNet, schedule: Schedule, cfg: TrainConfig, classes: list[str] | None,
-                 device: torch.device, path: Path, autocast: Callable[[], Any]) -> np.ndarray:
-    """Write an EMA sample grid to ``path`` and return it (HWC uint8): one row per class for
-    conditional runs (fixed noise across calls)."""
-    size = ema_model.config.image_size
+def _sample_grid(sampleable: Sampleable, cfg: TrainConfig, runtime: Runtime, path: Path) -> np.ndarray:
+    """Write a sample grid of the EMA weights to ``path`` and return it (HWC uint8): one row per
+    class, guided by --sample-guidance, for conditional runs. Drawn by :func:`ddpm.generate` with
+    DPM-Solver++ in --sample-steps steps from the same per-image seeds at every call, so the grids
+    of a run differ by the weights alone."""
+    classes = sampleable.classes
     if classes:
         per = max(1, cfg.sample_n // len(classes))
-        labels = torch.arange(len(classes)).repeat_interleave(per)
+        labels: torch.Tensor | None = torch.arange(len(classes)).repeat_interleave(per)
         nrow = per
     else:
         labels, nrow = None, max(1, int(math.sqrt(cfg.sample_n)))
     n = len(labels) if labels is not None else cfg.sample_n
-    gen = torch.Generator().manual_seed(cfg.seed + 12345)
-    x_T = torch.randn(n, ema_model.config.in_channels, size, size, generator=gen)
-    images = _ema_samples(ema_model, schedule, cfg, x_T, labels, cfg.sample_steps, device, autocast)
+    images = generate(sampleable, n, labels=labels, sampler="dpm-solver", steps=cfg.sample_steps,
+                      guidance=cfg.sample_guidance if classes else 1.0, seed=cfg.seed + GRID_SEED_OFFSET,
+                      batch_size=n, device=runtime.device, precision=runtime.precision, progress=False)
     grid = make_grid(images, nrow=nrow)
     save_png(grid, path)
     return grid
@@ -531,22 +503,6 @@ def _train_flops_per_image(model_cfg: UNetConfig) -> float:
         if model_cfg.conditional:
             inputs.append(torch.zeros(1, dtype=torch.long))
     return train_flops_per_image(net, *inputs)
-
-
-def _ema_samples(ema_model: UNet, schedule: Schedule, cfg: TrainConfig, x_T: torch.Tensor, labels: torch.Tensor | None,
-                 steps: int, device: torch.device, autocast: Callable[[], Any]) -> torch.Tensor:
-    """uint8 [N, 3, H, W] on the CPU from the EMA weights: DPM-Solver++ with ``steps`` steps from
-    the noise ``x_T`` [N, C, H, W], guided by --sample-guidance when ``labels`` (int64 [N]) are
-    given. The sample grids and the training-time FID both sample this way."""
-    model: Callable = ema_model
-    if labels is not None:
-        model = guided(ema_model, labels.to(device), cfg.sample_guidance)
-    with autocast():
-        x = get_sampler("dpm-solver")(eps_model(model, schedule, cfg.prediction), x_T.to(device), schedule,
-                                      steps=steps)
-    from .data import to_uint8
-
-    return to_uint8(x).cpu()
 
 
 def _eval_reference(cfg: TrainConfig) -> str:
@@ -574,11 +530,12 @@ class _TrainingEval:
     FLOOR_FILE = "fid_floor.json"
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, image_size: int, T: int, classes: list[str] | None,
-                 batch: int, device: torch.device) -> None:
+                 batch: int, runtime: Runtime) -> None:
         from . import evaluate
         from .samplers import resolve_steps
 
-        self.cfg, self.classes, self.batch, self.device = cfg, classes, batch, device
+        device = runtime.device
+        self.cfg, self.classes, self.batch, self.runtime = cfg, classes, batch, runtime
         self.ref_name = cfg.eval_ref or "the training images"
         self.ref = evaluate.reference_stats(_eval_reference(cfg), image_size=image_size, device=device,
                                             cifar_root=cfg.data_root or None, progress=cfg.progress)
@@ -626,25 +583,18 @@ class _TrainingEval:
         return (f"FID every {self.cfg.eval_every} steps: {how}. FID from {n} samples is biased upward: {n} real images "
                 f"score {self.floor:.2f} against the same reference (the floor, kept in {self.FLOOR_FILE}{bound})")
 
-    def __call__(self, step: int, schedule: Schedule, ema_model: UNet, autocast: Callable[[], Any]) -> dict[str, float]:
-        """Sample --eval-n images and score them: ``{"step", "fid"}`` plus ``"kid"`` (KID's mean
-        over subsets) when the reference has features."""
+    def __call__(self, step: int, sampleable: Sampleable) -> dict[str, float]:
+        """Sample --eval-n images of ``sampleable``'s EMA weights and score them: ``{"step",
+        "fid"}`` plus ``"kid"`` (KID's mean over subsets) when the reference has features."""
         from .evaluate import score_images, spread_labels
 
         cfg, n = self.cfg, self.cfg.eval_n
         labels = spread_labels(n, self.classes)  # as 'ddpm eval' spreads its samples over the classes
-        size, channels = ema_model.config.image_size, ema_model.config.in_channels
-        parts = []
-        for start in range(0, n, self.batch):
-            b = min(self.batch, n - start)
-            # Image i's noise comes from a generator of its own, so the samples (and the curve) do
-            # not depend on the micro-batch, which --batch-size, --grad-accum and the processes set.
-            gens = ImageGenerators([torch.Generator().manual_seed(_mix(cfg.seed, i, 0xF1D))
-                                    for i in range(start, start + b)])
-            x_T = gens.randn((channels, size, size))
-            parts.append(_ema_samples(ema_model, schedule, cfg, x_T, None if labels is None else labels[start:start + b],
-                                      self.steps, self.device, autocast))
-        scores = score_images(torch.cat(parts), self.ref, self.extractor)
+        images = generate(sampleable, n, labels=labels, sampler="dpm-solver", steps=self.steps,
+                          guidance=cfg.sample_guidance if self.classes else 1.0, seed=cfg.seed,
+                          batch_size=self.batch, device=self.runtime.device, precision=self.runtime.precision,
+                          progress=False)
+        scores = score_images(images, self.ref, self.extractor)
         row: dict[str, float] = {"step": step, "fid": scores["fid"]}
         if "kid_mean" in scores:
             row["kid"] = scores["kid_mean"]
@@ -665,26 +615,154 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
     notebooks). Raises :class:`DDPMError` for bad settings or data, and when the loss stops
     being finite (the last good checkpoint is left as it was).
     """
-    d = _init_distributed(cfg.device)
-    finished = False
-    try:
-        with contextlib.ExitStack() as held:  # the run folder's lock, released on any exit
-            path = _train(cfg, d, on_step, held)
-        finished = True
-        return path
-    finally:
-        if d.world > 1 and dist.is_initialized():
-            if finished:
-                # Rank 0 draws the last grid alone; without this the other ranks tear down the
-                # process group under it, and gloo then aborted rank 0 at exit now and then.
-                dist.barrier()
-            dist.destroy_process_group()
+    # On a clean exit the ranks meet once more: rank 0 draws the last grid alone, and without that
+    # meeting the others tore the process group down under it (gloo then aborted rank 0 at exit).
+    with process_group(cfg.device) as d, contextlib.ExitStack() as held:  # held: the run folder's lock
+        return _train(cfg, d, on_step, held)
 
 
-def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | None,
+class _Clock:
+    """A run's training time: the seconds of earlier sessions plus this one's, less the time spent
+    drawing sample grids and evaluating (so --time-limit, the learning-rate schedule it drives and
+    the saved ``train_seconds`` leave them out, and turning evaluation on does not shorten a
+    time-limited run); and the training images/s since the last log line."""
+
+    def __init__(self, train_seconds: float, step: int) -> None:
+        self.before = train_seconds
+        self.start = self.last = time.perf_counter()
+        self.excluded = 0.0
+        self.step_last = step
+
+    def training_seconds(self) -> float:
+        """Seconds of training in this run so far, resumed sessions included."""
+        return self.before + time.perf_counter() - self.start - self.excluded
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (sampling, evaluating) out of the training time and of images/s."""
+        self.excluded += seconds
+        self.last += seconds
+
+    def images_per_s(self, step: int, batch_size: int) -> float:
+        """Training images per second since the previous call (or the start) at ``step``."""
+        now = time.perf_counter()
+        ips = (step - self.step_last) * batch_size / max(now - self.last, 1e-9)
+        self.last, self.step_last = now, step
+        return ips
+
+
+class _Meter:
+    """The step losses and gradient norms since the last log line, summed on the device so that
+    no step waits for the device; read (and reset) only at log lines."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.grad_norm = torch.zeros((), device=device, dtype=torch.float64)
+        self.count = 0
+        self.ema_decay = 0.0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, ema_decay: float) -> None:
+        """Count one step's :func:`train_step` result."""
+        self.loss += loss
+        self.grad_norm += grad_norm
+        self.count += 1
+        self.ema_decay = ema_decay
+
+    def finite(self) -> bool:
+        """Whether the losses summed since the last log line are finite."""
+        return math.isfinite(float(self.loss))
+
+    def read(self, d: Dist) -> tuple[float, float]:
+        """Mean loss (averaged over the ranks) and mean gradient norm (the same on every rank
+        under DDP) since the last read; resets the sums."""
+        mean_loss = self.loss / max(self.count, 1)
+        if d.world > 1:
+            dist.all_reduce(mean_loss)
+            mean_loss /= d.world
+        out = float(mean_loss), float(self.grad_norm) / max(self.count, 1)
+        self.loss.zero_()
+        self.grad_norm.zero_()
+        self.count = 0
+        return out
+
+
+def _non_finite(what: str, step: int, last_path: Path | None) -> DDPMError:
+    """The error that stops a run whose loss or weights stopped being finite, naming what is safe."""
+    return DDPMError(f"{what} by step {step}; stopped without saving ("
+                     + (f"the last good checkpoint {last_path} is intact" if last_path else
+                        "no checkpoint had been written yet")
+                     + "). Try a lower --lr, --precision fp32 or --grad-clip 1")
+
+
+def _timed(fn: Callable[[int], None], step: int) -> float:
+    """Seconds ``fn(step)`` took."""
+    t0 = time.perf_counter()
+    fn(step)
+    return time.perf_counter() - t0
+
+
+def _load_data(cfg: TrainConfig, d: Dist, run_dir: Path, imported: dict[str, Any] | None) -> ImageSet:
+    """The training images at the run's resolution (an imported network's, else --image-size or
+    the preset's); rank 0 decodes first, then the others. Raises :class:`DDPMError` for a run
+    folder inside the data and for unusable data."""
+    if imported is not None:
+        image_size = int(imported["model"]["image_size"])
+    else:
+        image_size = cfg.image_size or PRESETS[cfg.model].image_size
+    data_path = Path(cfg.data).expanduser().resolve()
+    if data_path.is_dir() and (run_dir.expanduser().resolve() == data_path or data_path in run_dir.expanduser().resolve().parents):
+        raise DDPMError(f"--out {str(run_dir)!r} is inside --data {cfg.data!r}; the run's own sample grids would "
+                        "become training images. Put the run folder elsewhere")
+    # Rank 0 loads first (a CIFAR-10 download, one warning about bad files), then the others.
+    if d.world > 1 and not d.main:
+        warnings.filterwarnings("ignore", message="skipped")
+        dist.barrier()
+    data = load_dataset(cfg.data, image_size, conditional=cfg.conditional, strict=cfg.strict,
+                        random_crop=cfg.random_crop, data_root=cfg.data_root or None, progress=cfg.progress and d.main,
+                        drop_empty_classes=cfg.drop_empty_classes)
+    if d.world > 1 and d.main:
+        dist.barrier()
+    return data
+
+
+def _restore(resume_path: Path, cfg: TrainConfig, run_dir: Path, data: ImageSet, model_cfg: UNetConfig,
+             model: UNet, ema: EMA, opt: torch.optim.Optimizer, device: torch.device) -> tuple[int, float]:
+    """Load the checkpoint ``resume_path`` into ``model``, ``ema`` and ``opt`` after checking that
+    it continues this run (same model, classes, data and the options that shape the run); returns
+    its step and the seconds of training it records. Raises :class:`DDPMError` when it does not
+    fit, or when the run has used its --time-limit."""
+    saved_step, saved_config, state = load_checkpoint(resume_path, "cpu")
+    if "imported" in saved_config and not saved_config.get("train", {}).get("data"):
+        # The first training of an imported run: its saved training options are placeholders,
+        # so all are free except the target the imported network predicts.
+        if cfg.prediction != saved_config.get("prediction"):
+            raise DDPMError(f"the imported network predicts {saved_config.get('prediction')!r}; "
+                            f"--prediction {cfg.prediction} would need another network")
+    else:
+        _check_resume_compatible(saved_config, cfg)
+    if saved_config.get("num_images") not in (None, len(data)):
+        hidden = count_hidden_images(cfg.data) if cfg.data else 0
+        if hidden and len(data) + hidden == saved_config["num_images"]:
+            raise DDPMError(f"this run was started counting {hidden} hidden image file(s) under --data "
+                            f"{cfg.data!r} (names starting with '.') that ddpm now skips, so its data order "
+                            "cannot be continued; start a new --out")
+        raise DDPMError(f"the data changed since this run began ({saved_config['num_images']} -> {len(data)} "
+                        "images); restore it or start a new --out")
+    if saved_config["model"] != model_cfg.to_dict() or saved_config.get("classes") != data.classes:
+        raise DDPMError(f"the data or model no longer match the run in {str(run_dir)!r} "
+                        "(different classes or model settings); use a new --out")
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    if "optimizer" in state:  # an imported run has none: AdamW starts afresh
+        load_optimizer_state(opt, state["optimizer"], device)
+    train_seconds = float(state.get("train_seconds", 0.0))
+    if cfg.time_limit > 0 and train_seconds >= 60.0 * cfg.time_limit and saved_step < cfg.steps:
+        raise DDPMError(f"the run in {str(run_dir)!r} has used its --time-limit of {cfg.time_limit:g} min "
+                        f"({train_seconds / 60:.1f} min of training); pass a larger --time-limit to continue it")
+    return saved_step, train_seconds
+
+
+def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | None,
            held: contextlib.ExitStack) -> Path:
-    from .perf import load_optimizer_state, make_optimizer, peak_flops, prepare_model, resolve_runtime
-
     _validate(cfg, d)
     # device and precision are decided here once; "bf16" where it would not run becomes fp32 (warned)
     runtime = resolve_runtime(cfg.device, cfg.precision, local_rank=d.local_rank, world=d.world,
@@ -711,24 +789,8 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
 
     # ---- data
     imported = _imported_config(run_dir) if cfg.model == IMPORTED else None
-    if imported is not None:
-        image_size = int(imported["model"]["image_size"])
-    else:
-        image_size = cfg.image_size or PRESETS[cfg.model].image_size
-    data_path = Path(cfg.data).expanduser().resolve()
-    if data_path.is_dir() and (run_dir.expanduser().resolve() == data_path or data_path in run_dir.expanduser().resolve().parents):
-        raise DDPMError(f"--out {str(run_dir)!r} is inside --data {cfg.data!r}; the run's own sample grids would "
-                        "become training images. Put the run folder elsewhere")
-    # Rank 0 loads first (a CIFAR-10 download, one warning about bad files), then the others.
-    if d.world > 1 and not d.main:
-        warnings.filterwarnings("ignore", message="skipped")
-        dist.barrier()
-    data = load_dataset(cfg.data, image_size, conditional=cfg.conditional, strict=cfg.strict,
-                        random_crop=cfg.random_crop, data_root=cfg.data_root or None, progress=cfg.progress and d.main,
-                        drop_empty_classes=cfg.drop_empty_classes)
-    if d.world > 1 and d.main:
-        dist.barrier()
-    say(f"data: {len(data)} images at {image_size}x{image_size}"
+    data = _load_data(cfg, d, run_dir, imported)
+    say(f"data: {len(data)} images at {data.image_size}x{data.image_size}"
         + (f", {len(data.classes)} classes: {', '.join(data.classes)}" if data.classes else ", unconditional"))
 
     # ---- model, schedule, EMA, optimiser (identical on every rank: same seed)
@@ -739,49 +801,24 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
         model_cfg = _model_config(cfg, data.classes)
         schedule = Schedule.from_name(cfg.schedule, cfg.timesteps, logsnr_shift=cfg.logsnr_shift,
                                       zero_terminal_snr=cfg.zero_terminal_snr)
-    t_probabilities = (None if cfg.t_sampling == "uniform" else
-                       timestep_probabilities(schedule, cfg.t_sampling, cfg.t_logsnr_mean, cfg.t_logsnr_std))
+    t_probabilities = t_probabilities_for(cfg, schedule)
     model = UNet(model_cfg)
     model.grad_checkpoint = cfg.grad_checkpoint
     prepare_model(model, device, channels_last=cfg.channels_last)
     ema = EMA(model, cfg.ema_decay)
     opt = make_optimizer(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run_config = _run_config(cfg, model_cfg, schedule, data)
+    # What the sample grids and the in-training FID sample from, as 'ddpm sample' samples a loaded
+    # run: generate() uses the EMA network and leaves it (and the training network) as it was.
+    sampleable = Sampleable(model=model, ema_model=ema.module, schedule=schedule, classes=data.classes,
+                            prediction=cfg.prediction, image_size=model_cfg.image_size)
     if imported is not None:
         run_config["imported"] = imported["imported"]
 
     step = 0
     train_seconds = 0.0  # training wall-clock of earlier sessions of this run: --time-limit counts it
     if resume_path is not None:
-        saved_step, saved_config, state = load_checkpoint(resume_path, "cpu")
-        if "imported" in saved_config and not saved_config.get("train", {}).get("data"):
-            # The first training of an imported run: its saved training options are placeholders,
-            # so all are free except the target the imported network predicts.
-            if cfg.prediction != saved_config.get("prediction"):
-                raise DDPMError(f"the imported network predicts {saved_config.get('prediction')!r}; "
-                                f"--prediction {cfg.prediction} would need another network")
-        else:
-            _check_resume_compatible(saved_config, cfg)
-        if saved_config.get("num_images") not in (None, len(data)):
-            hidden = count_hidden_images(cfg.data) if cfg.data else 0
-            if hidden and len(data) + hidden == saved_config["num_images"]:
-                raise DDPMError(f"this run was started counting {hidden} hidden image file(s) under --data "
-                                f"{cfg.data!r} (names starting with '.') that ddpm now skips, so its data order "
-                                "cannot be continued; start a new --out")
-            raise DDPMError(f"the data changed since this run began ({saved_config['num_images']} -> {len(data)} "
-                            "images); restore it or start a new --out")
-        if saved_config["model"] != model_cfg.to_dict() or saved_config.get("classes") != data.classes:
-            raise DDPMError(f"the data or model no longer match the run in {str(run_dir)!r} "
-                            "(different classes or model settings); use a new --out")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        if "optimizer" in state:  # an imported run has none: AdamW starts afresh
-            load_optimizer_state(opt, state["optimizer"], device)
-        train_seconds = float(state.get("train_seconds", 0.0))
-        if cfg.time_limit > 0 and train_seconds >= 60.0 * cfg.time_limit and saved_step < cfg.steps:
-            raise DDPMError(f"the run in {str(run_dir)!r} has used its --time-limit of {cfg.time_limit:g} min "
-                            f"({train_seconds / 60:.1f} min of training); pass a larger --time-limit to continue it")
-        step = saved_step
+        step, train_seconds = _restore(resume_path, cfg, run_dir, data, model_cfg, model, ema, opt, device)
         say(f"resumed from {resume_path} at step {step}")
     # A run killed after its last checkpoint but before that step's evaluation still owes it.
     final_eval_missing = cfg.eval_every > 0 and step == cfg.steps > 0 and not _final_eval_logged(run_dir, step)
@@ -809,10 +846,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
     workers = cfg.workers if cfg.workers >= 0 else min(4, os.cpu_count() or 1)
     it = batches(data, stream, step, workers=workers, pin_memory=device.type == "cuda")
     null_class = model_cfg.null_class
-    micro = cfg.batch_size // (d.world * cfg.grad_accum)
-
-    def autocast():
-        return runtime.autocast()
+    micro = cfg.batch_size // (d.world * cfg.grad_accum)  # images per forward pass: the evaluator's batch
 
     # Rank 0 alone evaluates (the other ranks wait for it at the agreement after each evaluation);
     # the reference statistics are made before the first step, so a bad reference costs no training.
@@ -821,10 +855,10 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
         ref_error: DDPMError | None = None
         if d.main:
             try:
-                evaluator = _TrainingEval(cfg, run_dir, model_cfg.image_size, schedule.T, data.classes, micro, device)
+                evaluator = _TrainingEval(cfg, run_dir, model_cfg.image_size, schedule.T, data.classes, micro, runtime)
             except DDPMError as e:
                 ref_error = e
-        if _any_rank(ref_error is not None, d, device):
+        if any_rank(ref_error is not None, d, device):
             raise ref_error or DDPMError("rank 0 could not prepare the FID reference (its message says why)")
         if evaluator is not None:
             say(evaluator.describe())
@@ -852,7 +886,7 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
         if not d.main:
             return None
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                 "train_seconds": train_seconds + time.perf_counter() - t_start - eval_seconds}
+                 "train_seconds": clock.training_seconds()}
         with run_write_errors(run_dir, f"the checkpoint of step {at_step}"):
             path = save_checkpoint(run_dir, at_step, run_config, state, keep=cfg.keep)
         if logger is not None:
@@ -866,158 +900,112 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
         eval_error: DDPMError | None = None
         if evaluator is not None and logger is not None:
             try:
-                row = evaluator(at_step, schedule, ema.module, autocast)
+                row = evaluator(at_step, sampleable)
                 logger.log(row)
                 logger.flush()
                 (bar.write if bar is not None else say)(evaluator.line(row, time.perf_counter() - t0))
             except DDPMError as e:
                 eval_error = e
-        if _any_rank(eval_error is not None, d, device):
+        if any_rank(eval_error is not None, d, device):
             raise eval_error or DDPMError(f"rank 0 could not evaluate step {at_step} (its message says why)")
         return time.perf_counter() - t0
 
-    elapsed = train_seconds  # seconds of training in this run so far, the same on every rank
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
-    loss_count = 0
     # Model FLOPs utilisation needs the device's peak; where none is known (CPUs) it is not logged.
-    peak = peak_flops(device, precision) if d.main else None
+    peak = perf.peak_flops(device, precision) if d.main else None
     flops_per_image = _train_flops_per_image(model_cfg) if peak is not None else 0.0
-    t_last, step_last = time.perf_counter(), step
-    t_start = t_last
-    # Seconds of this session spent evaluating and sampling grids: not training, so --time-limit,
-    # the learning-rate schedule it drives and the saved train_seconds leave them out (as images/s
-    # does through t_last), and turning evaluation on does not shorten a time-limited run.
-    eval_seconds = 0.0
+    clock = _Clock(train_seconds, step)
+    meter = _Meter(device)
+    elapsed = train_seconds  # seconds of training in this run so far, the same on every rank
     last_path: Path | None = resume_path
+
+    def log_interval(at_step: int, lr: float, ema_decay: float) -> None:
+        mean, mean_grad_norm = meter.read(d)
+        if not math.isfinite(mean):
+            raise _non_finite(f"loss became {mean}", at_step, last_path)
+        ips = clock.images_per_s(at_step, cfg.batch_size)
+        if not d.main:
+            return
+        if logger is not None:
+            row = {"step": at_step, "loss": mean, "lr": lr, "images_per_s": ips, "epoch": stream.epoch(at_step),
+                   "ema_decay": ema_decay, "grad_norm": mean_grad_norm}
+            if peak is not None:
+                row["mfu"] = ips * flops_per_image / (peak * d.world)
+            logger.log(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{ips:.1f}", epoch=f"{stream.epoch(at_step):.1f}")
+        if on_step is not None:
+            on_step(at_step, mean)
+
+    def checkpoint_now(at_step: int) -> None:
+        nonlocal last_path
+        # A finite loss can still come with non-finite updates; never save such weights.
+        ok = meter.finite() and all(bool(p.isfinite().all()) for p in model.parameters())
+        if any_rank(not ok, d, device):
+            raise _non_finite("loss or weights became non-finite", at_step, last_path)
+        failed: DDPMError | None = None
+        try:
+            last_path = save(at_step)
+        except DDPMError as e:  # a full disk: every rank stops, not only the writer
+            failed = e
+        if any_rank(failed is not None, d, device):
+            raise failed or DDPMError("rank 0 could not write the checkpoint (its message says why)")
+        if d.world > 1:
+            dist.barrier()
+
+    def draw_grid(at_step: int) -> None:
+        with run_write_errors(run_dir, "a sample grid"):
+            grid = _sample_grid(sampleable, cfg, runtime, run_dir / "samples" / f"step_{at_step:09d}.png")
+        if logger is not None:
+            logger.image(at_step, grid)
+
     model.train()
     try:
         if cfg.eval_every > 0 and step > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
             # A run stopped (or killed) at an evaluation step (or the last one) after its checkpoint
             # but before that evaluation's row resumes past the step: evaluate it now, so each
             # step has one row.
-            if _any_rank(logger is not None and not logger.has_eval(step), d, device):
-                spent = evaluate_now(step)
-                t_last += spent
-                eval_seconds += spent
+            if any_rank(logger is not None and not logger.has_eval(step), d, device):
+                clock.exclude(evaluate_now(step))
         while step < cfg.steps:
             # Everything random in this step derives from (seed, step, rank): data order and
             # flips (in the stream), timesteps, noise, label dropout, dropout masks.
             torch.manual_seed(_mix(cfg.seed, step, d.rank, 0xD1CE))
             gen = torch.Generator(device=device).manual_seed(_mix(cfg.seed, step, d.rank, 0x7E57))
             if d.world == 1:
-                elapsed = train_seconds + time.perf_counter() - t_start - eval_seconds
+                elapsed = clock.training_seconds()
             # else: the value all ranks agreed on at the last check below, so their rates stay equal
             lr = lr_at(step, cfg, elapsed)
-            for group in opt.param_groups:
-                group["lr"] = lr
             x_u8, y = next(it)
             x = to_model_range(x_u8.to(device, non_blocking=True))
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if y is not None:
                 y = y.to(device, non_blocking=True)
-            opt.zero_grad(set_to_none=True)
-            for k in range(cfg.grad_accum):
-                sl = slice(k * micro, (k + 1) * micro)
-                # DDP: synchronise gradients only on the last micro-batch.
-                sync = k == cfg.grad_accum - 1 or d.world == 1
-                ctx = train_model.no_sync() if (not sync and hasattr(train_model, "no_sync")) else contextlib.nullcontext()
-                with ctx, autocast():
-                    losses = diffusion_loss(train_model, schedule, x[sl], None if y is None else y[sl],
-                                            prediction=cfg.prediction, weighting=cfg.loss_weighting,
-                                            min_snr_gamma=cfg.min_snr_gamma, t_probabilities=t_probabilities,
-                                            p_uncond=cfg.p_uncond, null_class=null_class, generator=gen)
-                    loss = losses.mean() / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.detach().double()
-            # The norm returned is the one before clipping. With --grad-clip 0, max_norm = inf only
-            # measures it: the scale factor is clamped to exactly 1, so the weights are unchanged.
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            grad_norm_sum += grad_norm.detach().double()
-            opt.step()
-            ema_decay = (ema.current_decay() if cfg.ema_rampup == 0 else
-                         edm_ema_decay(step * cfg.batch_size, cfg.batch_size, cfg.ema_halflife_kimg, cfg.ema_rampup))
-            ema.update(model, ema_decay)
-            loss_count += 1
+            meter.add(*train_step(train_model, model, opt, ema, schedule, x, y, cfg, step=step, lr=lr, generator=gen,
+                                  t_probabilities=t_probabilities, null_class=null_class,
+                                  autocast=runtime.autocast))
             step += 1
-
             if step % cfg.log_every == 0 or step == cfg.steps:
-                mean_loss = loss_sum / max(loss_count, 1)
-                if d.world > 1:
-                    dist.all_reduce(mean_loss)
-                    mean_loss /= d.world
-                mean = float(mean_loss)
-                if not math.isfinite(mean):
-                    raise DDPMError(
-                        f"loss became {mean} by step {step}; stopped without saving ("
-                        + (f"the last good checkpoint {last_path} is intact" if last_path else
-                           "no checkpoint had been written yet")
-                        + "). Try a lower --lr, --precision fp32 or --grad-clip 1")
-                now = time.perf_counter()
-                ips = (step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
-                t_last, step_last = now, step
-                mean_grad_norm = float(grad_norm_sum) / max(loss_count, 1)  # DDP: the same on every rank
-                loss_sum.zero_()
-                grad_norm_sum.zero_()
-                loss_count = 0
-                if d.main:
-                    if logger is not None:
-                        row = {"step": step, "loss": mean, "lr": lr, "images_per_s": ips, "epoch": stream.epoch(step),
-                               "ema_decay": ema_decay, "grad_norm": mean_grad_norm}
-                        if peak is not None:
-                            row["mfu"] = ips * flops_per_image / (peak * d.world)
-                        logger.log(row)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{ips:.1f}", epoch=f"{stream.epoch(step):.1f}")
-                    if on_step is not None:
-                        on_step(step, mean)
+                log_interval(step, lr, meter.ema_decay)
             if bar is not None:
                 bar.update(1)
 
-            want_grid = cfg.sample_every > 0 and step % cfg.sample_every == 0
-            want_save = (cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.steps
             stop = False
+            want_save = (cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.steps
             # Under DDP, agreeing on a stop is a collective: do it every few steps, not every step.
             if d.world == 1 or step % 10 == 0 or want_save:
-                elapsed = _agree_elapsed(train_seconds + time.perf_counter() - t_start - eval_seconds, d, device)
+                elapsed = _agree_elapsed(clock.training_seconds(), d, device)
                 out_of_time = cfg.time_limit > 0 and elapsed > 60.0 * cfg.time_limit
-                stop = _any_rank(stop_requested["flag"] or out_of_time, d, device) and step < cfg.steps
-            if stop:
-                want_save = True
-            if want_save:
-                # A finite loss can still come with non-finite updates; never save such weights.
-                ok = math.isfinite(float(loss_sum)) and all(bool(p.isfinite().all()) for p in model.parameters())
-                if _any_rank(not ok, d, device):
-                    raise DDPMError(f"loss or weights became non-finite by step {step}; stopped without saving ("
-                                    + (f"the last good checkpoint {last_path} is intact" if last_path else
-                                       "no checkpoint had been written yet")
-                                    + "). Try a lower --lr, --precision fp32 or --grad-clip 1")
-                failed: DDPMError | None = None
-                try:
-                    last_path = save(step)
-                except DDPMError as e:  # a full disk: every rank stops, not only the writer
-                    failed = e
-                if _any_rank(failed is not None, d, device):
-                    raise failed or DDPMError("rank 0 could not write the checkpoint (its message says why)")
-                if d.world > 1:
-                    dist.barrier()
-            # The grid comes after the checkpoint, so a failure while sampling loses no training.
-            if (want_grid or step == cfg.steps) and d.main:
-                t_grid = time.perf_counter()
-                with run_write_errors(run_dir, "a sample grid"):
-                    grid = _sample_grid(ema.module, schedule, cfg, data.classes, device,
-                                        run_dir / "samples" / f"step_{step:09d}.png", autocast)
-                if logger is not None:
-                    logger.image(step, grid)
-                spent = time.perf_counter() - t_grid
-                t_last += spent  # images/s measures training, not sampling
-                eval_seconds += spent
+                stop = any_rank(stop_requested["flag"] or out_of_time, d, device) and step < cfg.steps
+            if want_save or stop:
+                checkpoint_now(step)
+            # The grid comes after the checkpoint, so a failure while sampling loses no training;
+            # sampling and evaluating are not training time (images/s, --time-limit, the lr).
+            if d.main and ((cfg.sample_every > 0 and step % cfg.sample_every == 0) or step == cfg.steps):
+                clock.exclude(_timed(draw_grid, step))
             # After the checkpoint too; when stopping, it is left to the resumed run (see above).
             if cfg.eval_every > 0 and not stop and (step % cfg.eval_every == 0 or step == cfg.steps):
-                spent = evaluate_now(step)
-                t_last += spent  # images/s measures training, not evaluation
-                eval_seconds += spent
+                clock.exclude(evaluate_now(step))
             if stop:
                 why = "SIGTERM" if stop_requested["flag"] else f"--time-limit {cfg.time_limit:g} min"
                 say(f"\nstopped by {why} at step {step}; continue with --resume"
@@ -1042,7 +1030,70 @@ def _train(cfg: TrainConfig, d: _Dist, on_step: Callable[[int, float], None] | N
     return last_path if last_path is not None else run_dir
 
 
-def _check_replicas_agree(model: torch.nn.Module, ema: EMA, d: _Dist, device: torch.device,
+def t_probabilities_for(cfg: TrainConfig, schedule: Schedule) -> torch.Tensor | None:
+    """The density training draws timesteps from: None for ``--t-sampling uniform`` (Ho et al.
+    2020's uniform t), else float64 [T] from :func:`ddpm.losses.timestep_probabilities`
+    (``--t-logsnr-mean`` / ``--t-logsnr-std``, EDM's lognormal over noise levels). Raises
+    ``ValueError`` for an unknown density or a std <= 0."""
+    if cfg.t_sampling == "uniform":
+        return None
+    return timestep_probabilities(schedule, cfg.t_sampling, cfg.t_logsnr_mean, cfg.t_logsnr_std)
+
+
+def train_step(net: Callable[..., torch.Tensor], model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA,
+               schedule: Schedule, x0: torch.Tensor, labels: torch.Tensor | None, cfg: TrainConfig, *, step: int,
+               lr: float, generator: torch.Generator | None, t_probabilities: torch.Tensor | None = None,
+               null_class: int | None = None,
+               autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+               ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimiser step of ``ddpm train``, the one ``benchmarks/speed.py`` times too.
+
+    Sets the learning rate ``lr``; splits ``x0`` (float [B, C, H, W] in [-1, 1], this process's
+    share of the global batch, on the model's device) and ``labels`` (int64 [B] or None) into
+    ``cfg.grad_accum`` micro-batches; for each, ``net(x_t, t[, y])`` under ``autocast()`` gives the
+    per-sample loss of :func:`ddpm.losses.diffusion_loss` with ``cfg``'s target, weighting and
+    label dropout (timesteps from ``t_probabilities``, noise and dropout from ``generator``),
+    whose mean is back-propagated; then clips the global gradient norm of ``model`` to
+    ``cfg.grad_clip`` (0: measured, not clipped), steps ``opt`` and updates ``ema`` with the decay
+    for ``step`` (the EMA's own warm-up when ``cfg.ema_rampup`` is 0, else EDM's half-life rule
+    for ``step * cfg.batch_size`` images seen). ``net`` is ``model`` itself or a wrapper of it
+    (DistributedDataParallel, torch.compile, a peer's call adapter); under DDP gradients are
+    synchronised on the last micro-batch only.
+
+    Returns ``(loss, grad_norm, ema_decay)``: the step's mean loss and the gradient norm before
+    clipping as float64 0-dim tensors on the device (not synchronised, so the caller decides
+    when to read them), and the EMA decay used. Raises ``ValueError`` (from the loss) for a
+    target or weighting it does not know, or labels without ``null_class``.
+    """
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    micro = x0.shape[0] // cfg.grad_accum
+    no_sync = getattr(net, "no_sync", None)
+    loss_sum = torch.zeros((), device=x0.device, dtype=torch.float64)
+    for k in range(cfg.grad_accum):
+        sl = slice(k * micro, (k + 1) * micro)
+        # DDP: all-reduce the gradients once, after the last micro-batch.
+        ctx = no_sync() if (no_sync is not None and k < cfg.grad_accum - 1) else contextlib.nullcontext()
+        with ctx, autocast():
+            losses = diffusion_loss(net, schedule, x0[sl], None if labels is None else labels[sl],
+                                    prediction=cfg.prediction, weighting=cfg.loss_weighting,
+                                    min_snr_gamma=cfg.min_snr_gamma, t_probabilities=t_probabilities,
+                                    p_uncond=cfg.p_uncond, null_class=null_class, generator=generator)
+            loss = losses.mean() / cfg.grad_accum
+        loss.backward()
+        loss_sum += loss.detach().double()
+    # The norm returned is the one before clipping. With --grad-clip 0, max_norm = inf only
+    # measures it: the scale factor is clamped to exactly 1, so the weights are unchanged.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    opt.step()
+    ema_decay = (ema.current_decay() if cfg.ema_rampup == 0 else
+                 edm_ema_decay(step * cfg.batch_size, cfg.batch_size, cfg.ema_halflife_kimg, cfg.ema_rampup))
+    ema.update(model, ema_decay)
+    return loss_sum, grad_norm.detach().double(), ema_decay
+
+
+def _check_replicas_agree(model: torch.nn.Module, ema: EMA, d: Dist, device: torch.device,
                           say: Callable[..., None]) -> None:
     """Compare weight and EMA digests across ranks: DDP keeps replicas equal, and a silent
     divergence (a rank with different data or a non-deterministic kernel) would corrupt the run."""
@@ -1056,7 +1107,7 @@ def _check_replicas_agree(model: torch.nn.Module, ema: EMA, d: _Dist, device: to
     say(f"all {d.world} processes hold identical model and EMA weights (sha256 {mine[:12]}...)")
 
 
-def _agree_elapsed(seconds: float, d: _Dist, device: torch.device) -> float:
+def _agree_elapsed(seconds: float, d: Dist, device: torch.device) -> float:
     """The largest of the ranks' training clocks: a time-based learning-rate decay must give
     every rank the same rate, or DDP's replicas (which share gradients, not weights) drift apart."""
     if d.world == 1:
@@ -1067,7 +1118,7 @@ def _agree_elapsed(seconds: float, d: _Dist, device: torch.device) -> float:
 
 
 @contextlib.contextmanager
-def _hold_run_folder(run_dir: Path, d: _Dist, device: torch.device) -> Iterator[None]:
+def _hold_run_folder(run_dir: Path, d: Dist, device: torch.device) -> Iterator[None]:
     """Rank 0, the only writer, locks the run folder for the whole run; every rank learns
     whether it could, so that all stop together instead of waiting for rank 0 at a barrier."""
     with contextlib.ExitStack() as stack:
@@ -1077,18 +1128,9 @@ def _hold_run_folder(run_dir: Path, d: _Dist, device: torch.device) -> Iterator[
                 stack.enter_context(lock_run_folder(run_dir, advice="wait for it to finish or choose another --out"))
             except DDPMError as e:
                 error = e
-        if _any_rank(error is not None, d, device):
+        if any_rank(error is not None, d, device):
             raise error or DDPMError(f"rank 0 could not take the run folder {str(run_dir)!r} (its message says why)")
         yield
-
-
-def _any_rank(flag: bool, d: _Dist, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any: ranks must take the same branch."""
-    if d.world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:

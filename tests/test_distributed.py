@@ -1,4 +1,5 @@
-"""Data-parallel training with two gloo processes on the CPU, launched by torchrun."""
+"""torchrun with two gloo processes on the CPU: data-parallel training, and sampling and
+evaluation split over the processes by image index."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from conftest import copy_subset
 from ddpm.cli import run_info
 
 
-def _torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, *args: str, timeout: int = 600, command: str = "train") -> subprocess.CompletedProcess:
+    # "--": torchrun's parser would take sample's --run and --n for abbreviations of its own options
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "ddpm", "train", *args]
+           "-m", "ddpm", "--", command, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -58,3 +60,76 @@ def test_two_gloo_ranks_train_identically_and_resume(cifar10_dir: Path, tmp_path
 
     assert main(["train", *_args(data, run, 6, "--resume", "--grad-accum", "2")]) == 0
     assert run_info(str(run))["step"] == 6
+
+
+def _class_folders(root: Path, classes: list[str], per_class: int) -> Path:
+    """Small RGB images in one folder per class, a base colour per class plus pixel noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            base = np.array([60 + 70 * c, 200 - 60 * c, 120])
+            pixels = np.clip(base + rng.normal(0, 25, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i:02d}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_sample_and_score_the_images_of_one_process(tmp_path: Path) -> None:
+    """'ddpm sample' and 'ddpm eval' under torchrun split the images over the ranks by index and
+    rank 0 writes them: the same PNG files, the same FID as one process (at --batch-size 1 the
+    network sees the same inputs; 3 images over 2 ranks is an uneven split, 1 + 2)."""
+    import json
+
+    from ddpm.cli import main
+    from ddpm.train import TrainConfig, train
+
+    data = _class_folders(tmp_path / "data", ["a", "b", "c"], 4)
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(data), out=str(run), conditional=True, model="tiny", image_size=16, steps=2,
+                      batch_size=4, timesteps=20, sample_every=0, save_every=0, sample_n=3, sample_steps=2,
+                      progress=False, tensorboard=False, precision="fp32", device="cpu", workers=0))
+    common = ["--run", str(run), "--class", "a", "b", "c", "--n", "1", "--steps", "3", "--guidance", "2",
+              "--batch-size", "1", "--device", "cpu", "--precision", "fp32"]
+    assert main(["sample", *common, "--out", str(tmp_path / "one.png"), "--individual", str(tmp_path / "one")]) == 0
+    res = _torchrun(2, *common, "--out", str(tmp_path / "two.png"), "--individual", str(tmp_path / "two"),
+                    command="sample")
+    assert res.returncode == 0, _failure(res)
+    assert res.stdout.count("wrote ") == 1 and "2 processes" in res.stdout  # rank 0 alone wrote and printed
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == ["00000.png", "00001.png", "00002.png"] == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
+
+    refused = _torchrun(2, *common, "--out", str(tmp_path / "x.png"), "--guidance-sweep", "1", "3", command="sample")
+    assert refused.returncode != 0 and "--guidance-sweep runs in one process" in refused.stderr
+
+    from ddpm.inception import InceptionWeightsError, weights_path
+
+    try:
+        weights_path()
+    except InceptionWeightsError as e:
+        pytest.skip(f"the evaluation half needs the Inception weights: {e}")
+    scoring = ["--run", str(run), "--ref", str(data), "--n", "3", "--steps", "3", "--guidance", "2", "--batch-size", "1",
+               "--device", "cpu", "--precision", "fp32", "--no-pr", "--quiet", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["eval", *scoring, "--out", str(tmp_path / "one.json")]) == 0
+    res = _torchrun(2, *scoring, "--out", str(tmp_path / "two.json"), command="eval")
+    assert res.returncode == 0, _failure(res)
+    one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    assert one["n"] == two["n"] == 3 and one["fid"] == two["fid"]
+    assert one["class_accuracy"] == two["class_accuracy"]
+
+
+def test_shards_cover_every_image_index_once_in_order() -> None:
+    """The blocks of image indices the ranks draw: all of 0..n-1, in rank order, sizes within one."""
+    from ddpm.distributed import Dist, shard
+
+    for n in (0, 1, 2, 3, 7, 64):
+        for world in (1, 2, 3, 8):
+            blocks = [shard(n, Dist(rank, world)) for rank in range(world)]
+            assert [i for block in blocks for i in block] == list(range(n)), (n, world)
+            assert max(map(len, blocks)) - min(map(len, blocks)) <= 1

@@ -40,7 +40,7 @@ class ElementwiseNet(nn.Module):
     def __init__(self, num_classes: int | None = None) -> None:
         super().__init__()
         self.config = SimpleNamespace(in_channels=3, image_size=SIZE, num_classes=num_classes,
-                                      conditional=num_classes is not None)
+                                      null_class=num_classes, conditional=num_classes is not None)
         self.num_classes = num_classes
         g = torch.Generator().manual_seed(0)
         self.weight = nn.Parameter(0.5 + 0.1 * torch.randn(3, SIZE, SIZE, generator=g), requires_grad=False)
@@ -54,7 +54,8 @@ class ElementwiseNet(nn.Module):
 
 def _run(net: nn.Module, classes: list[str] | None = None) -> Run:
     net.eval().requires_grad_(False)
-    return Run(Path("in-memory"), net, None, Schedule.linear(20), classes, "eps", 0, SIZE, {}, Path("in-memory"))
+    return Run(model=net, ema_model=None, schedule=Schedule.linear(20), classes=classes, prediction="eps",
+               image_size=SIZE, run_dir=Path("in-memory"), step=0, config={}, checkpoint=Path("in-memory"))
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +189,26 @@ def test_samplers_take_image_generators_or_a_torch_generator() -> None:
         a = sampler(model, x_T, sched, generator=torch.Generator().manual_seed(9), **kw)
         b = sampler(model, x_T, sched, generator=torch.Generator().manual_seed(9), **kw)
         assert torch.equal(a, b) and not torch.equal(a, whole)
+
+
+def test_generate_leaves_the_callers_network_as_it_found_it() -> None:
+    """generate() samples in eval mode and in the device's layout, but the caller's network (the
+    trainer's, mid-training) keeps its train mode, its NCHW weights and their values; the images
+    are those of the same network handed over in eval mode."""
+    from ddpm.checkpoint import Sampleable
+    from ddpm.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig.preset("tiny", image_size=8, num_classes=2, dropout=0.3)).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    run = Sampleable(model=net, ema_model=None, schedule=Schedule.linear(20), classes=["a", "b"], prediction="eps",
+                     image_size=8)
+    images = generate(run, 3, labels=torch.tensor([0, 1, 1]), guidance=2.0, steps=3, progress=False,
+                      device="cpu", precision="fp32")
+    assert net.training, "generate() left the caller's network in eval mode"
+    conv = next(p for p in net.parameters() if p.dim() == 4 and p.shape[-1] == 3)
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)  # not re-laid
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    again = generate(run, 3, labels=torch.tensor([0, 1, 1]), guidance=2.0, steps=3, progress=False,
+                     device="cpu", precision="fp32")
+    assert torch.equal(images, again)  # dropout was off while sampling: the same images twice

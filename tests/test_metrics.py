@@ -8,7 +8,6 @@ so these tests are fast and need no weights; tests/test_inception.py covers the 
 from __future__ import annotations
 
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -384,7 +383,7 @@ def stub_run(tmp_path, monkeypatch, fake_net):
                                 prediction="eps", step=7, image_size=8, config={}, run_dir=run_dir)
     seen: dict = {}
 
-    def load_run(path, device="cpu"):
+    def load_run(path, device="cpu", checkpoint=None):
         assert Path(path) == run_dir
         return run
 
@@ -397,12 +396,8 @@ def stub_run(tmp_path, monkeypatch, fake_net):
         out = torch.stack([pix.get(r.classes[int(c)], pix["red"]) for c in labels]).int()
         return (out + torch.randint(-20, 21, out.shape, generator=g)).clamp(0, 255).to(torch.uint8)
 
-    ckpt = types.ModuleType("ddpm.checkpoint")
-    ckpt.load_run = load_run
-    gen = types.ModuleType("ddpm.generate")
-    gen.generate = generate
-    monkeypatch.setitem(sys.modules, "ddpm.checkpoint", ckpt)
-    monkeypatch.setitem(sys.modules, "ddpm.generate", gen)
+    monkeypatch.setattr(evaluate, "load_run", load_run)
+    monkeypatch.setattr(evaluate, "generate", generate)
     return types.SimpleNamespace(ref=ref, run_dir=run_dir, seen=seen)
 
 
@@ -438,11 +433,7 @@ def test_sampler_sweep_writes_json_and_plot(stub_run, tmp_path):
 
 
 def test_class_accuracy_skipped_when_classes_do_not_match(stub_run, tmp_path):
-    # The stand-in: `import ddpm.checkpoint` would find the real module as an attribute of the
-    # package once another test has imported it.
-    ckpt = sys.modules["ddpm.checkpoint"]
-
-    run = ckpt.load_run(stub_run.run_dir)
+    run = evaluate.load_run(stub_run.run_dir)  # the stand-in
     run.classes = ["red", "green"]
     with pytest.warns(UserWarning, match="class accuracy skipped"):
         r = evaluate.evaluate_run(stub_run.run_dir, stub_run.ref, n=6, cache_dir=tmp_path / "cache", progress=False,

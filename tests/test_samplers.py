@@ -485,3 +485,14 @@ def test_every_list_of_samplers_comes_from_the_registry():
     assert tuple(cli_eval.SAMPLER_CHOICES) == tuple(evaluate._SAMPLERS) == names
     assert generate.STOCHASTIC_SAMPLERS == tuple(n for n in names if samplers.STOCHASTIC[n])
     assert not hasattr(generate, "default_steps")
+
+
+@pytest.mark.parametrize("name", S.SAMPLER_NAMES)
+def test_a_sampler_called_without_steps_runs_the_commands_default(name: str) -> None:
+    """``steps=None`` means DEFAULT_STEPS for the library functions too, as for ``ddpm sample``
+    (langevin once ran all T steps when called directly and 250 from the command line)."""
+    s = Schedule.linear(300)
+    visited: list[int] = []
+    S.get_sampler(name)(_toy_model, torch.zeros(1, 1), s, generator=torch.Generator().manual_seed(0),
+                        callback=lambda i, t, x, x0: visited.append(t))
+    assert len(visited) == S.resolve_steps(name, None, s.T) == (S.DEFAULT_STEPS[name] or s.T)

@@ -124,6 +124,27 @@ def test_eval_does_not_change_training_and_resume_keeps_one_row_per_eval_step(da
     assert a["model_sha256"] == b["model_sha256"] and a["ema_sha256"] == b["ema_sha256"]
 
 
+@pytest.mark.parametrize("conditional", [False, True])
+def test_in_training_fid_is_what_ddpm_eval_gives_for_that_checkpoint(data: Path, tmp_path: Path, fake_net,
+                                                                    conditional: bool) -> None:
+    """One sampling path: the FID logged at a step is the one ``ddpm eval`` computes for that
+    step's checkpoint with the same --n, --seed and guidance (both draw their images with
+    generate(): the same per-image seeds, class labels, null class, sampler and steps)."""
+    if conditional:
+        source = tmp_path / "classes"
+        _images(source / "a", 4, seed=1)
+        _images(source / "b", 4, seed=2)
+    else:
+        source = data
+    run = tmp_path / "run"
+    train(_tiny(source, run, steps=3, eval_every=3, eval_n=6, seed=5, conditional=conditional, sample_guidance=2.0))
+    logged = float(next(r for r in _rows(run) if r["fid"])["fid"])
+    scored = evaluate.evaluate_run(run, ref=str(source), n=6, seed=5, guidance=2.0 if conditional else 1.0,
+                                   batch_size=4, device="cpu", precision="fp32", compute_pr=False, progress=False,
+                                   verbose=False)
+    assert scored["step"] == 3 and logged == pytest.approx(scored["fid"], rel=1e-9, abs=1e-9)
+
+
 def test_a_run_killed_during_an_evaluation_evaluates_that_step_on_resume(data: Path, tmp_path: Path, fake_net,
                                                                          monkeypatch) -> None:
     run = tmp_path / "run"
@@ -410,3 +431,29 @@ def test_two_gloo_ranks_rank_0_evaluates_and_the_others_wait(tmp_path: Path, cac
     assert "all 2 processes hold identical model and EMA weights" in res.stdout
     assert res.stdout.count("step 2: FID ") == 1 and res.stdout.count("FID every 2 steps") == 1
     assert _eval_steps(run) == [2]
+
+
+def test_training_curve_scores_kept_checkpoints_oldest_first(data: Path, tmp_path: Path, fake_net) -> None:
+    """benchmarks/training_curve.py: the chosen checkpoints (spread evenly, the newest included)
+    are each scored as 'ddpm eval --checkpoint' scores them, and drawn against images seen."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("training_curve", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "training_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    assert curve.pick(list(range(5)), 3) == [0, 2, 4] and curve.pick(list(range(5)), 1) == [4]
+    assert curve.pick(list(range(2)), 4) == [0, 1]
+
+    run = tmp_path / "run"
+    train(_tiny(data, run, steps=6, save_every=2))
+    out_png, out_json = tmp_path / "curve.png", tmp_path / "curve.json"
+    assert curve.main(["--run", str(run), "--ref", str(data), "--n", "4", "--checkpoints", "2", "--device", "cpu",
+                       "--batch-size", "4", "--plot", str(out_png), "--json", str(out_json)]) == 0
+    points = json.loads(out_json.read_text())["points"]
+    assert [p["step"] for p in points] == [2, 6] and [p["images_seen"] for p in points] == [8, 24]
+    assert all(p["fid"] > 0 for p in points) and points[0]["fid"] != points[1]["fid"]
+    assert Image.open(out_png).size[0] > 100
+    single = evaluate.evaluate_run(run, str(data), n=4, checkpoint=points[0]["checkpoint"], device="cpu",
+                                   batch_size=4, compute_pr=False, progress=False, verbose=False)
+    assert single["step"] == 2 and single["fid"] == points[0]["fid"]

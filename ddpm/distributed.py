@@ -1,0 +1,115 @@
+"""Processes launched by ``torchrun``: joining the process group, agreeing, and splitting
+sampling work by image index.
+
+``ddpm train``, ``ddpm sample`` and ``ddpm eval`` all start here. One process (no ``torchrun``,
+or ``WORLD_SIZE`` 1) is a :class:`Dist` of world 1, for which every function below is a no-op,
+so the commands have one code path. Training splits each batch over the ranks
+(:mod:`ddpm.train`); sampling gives rank r a contiguous block of image indices
+(:func:`shard`), and because every image is seeded by its index alone
+(:func:`ddpm.samplers.image_seed`) the gathered images are those of a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Dist", "init_distributed", "process_group", "any_rank", "shard", "gather_images"]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place among the ``world`` processes torchrun started (rank 0 writes)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Whether this is rank 0, the one process that writes files and prints."""
+        return self.rank == 0
+
+
+def init_distributed(device_pref: str | None) -> Dist:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), else return a
+    single process's :class:`Dist`.
+
+    Each rank takes its own GPU (``--device`` read by :func:`ddpm.perf.resolve_device` with the
+    rank's ``LOCAL_RANK``) and NCCL; CPU ranks use gloo. A peer that dies turns into an error on
+    the others after ``DDPM_DIST_TIMEOUT_MIN`` minutes (default 10) instead of a hang. Raises
+    :class:`~ddpm.errors.DDPMError` (from ``resolve_device``) for a device this rank cannot use.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    from .perf import resolve_device
+
+    device = resolve_device(device_pref, local_rank=local_rank, world=world)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("DDPM_DIST_TIMEOUT_MIN", "10"))))
+    return Dist(rank, world, local_rank)
+
+
+@contextlib.contextmanager
+def process_group(device_pref: str | None) -> Iterator[Dist]:
+    """:func:`init_distributed` for the length of a command: on a clean exit the ranks meet once
+    more (so none tears the group down while rank 0 still writes), and the group is destroyed
+    on any exit."""
+    d = init_distributed(device_pref)
+    finished = False
+    try:
+        yield d
+        finished = True
+    finally:
+        if d.world > 1 and dist.is_initialized():
+            if finished:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any: ranks must take the same branch."""
+    if d.world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def shard(n: int, d: Dist) -> range:
+    """The image indices rank ``d.rank`` draws of ``n``: a contiguous block, the blocks of all
+    ranks covering ``0 .. n-1`` in order, their sizes differing by at most one (a rank may get
+    none when ``n`` is smaller than the world)."""
+    return range(n * d.rank // d.world, n * (d.rank + 1) // d.world)
+
+
+def gather_images(local: torch.Tensor, n: int, d: Dist, device: torch.device) -> torch.Tensor | None:
+    """All ``n`` images on rank 0, in index order, from each rank's block of :func:`shard`.
+
+    ``local`` is this rank's uint8 [m, C, H, W] (any device; ``m = len(shard(n, d))``). Rank 0
+    gets uint8 [n, C, H, W] on the CPU, the other ranks None; one process gets ``local`` back
+    on the CPU. The blocks travel through ``device`` (the rank's GPU under NCCL, the CPU under
+    gloo), padded to the largest block so that one all-gather carries them.
+    """
+    if d.world == 1:
+        return local.cpu()
+    sizes = [len(shard(n, Dist(r, d.world))) for r in range(d.world)]
+    width = max(sizes)
+    padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local.to(device)
+    blocks = [torch.empty_like(padded) for _ in range(d.world)]
+    dist.all_gather(blocks, padded)
+    if not d.main:
+        return None
+    return torch.cat([b[:m].cpu() for b, m in zip(blocks, sizes)])
