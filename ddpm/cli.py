@@ -8,9 +8,12 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import DDPMError
+
+if TYPE_CHECKING:
+    from .distributed import Dist
 
 # Help for every training option; the flags themselves come from TrainConfig's fields so the
 # two can never drift apart (a test checks that every field has help here).
@@ -184,16 +187,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .distributed import process_group
 
     # Under torchrun each process draws its block of image indices and rank 0 writes them all.
-    with process_group(args.device) as d:
+    with process_group(args.device, meet_at_exit=False) as d:
         return _sample(args, d)
 
 
-def _sample(args: argparse.Namespace, d: Any) -> int:
+def _sample(args: argparse.Namespace, d: Dist) -> int:
     import math
 
     import torch
 
-    from .checkpoint import load_run
+    from .checkpoint import latest_checkpoint, load_run
+    from .distributed import from_rank_0
     from .generate import (ChainRecorder, chain_frames, check_animate_every, check_interpolation_n, check_sweep_scales,
                            default_animate_every, generate_sharded, guidance_sweep, interpolate, make_grid,
                            save_gif, save_png)
@@ -245,7 +249,8 @@ def _sample(args: argparse.Namespace, d: Any) -> int:
 
     runtime = resolve_runtime(args.device, args.precision, local_rank=d.local_rank, world=d.world)
     device = runtime.device
-    run = load_run(args.run, device)
+    # Every rank samples rank 0's newest checkpoint, even if a training run writes a newer one meanwhile.
+    run = load_run(args.run, device, checkpoint=from_rank_0(latest_checkpoint(args.run), d) if d.world > 1 else None)
     steps = resolve_steps(args.sampler, args.steps, run.schedule.T)
     idx = [run.class_index(c) for c in args.classes] if args.classes else []
     common = dict(sampler=args.sampler, steps=steps, seed=args.seed, batch_size=args.batch_size,

@@ -11,13 +11,17 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
+from .distributed import any_rank
 from .errors import DDPMError
 from .outputs import check_writable
 from .perf import resolve_device
 from .run_folder import lock_if_inside
 from .samplers import SAMPLER_NAMES
+
+if TYPE_CHECKING:
+    from .distributed import Dist
 
 
 __all__ = ["register", "main"]
@@ -132,11 +136,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .distributed import process_group
 
     # Under torchrun each process samples its block of the --n images and rank 0 scores them.
-    with process_group(args.device) as d:
+    with process_group(args.device, meet_at_exit=False) as d:
         return _eval(args, d)
 
 
-def _eval(args: argparse.Namespace, d: Any) -> int:
+def _eval(args: argparse.Namespace, d: Dist) -> int:
     from . import evaluate
 
     if args.n is None:  # a memorisation check looks at each sample's neighbours: fewer samples do
@@ -179,8 +183,17 @@ def _eval(args: argparse.Namespace, d: Any) -> int:
     out = args.out or eval_dir / (f"eval{at}-{args.sampler}-{args.steps or 'default'}steps-g{args.guidance:g}"
                                   f"-n{args.n}-seed{args.seed}.json")
     check_writable(out, what, is_file=True)
-    # rank 0 alone writes the result, so it alone holds the run folder
-    with lock_if_inside(args.run, out, advice=_BUSY_ADVICE) if d.main else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:
+        # Rank 0 alone writes the result, so it alone holds the run folder; if it cannot, every
+        # rank stops here instead of sampling for a gather that would never come.
+        busy: DDPMError | None = None
+        if d.main:
+            try:
+                held.enter_context(lock_if_inside(args.run, out, advice=_BUSY_ADVICE))
+            except DDPMError as e:
+                busy = e
+        if any_rank(busy is not None, d, device):
+            raise busy or DDPMError("rank 0 could not take the run folder (its message says why)")
         evaluate.evaluate_run(args.run, args.ref, args.n, args.sampler, args.steps, args.guidance, out=out,
                               compute_pr=not args.no_pr, processes=d, checkpoint=args.checkpoint, **common)
     return 0

@@ -15,12 +15,12 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "init_distributed", "process_group", "any_rank", "shard", "gather_images"]
+__all__ = ["Dist", "init_distributed", "process_group", "any_rank", "from_rank_0", "shard", "gather_images"]
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,14 @@ def init_distributed(device_pref: str | None) -> Dist:
 
 
 @contextlib.contextmanager
-def process_group(device_pref: str | None) -> Iterator[Dist]:
-    """:func:`init_distributed` for the length of a command: on a clean exit the ranks meet once
-    more (so none tears the group down while rank 0 still writes), and the group is destroyed
-    on any exit."""
+def process_group(device_pref: str | None, *, meet_at_exit: bool = True) -> Iterator[Dist]:
+    """:func:`init_distributed` for the length of a command; the group is destroyed on any exit.
+
+    ``meet_at_exit``: on a clean exit the ranks meet once more, so that none tears the group down
+    while rank 0 still uses it (training: rank 0 draws the last grid alone). Sampling and
+    evaluation pass False: their last collective is the gather, after which rank 0 scores and
+    writes alone for as long as that takes, with no rank waiting on a collective's timeout.
+    """
     d = init_distributed(device_pref)
     finished = False
     try:
@@ -73,7 +77,7 @@ def process_group(device_pref: str | None) -> Iterator[Dist]:
         finished = True
     finally:
         if d.world > 1 and dist.is_initialized():
-            if finished:
+            if finished and meet_at_exit:
                 dist.barrier()
             dist.destroy_process_group()
 
@@ -85,6 +89,17 @@ def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def from_rank_0(value: Any, d: Dist) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object; one process gets its own back), so
+    that the ranks act on one decision, e.g. which checkpoint is the newest while a training run
+    may be writing the next one."""
+    if d.world == 1:
+        return value
+    box = [value if d.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shard(n: int, d: Dist) -> range:
@@ -99,8 +114,9 @@ def gather_images(local: torch.Tensor, n: int, d: Dist, device: torch.device) ->
 
     ``local`` is this rank's uint8 [m, C, H, W] (any device; ``m = len(shard(n, d))``). Rank 0
     gets uint8 [n, C, H, W] on the CPU, the other ranks None; one process gets ``local`` back
-    on the CPU. The blocks travel through ``device`` (the rank's GPU under NCCL, the CPU under
-    gloo), padded to the largest block so that one all-gather carries them.
+    on the CPU. The blocks travel to rank 0 alone (``dist.gather``: the other ranks hold only
+    their own) through ``device`` (the rank's GPU under NCCL, the CPU under gloo), padded to the
+    largest block so that one collective carries them.
     """
     if d.world == 1:
         return local.cpu()
@@ -108,8 +124,8 @@ def gather_images(local: torch.Tensor, n: int, d: Dist, device: torch.device) ->
     width = max(sizes)
     padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype, device=device)
     padded[: local.shape[0]] = local.to(device)
-    blocks = [torch.empty_like(padded) for _ in range(d.world)]
-    dist.all_gather(blocks, padded)
-    if not d.main:
+    blocks = [torch.empty_like(padded) for _ in range(d.world)] if d.main else None
+    dist.gather(padded, gather_list=blocks, dst=0)
+    if blocks is None:
         return None
     return torch.cat([b[:m].cpu() for b, m in zip(blocks, sizes)])

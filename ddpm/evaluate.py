@@ -35,8 +35,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import load_run
-from .distributed import Dist
+from .checkpoint import latest_checkpoint, load_run
+from .distributed import Dist, from_rank_0
 from .errors import DDPMError
 from .generate import generate, generate_sharded
 from .inception import FeatureExtractor
@@ -595,6 +595,8 @@ def _prepare(run_dir, ref, *, device, precision, inception, cache_dir, ref_max, 
     t0 = time.perf_counter()
     runtime = resolve_runtime(device, precision, local_rank=processes.local_rank, world=processes.world)
     dev = runtime.device
+    if checkpoint is None and processes.world > 1:  # every rank scores rank 0's newest checkpoint
+        checkpoint = from_rank_0(latest_checkpoint(run_dir), processes)
     run = load_run(run_dir, device=dev, checkpoint=checkpoint)
     if check_run is not None:
         check_run(run)  # settings that depend on the run (steps <= T) fail before the reference work
@@ -671,6 +673,7 @@ def _header(ctx: _Context, ref: str | os.PathLike) -> dict:
     run, fs = ctx.run, ctx.ref
     return {
         "run": str(run_dir_of(run)), "step": int(run.step), "image_size": int(run.image_size),
+        "checkpoint": str(getattr(run, "checkpoint", "")) or None,
         "classes": run.classes, "prediction": run.prediction,
         "reference": {"ref": str(ref), "source": fs.source, "n": fs.n, "cache": str(fs.cache_path) if fs.cache_path else None,
                       "cached": fs.cached, "key": fs.key[:20]},

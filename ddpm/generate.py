@@ -129,6 +129,8 @@ def _sampling_network(net: torch.nn.Module, device: torch.device) -> torch.nn.Mo
     re-lays the caller's weights (the trainer's EMA network, a run loaded on another device)."""
     from .perf import default_channels_last, prepare_model
 
+    if device.type == "cuda" and device.index is None:  # "cuda" is the current GPU, not any GPU
+        device = torch.device("cuda", torch.cuda.current_device())
     params = list(net.parameters())
     here = all(p.device.type == device.type and (device.index is None or p.device.index == device.index)
                for p in params)
@@ -204,6 +206,10 @@ def generate_sharded(run: Sampleable, n: int, d: Dist, *, labels: torch.Tensor |
     if labels is not None and tuple(torch.as_tensor(labels).shape) != (n,):
         raise DDPMError(f"need one label per image: {n} images but labels of shape {tuple(torch.as_tensor(labels).shape)}")
     net = run.ema_model if generate_options.get("use_ema", True) and run.ema_model is not None else run.model
+    # checked before any rank samples: a rank that failed alone would leave the others in the gather
+    if noise is not None and tuple(noise.shape) != (n, net.config.in_channels, run.image_size, run.image_size):
+        raise DDPMError(f"starting noise of shape {tuple(noise.shape)} does not fit {n} images of "
+                        f"{net.config.in_channels}x{run.image_size}x{run.image_size}")
     dev = resolve_device(device) if device is not None else next(net.parameters()).device
     mine = shard(n, d)
     if len(mine):

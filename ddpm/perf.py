@@ -90,8 +90,8 @@ def resolve_device(device: str | torch.device | None = "auto", *, local_rank: in
     process's own ``cuda:LOCAL_RANK``; ``cpu``, ``cuda:N`` and torch.device values pass through.
 
     Raises :class:`DDPMError` (one line) for a CUDA device on a machine without CUDA, a
-    ``cuda:N`` beyond the GPUs present, ``cuda:N`` under several processes (all would share one
-    GPU), a LOCAL_RANK with no GPU of its own, or any other device type (this package runs on
+    ``cuda:N`` beyond the GPUs present, ``cuda:N`` under several processes other than the
+    rank's own ``cuda:LOCAL_RANK`` (all would share one GPU), a LOCAL_RANK with no GPU of its own, or any other device type (this package runs on
     CPUs and CUDA GPUs).
     """
     if isinstance(device, torch.device):
@@ -114,7 +114,8 @@ def resolve_device(device: str | torch.device | None = "auto", *, local_rank: in
     if not torch.cuda.is_available():
         raise DDPMError(f"--device {name} asked for but CUDA is not available; use --device cpu or auto")
     count = torch.cuda.device_count()
-    if world > 1 and dev.index is not None:
+    # A rank's own GPU, already resolved (cuda:LOCAL_RANK), passes; any other index is shared.
+    if world > 1 and dev.index is not None and dev.index != local_rank:
         raise DDPMError(f"--device {name} under torchrun would put every process on one GPU; use --device cuda "
                         "(each process takes the GPU of its LOCAL_RANK)")
     if world > 1 and local_rank >= count:

@@ -520,11 +520,12 @@ class _TrainingEval:
 
     The reference statistics come from :func:`ddpm.evaluate.reference_stats` (its cache: computed
     once per reference and image size); the FID floor of --eval-n real images is computed once and
-    kept in ``RUN/fid_floor.json``, so a resumed run reads it back. Each sample starts from noise
-    of a generator of its own (seeded by --seed and its index), the same at every evaluation and
-    at any batch size (the curve then follows the weights, not the draw; a run resumed from before
-    2026-12-04, when noise was seeded per batch, changes draws once at the resume), and nothing here
-    touches the global RNG the training steps draw from.
+    kept in ``RUN/fid_floor.json``, so a resumed run reads it back. The samples are drawn by
+    :func:`ddpm.generate` as ``ddpm eval --n N --seed SEED --guidance G`` draws them (the same
+    per-image seeds, class labels, sampler and steps), the same at every evaluation and at any
+    batch size, so the curve follows the weights, not the draw. (A run resumed from a version
+    before 2026-12-05, which seeded these samples and the sample grids differently, changes draws
+    once at the resume.) Nothing here touches the global RNG the training steps draw from.
     """
 
     FLOOR_FILE = "fid_floor.json"
@@ -1062,9 +1063,12 @@ def train_step(net: Callable[..., torch.Tensor], model: torch.nn.Module, opt: to
 
     Returns ``(loss, grad_norm, ema_decay)``: the step's mean loss and the gradient norm before
     clipping as float64 0-dim tensors on the device (not synchronised, so the caller decides
-    when to read them), and the EMA decay used. Raises ``ValueError`` (from the loss) for a
-    target or weighting it does not know, or labels without ``null_class``.
+    when to read them), and the EMA decay used. Raises ``ValueError`` for a batch that does not
+    split into ``cfg.grad_accum`` equal micro-batches, and (from the loss) for a target or
+    weighting it does not know, or labels without ``null_class``.
     """
+    if cfg.grad_accum < 1 or x0.shape[0] < cfg.grad_accum or x0.shape[0] % cfg.grad_accum:
+        raise ValueError(f"a batch of {x0.shape[0]} images does not split into {cfg.grad_accum} equal micro-batches")
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)

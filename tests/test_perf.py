@@ -64,6 +64,9 @@ def test_resolve_device_is_the_one_reading_of_device(monkeypatch):
     assert perf.resolve_device("cuda") == torch.device("cuda")  # one process: the current GPU
     assert perf.resolve_device("cuda", local_rank=1, world=2) == torch.device("cuda:1")  # torchrun: its own
     assert perf.resolve_device("cuda:1") == torch.device("cuda:1")
+    # a rank's device resolved once (ddpm eval under torchrun) and read again by the next layer
+    assert perf.resolve_device(perf.resolve_device("cuda", local_rank=1, world=2), local_rank=1,
+                               world=2) == torch.device("cuda:1")
     for name, kw, words in (("cuda:2", {}, "has 2 GPU"),
                             ("cuda:1", {"local_rank": 0, "world": 2}, "every process on one GPU"),
                             ("auto", {"local_rank": 2, "world": 3}, "LOCAL_RANK=2 needs GPU 2"),

@@ -360,3 +360,21 @@ def test_a_run_that_counted_hidden_images_is_told_why_it_cannot_resume(tmp_path:
     save_file(tensors, str(ckpt), metadata=meta)
     with pytest.raises(DDPMError, match=r"started counting 2 hidden image file\(s\).*start a new --out"):
         train(_tiny(data, run, steps=2, batch_size=4, resume=True))
+
+
+def test_train_step_refuses_a_batch_that_does_not_split_into_its_micro_batches() -> None:
+    """train_step() is public: a batch of 3 with --grad-accum 2 would silently drop an image, and
+    a batch smaller than the micro-batch count would average an empty loss (NaN)."""
+    import torch
+
+    from ddpm.ema import EMA
+    from ddpm.schedule import Schedule
+    from ddpm.train import train_step
+    from ddpm.unet import UNet, UNetConfig
+
+    net = UNet(UNetConfig.preset("tiny", image_size=8))
+    opt, ema = torch.optim.AdamW(net.parameters()), EMA(net)
+    for batch, accum in ((3, 2), (1, 2)):
+        with pytest.raises(ValueError, match=f"a batch of {batch} images does not split into {accum}"):
+            train_step(net, net, opt, ema, Schedule.linear(20), torch.zeros(batch, 3, 8, 8), None,
+                       TrainConfig(grad_accum=accum), step=0, lr=1e-3, generator=None)
