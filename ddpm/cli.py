@@ -21,11 +21,11 @@ TRAIN_HELP: dict[str, str] = {
     "data": "folder of images (nested or flat, any format PIL reads), or 'cifar10'",
     "out": "run folder for config, checkpoints, logs and sample grids",
     "conditional": "class-conditional training from class sub-folders (root/<class>/*.jpg), for guidance",
-    "image_size": "training resolution in pixels (0 = the model preset's)",
+    "image_size": "training resolution in pixels (unset: the model preset's)",
     "model": "UNet preset: ddpm-cifar10 (35.7M, the paper's), ddpm-64, small, tiny; 'imported' (set by "
              "'ddpm import') takes the architecture and schedule from the --resume run",
-    "base_channels": "override the preset's base width (0 = keep)",
-    "dropout": "override the preset's dropout (negative = keep)",
+    "base_channels": "override the preset's base width (unset: keep it)",
+    "dropout": "override the preset's dropout (unset: keep it)",
     "schedule": "noise schedule: linear (Ho et al. 2020), cosine (Nichol & Dhariwal 2021) or sigmoid (Jabri et al. 2022)",
     "logsnr_shift": "add this to every step's log-SNR (Hoogeboom et al. 2023); 2*ln(32/size) keeps a 32px "
                     "schedule's noisiness at a larger size, e.g. -1.39 at 64x64",
@@ -63,7 +63,7 @@ TRAIN_HELP: dict[str, str] = {
     "channels_last": "NHWC memory layout for convolutions",
     "grad_checkpoint": "activation checkpointing: less memory, about a third more compute",
     "device": "cpu, cuda or cuda:N; auto = cuda when available",
-    "workers": "data loader processes for data sets too big to keep in memory (-1 = auto)",
+    "workers": "data loader processes for data sets too big to keep in memory (unset: up to 4, one per core)",
     "log_every": "steps between log entries (CSV, TensorBoard, progress bar)",
     "sample_every": "steps between EMA sample grids in RUN/samples (0 = only at the end)",
     "save_every": "steps between checkpoints (0 = only at the end)",
@@ -91,7 +91,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    from .train import TrainConfig
+    from .train import TrainConfig, field_type
 
     p = sub.add_parser(
         "train", help="train a model on a folder of images or CIFAR-10", formatter_class=_Formatter,
@@ -103,10 +103,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         helptext = TRAIN_HELP[f.name]
-        if f.type in (bool, "bool"):
+        kind = field_type(f.name)
+        if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(flag, type=kind, default=f.default, help=helptext, required=False,
                            metavar=f.name.upper())
     p.set_defaults(func=_cmd_train)

@@ -63,10 +63,10 @@ class TrainConfig:
     data: str = ""  # folder of images, or "cifar10"
     out: str = "runs/ddpm"  # run folder: config, checkpoints, logs, grids
     conditional: bool = False  # class-conditional from class sub-folders (classifier-free guidance)
-    image_size: int = 0  # training resolution; 0 = the model preset's
+    image_size: int | None = None  # training resolution in pixels; None = the model preset's
     model: str = "ddpm-cifar10"  # UNet preset (see ddpm.PRESETS)
-    base_channels: int = 0  # override the preset's width; 0 = keep
-    dropout: float = -1.0  # override the preset's dropout; negative = keep
+    base_channels: int | None = None  # override the preset's width; None = keep it
+    dropout: float | None = None  # override the preset's dropout; None = keep it
     schedule: str = "sigmoid"  # linear (DDPM), cosine (improved DDPM) or sigmoid (Jabri et al. 2022)
     logsnr_shift: float = 0.0  # add this to every step's log-SNR (simple diffusion); negative = noisier
     zero_terminal_snr: bool = False  # rescale the schedule so its last step is pure noise (v or x0 only)
@@ -100,7 +100,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory layout for convolutions
     grad_checkpoint: bool = False  # recompute activations in the backward pass to save memory
     device: str = "auto"  # cpu, cuda, cuda:N; auto = cuda if available
-    workers: int = -1  # data loader processes for lazily decoded sets; -1 = auto
+    workers: int | None = None  # data loader processes for lazily decoded sets; None = auto
     log_every: int = 50  # steps between log lines / CSV rows
     sample_every: int = 2000  # steps between EMA sample grids (0 = only at the end)
     save_every: int = 2000  # steps between checkpoints (0 = only at the end)
@@ -118,6 +118,12 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
     tensorboard: bool = True  # also log to TensorBoard when it is installed
 
+    def __post_init__(self) -> None:
+        # Runs and TOML files written before None meant "keep the preset's value" said it with
+        # 0 (image_size, base_channels) or a negative number (dropout, workers): they still do.
+        for name, value in legacy_keep_values(asdict(self)).items():
+            setattr(self, name, value)
+
     @classmethod
     def field_names(cls) -> list[str]:
         """Names of all options."""
@@ -132,6 +138,19 @@ LEGACY_RECIPE: dict[str, Any] = {
     "t_sampling": "uniform", "t_logsnr_mean": 2.4, "t_logsnr_std": 2.4, "lr_schedule": "constant",
     "ema_rampup": 0.0, "ema_halflife_kimg": 500.0,
 }
+
+
+def legacy_keep_values(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (TrainConfig fields, e.g. a saved run's ``train`` options) with the old spellings
+    of "keep the preset's value" (``image_size`` or ``base_channels`` 0, a negative ``dropout`` or
+    ``workers``) as None, the one spelling since 2026-12-05; other entries unchanged."""
+    out = dict(values)
+    for name, old in (("image_size", lambda v: v == 0), ("base_channels", lambda v: v == 0),
+                      ("dropout", lambda v: v < 0), ("workers", lambda v: v < 0)):
+        v = out.get(name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and old(v):
+            out[name] = None
+    return out
 
 
 # ----------------------------------------------------------------------------------- checks
@@ -176,7 +195,7 @@ def _validate(cfg: TrainConfig, d: Dist) -> None:
         (cfg.t_logsnr_std > 0, f"--t-logsnr-std must be positive, got {cfg.t_logsnr_std}"),
         (0.0 <= cfg.p_uncond < 1.0, f"--p-uncond must be in [0, 1), got {cfg.p_uncond}"),
         (cfg.timesteps >= 2, f"--timesteps must be at least 2, got {cfg.timesteps}"),
-        (cfg.image_size >= 0, f"--image-size must be positive, got {cfg.image_size}"),
+        (cfg.image_size is None or cfg.image_size > 0, f"--image-size must be positive, got {cfg.image_size}"),
         (cfg.keep >= 1, f"--keep must be at least 1, got {cfg.keep}"),
         (cfg.time_limit >= 0, f"--time-limit must be >= 0 minutes, got {cfg.time_limit}"),
         (cfg.log_every >= 1, f"--log-every must be at least 1, got {cfg.log_every}"),
@@ -199,12 +218,9 @@ def _validate(cfg: TrainConfig, d: Dist) -> None:
 
 def _model_config(cfg: TrainConfig, classes: list[str] | None) -> UNetConfig:
     overrides: dict[str, Any] = {}
-    if cfg.image_size:
-        overrides["image_size"] = cfg.image_size
-    if cfg.base_channels:
-        overrides["base_channels"] = cfg.base_channels
-    if cfg.dropout >= 0:
-        overrides["dropout"] = cfg.dropout
+    for name in ("image_size", "base_channels", "dropout"):  # None: the preset's own
+        if getattr(cfg, name) is not None:
+            overrides[name] = getattr(cfg, name)
     overrides["num_classes"] = len(classes) if classes else None
     try:
         return UNetConfig.preset(cfg.model, **overrides)
@@ -255,7 +271,7 @@ def _imported_config(run_dir: Path) -> dict[str, Any]:
 
 def _check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig) -> None:
     # A run saved before a recipe option existed was trained with the option's legacy value.
-    old = {**LEGACY_RECIPE, **saved.get("train", {})}
+    old = legacy_keep_values({**LEGACY_RECIPE, **saved.get("train", {})})
     changed = [k for k, v in asdict(cfg).items() if k not in _RESUMABLE and k in old and old[k] != v]
     if changed:
         desc = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
@@ -844,7 +860,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | No
         train_model = torch.compile(train_model)
 
     stream = BatchStream(len(data), cfg.batch_size, cfg.seed, rank=d.rank, world=d.world, hflip=cfg.hflip)
-    workers = cfg.workers if cfg.workers >= 0 else min(4, os.cpu_count() or 1)
+    workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
     it = batches(data, stream, step, workers=workers, pin_memory=device.type == "cuda")
     null_class = model_cfg.null_class
     micro = cfg.batch_size // (d.world * cfg.grad_accum)  # images per forward pass: the evaluator's batch
@@ -1137,16 +1153,30 @@ def _hold_run_folder(run_dir: Path, d: Dist, device: torch.device) -> Iterator[N
         yield
 
 
+# Options whose None means "keep the model preset's value" (or "auto" for workers).
+OPTIONAL_FIELDS = ("image_size", "base_channels", "dropout", "workers")
+
+
+def field_type(name: str) -> type:
+    """The Python type of TrainConfig field ``name`` (for ``int | None``: int), as the command
+    line and TOML files give it."""
+    annotation = {f.name: f.type for f in fields(TrainConfig)}[name]
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return {"int": int, "float": float, "str": str, "bool": bool}[text.replace(" | None", "")]
+
+
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """A :class:`TrainConfig` from a dict (a TOML file, a saved run); unknown keys or values of
     the wrong type are an error naming the key."""
-    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    types = {f.name: field_type(f.name) for f in fields(TrainConfig)}
     norm = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(norm) - set(types))
     if unknown:
         raise DDPMError(f"unknown training option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(types))}")
     for k, v in norm.items():
         want = types[k]
+        if v is None and k in OPTIONAL_FIELDS:  # a saved run's "keep the preset's value"
+            continue
         ok = isinstance(v, want) and not (want is not bool and isinstance(v, bool))
         if want is float and isinstance(v, int) and not isinstance(v, bool):
             norm[k], ok = float(v), True

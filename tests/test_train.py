@@ -378,3 +378,23 @@ def test_train_step_refuses_a_batch_that_does_not_split_into_its_micro_batches()
         with pytest.raises(ValueError, match=f"a batch of {batch} images does not split into {accum}"):
             train_step(net, net, opt, ema, Schedule.linear(20), torch.zeros(batch, 3, 8, 8), None,
                        TrainConfig(grad_accum=accum), step=0, lr=1e-3, generator=None)
+
+
+def test_none_keeps_the_presets_value_and_old_spellings_still_mean_it(cifar_small: Path, tmp_path: Path) -> None:
+    """--image-size, --base-channels, --dropout and --workers unset (None) keep the preset's value
+    (auto for workers); a run saved when that was spelled 0 / -1 resumes, and a TOML file in the
+    old spelling still means it."""
+    from ddpm.train import config_from_dict
+
+    run = tmp_path / "run"
+    train(_tiny(cifar_small, run, steps=2, image_size=None, workers=None))
+    path = run / "config.json"
+    saved = json.loads(path.read_text())
+    assert saved["image_size"] == 32 and saved["train"]["dropout"] is None and saved["train"]["image_size"] is None
+    saved["train"].update(image_size=0, base_channels=0, dropout=-1.0, workers=-1)  # as runs saved them before
+    path.write_text(json.dumps(saved))
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3"]) == 0
+    assert run_info(str(run))["step"] == 3
+    old = config_from_dict({"data": "x", "image_size": 0, "base_channels": 0, "dropout": -1.0, "workers": -1})
+    assert (old.image_size, old.base_channels, old.dropout, old.workers) == (None, None, None, None)
+    assert config_from_dict({"dropout": 0.2}).dropout == 0.2
