@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import ContextManager, Iterator
@@ -38,13 +39,23 @@ LOCK_NAME = ".lock"
 _HELD: set[str] = set()  # run folders this process holds (record locks never conflict within one)
 
 
-def _holder_pid(fd: int) -> str:
-    """The PID the lock's holder wrote, or '' while it has not written it yet."""
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    except OSError:
-        return ""
-    return text if text.isdigit() else ""
+def _holder_pid(fd: int, wait_s: float = 1.0) -> str:
+    """The PID the lock's holder wrote, or '' if it has not written one within ``wait_s`` seconds.
+
+    A holder writes its PID just after it wins the lock, so a process that loses the race
+    by microseconds reads an empty file; waiting a moment names the holder all the same.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            return ""
+        if text.isdigit():
+            return text
+        if time.monotonic() >= deadline:
+            return ""
+        time.sleep(0.01)
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -120,7 +120,9 @@ def test_two_gloo_ranks_sample_and_score_the_images_of_one_process(tmp_path: Pat
     res = _torchrun(2, *scoring, "--out", str(tmp_path / "two.json"), command="eval")
     assert res.returncode == 0, _failure(res)
     one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
-    assert one["n"] == two["n"] == 3 and one["fid"] == two["fid"]
+    # The images are the same bits (above); torchrun runs each rank with OMP_NUM_THREADS=1, so
+    # Inception's float sums and the matrix square root may round differently in the last digits.
+    assert one["n"] == two["n"] == 3 and one["fid"] == pytest.approx(two["fid"], rel=1e-6)
     assert one["class_accuracy"] == two["class_accuracy"]
 
 
