@@ -28,7 +28,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,24 +195,21 @@ def main() -> None:
     work = Path(args.work)
     cifar = unpack_cifar(work)
 
-    from ddpm.evaluate import reference_stats, reference_probe
-    from ddpm.inception import features as inception_features
-    from ddpm.metrics import class_accuracy, frechet_distance, gaussian_stats, kid
+    from ddpm.evaluate import Reference, ReferenceSettings
 
-    ref = reference_stats(cifar / "test", max_images=args.ref_n, progress=True)
-    probe = reference_probe(ref)
+    # Scored as 'ddpm eval' scores (ddpm.evaluate.Reference), at the data's own 32x32.
+    classes = sorted(p.name for p in (cifar / "train").iterdir() if p.is_dir())
+    reference = Reference.build(cifar / "test", None, device="cpu", settings=ReferenceSettings(max_images=args.ref_n),
+                                classes=classes)
 
     def score(images: torch.Tensor) -> dict:
         t0 = time.perf_counter()
-        feats = inception_features(images, batch_size=50, device="cpu")
-        mu, sigma = gaussian_stats(feats)
-        km, ks = kid(feats, ref.features, subset_size=min(len(feats), len(ref.features), 1000))
-        return {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "kid_mean": km, "kid_std": ks,
-                "score_s": time.perf_counter() - t0}
+        r = reference.score(images)
+        return {"fid": r["fid"], "kid_mean": r["kid_mean"], "kid_std": r["kid_std"], "score_s": time.perf_counter() - t0}
 
     data = load_image_folder(cifar / "train", 32, conditional=True, progress=False)
     results: dict = {"settings": vars(args), "torch": torch.__version__, "machine": os.uname().machine,
-                     "reference": f"{len(ref.features)} CIFAR-10 test-subset images (JPEG)", "trainers": {}}
+                     "reference": f"{reference.stats.n} CIFAR-10 test-subset images (JPEG)", "trainers": {}}
     if args.out and Path(args.out).is_file():  # add to an earlier sequence of arms
         results["trainers"] = json.loads(Path(args.out).read_text()).get("trainers", {})
     for kind in args.trainers:
@@ -258,8 +254,7 @@ def main() -> None:
                 imgs = ddpm.generate.generate(run, args.n_guided, labels=labels_g, sampler=args.sampler,
                                               steps=args.sample_steps, guidance=g, seed=args.seed + 1, batch_size=100,
                                               precision=SAMPLING_PRECISION, progress=False)
-                feats = inception_features(imgs, batch_size=50, device="cpu")
-                acc = class_accuracy(probe, feats, labels_g.numpy())
+                acc = reference.score(imgs, labels_g)["class_accuracy"]
                 entry["guided"][str(g)] = {"class_accuracy": acc["overall"], "per_class": acc["per_class"]}
                 ddpm.generate.save_png(ddpm.generate.make_grid(imgs[:100], nrow=10), work / f"grid_{kind}_g{g:g}.png")
         else:

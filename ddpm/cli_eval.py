@@ -162,11 +162,12 @@ def _eval(args: argparse.Namespace, d: Dist) -> int:
                         "splits the samples of one FID over the processes")
     what = "--out" if args.out else "the result file (pass --out to choose another)"
     device = resolve_device(args.device, local_rank=d.local_rank, world=d.world)
+    settings = evaluate.ReferenceSettings(
+        inception=args.inception, cache_dir=args.cache_dir, use_cache=not args.no_cache, max_images=args.ref_max,
+        cifar_root=args.cifar_root, feature_batch_size=args.feature_batch_size, kid_subset=args.kid_subset,
+        kid_subsets=args.kid_subsets)
     common = dict(batch_size=args.batch_size, seed=args.seed, device=device, use_ema=not args.no_ema,
-                  precision=args.precision,
-                  inception=args.inception, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                  ref_max=args.ref_max, cifar_root=args.cifar_root, feature_batch_size=args.feature_batch_size,
-                  kid_subset=args.kid_subset, kid_subsets=args.kid_subsets, progress=not args.quiet)
+                  precision=args.precision, settings=settings, progress=not args.quiet)
     eval_dir = Path(args.run) / "eval"
     if args.nearest:
         return _cmd_nearest(args, eval_dir, what)
@@ -223,9 +224,10 @@ def _cmd_fid(args: argparse.Namespace) -> int:
 
     _positive("--batch-size", args.batch_size)
     _positive("--image-size", args.image_size)
-    r = evaluate.fid_folders(args.dir_a, args.dir_b, batch_size=args.batch_size, device=resolve_device(args.device),
-                             inception=args.inception, image_size=args.image_size, cache_dir=args.cache_dir,
-                             use_cache=not args.no_cache, progress=not args.quiet)
+    settings = evaluate.ReferenceSettings(inception=args.inception, cache_dir=args.cache_dir,
+                                          use_cache=not args.no_cache, feature_batch_size=args.batch_size)
+    r = evaluate.fid_folders(args.dir_a, args.dir_b, settings=settings, device=resolve_device(args.device),
+                             image_size=args.image_size, progress=not args.quiet)
     print(f"FID: {r['fid']:.4f}")
     if "kid_mean" in r:
         print(f"KID: {r['kid_mean']:.6f} +- {r['kid_std']:.6f}   ({r['n_a']} vs {r['n_b']} images)")

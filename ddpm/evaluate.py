@@ -5,6 +5,10 @@ The pieces, each usable alone:
 * :func:`reference_stats` - Inception features, mean and covariance (and labels) of a reference
   set (a folder of images, a ``.npz`` of statistics, or torchvision's CIFAR-10), cached on disk.
 * :func:`reference_probe` - the linear class probe fitted on a labelled reference set, cached.
+* :class:`Reference` - a reference built once (statistics, extractor, probe) that scores images
+  or features: FID, KID, precision/recall, class accuracy (:func:`score_features` at its core).
+  ``ddpm eval``, the sweep, ``ddpm fid``, the trainer's ``--eval-every`` and
+  ``benchmarks/quality.py`` all score through it, with one :class:`ReferenceSettings`.
 * :func:`evaluate_run` - sample from a run, score the samples, print a summary, write JSON.
 * :func:`fid_folders` - FID between two folders, like pytorch-fid's command.
 * :func:`sampler_sweep` - FID against network evaluations for every sampler, JSON and a plot.
@@ -48,8 +52,8 @@ from .samplers import SAMPLER_NAMES, model_evaluations, resolve_steps
 
 __all__ = ["ReferenceDataError", "FeatureSet", "default_cache_dir", "reference_stats", "reference_probe",
            "evaluate_run", "fid_folders", "sampler_sweep", "sweep_steps", "DEFAULT_SWEEP_STEPS", "format_summary",
-           "write_json", "check_reference", "fid_floor", "floor_is_lower_bound", "score_images", "spread_labels",
-           "reference_images"]
+           "write_json", "check_reference", "fid_floor", "floor_is_lower_bound", "score_features", "ReferenceSettings",
+           "Reference", "spread_labels", "reference_images"]
 
 _CACHE_VERSION = 1
 _SAMPLERS = SAMPLER_NAMES  # the sweep's default: every sampler
@@ -414,22 +418,145 @@ def reference_probe(ref: FeatureSet, *, l2: float = 1e-2, cache_dir: str | os.Pa
 
 
 # ----------------------------------------------------------------------------------- scoring
-def _score(gen: np.ndarray, ref: FeatureSet, *, kid_subset: int, kid_subsets: int, pr: bool, seed: int) -> dict:
-    """FID, KID and precision/recall of generated features against a reference."""
-    mu, sigma = gaussian_stats(gen)
+def score_features(gen: np.ndarray | FeatureSet, ref: FeatureSet, *, kid_subset: int = 1000, kid_subsets: int = 100,
+                   pr: bool = False, seed: int = 0) -> dict:
+    """FID, KID and (``pr``) precision/recall of generated Inception features against ``ref``.
+
+    ``gen`` is float features [N, D] (N >= 2) or a :class:`FeatureSet` (whose statistics are
+    used as they are, so a statistics-only one supports FID alone). Returns ``{"fid"}`` plus
+    ``"kid_mean"``, ``"kid_std"``, ``"kid_subset_size"`` when both sides have features, and
+    ``"precision"``, ``"recall"`` (k = 3, on equal-sized sets as in Kynkaanniemi et al. 2019,
+    since the k-NN radii shrink as a set grows) when ``pr``. FID is Heusel et al. 2017, KID
+    Binkowski et al. 2018 (polynomial kernel, ``kid_subsets`` subsets of ``kid_subset``, seeded).
+    Raises ``ValueError`` for mismatched feature dimensions.
+    """
+    if isinstance(gen, FeatureSet):
+        mu, sigma, feats = gen.mu, gen.sigma, gen.features
+    else:
+        feats = np.asarray(gen, dtype=np.float64)
+        mu, sigma = gaussian_stats(feats)
+    if mu.shape != ref.mu.shape:
+        raise ValueError(f"feature dimensions differ: {mu.shape[0]} (generated) vs {ref.mu.shape[0]} ({ref.source})")
     out: dict[str, Any] = {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma)}
-    if ref.features is not None:
-        real = ref.features.astype(np.float64)
-        out["kid_mean"], out["kid_std"] = kid(gen, real, subset_size=kid_subset, num_subsets=kid_subsets, seed=seed)
-        out["kid_subset_size"] = min(kid_subset, len(gen), len(real))
-        if pr and min(len(gen), len(real)) > 3:
-            # Equal set sizes, as in Kynkaanniemi et al.: the k-NN radii shrink as a set grows.
-            m = min(len(gen), len(real))
+    if ref.features is not None and feats is not None:
+        real, g = ref.features.astype(np.float64), feats.astype(np.float64)
+        out["kid_mean"], out["kid_std"] = kid(g, real, subset_size=kid_subset, num_subsets=kid_subsets, seed=seed)
+        out["kid_subset_size"] = min(kid_subset, len(g), len(real))
+        if pr and min(len(g), len(real)) > 3:
+            m = min(len(g), len(real))
             rng = np.random.default_rng(seed)
             r = real[rng.choice(len(real), m, replace=False)] if len(real) > m else real
-            g = gen[rng.choice(len(gen), m, replace=False)] if len(gen) > m else gen
+            g = g[rng.choice(len(g), m, replace=False)] if len(g) > m else g
             out["precision"], out["recall"] = precision_recall(r, g, k=3)
     return out
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """How a reference set is built and how samples are scored against it: the one settings
+    value of ``ddpm eval``, its sweep, ``ddpm fid``, the trainer's ``--eval-every`` and
+    ``benchmarks/quality.py``.
+
+    ``inception``: a weights file (None: the pinned default, :mod:`ddpm.inception`);
+    ``cache_dir`` / ``use_cache``: the statistics and probe cache (None: :func:`default_cache_dir`);
+    ``max_images``: a fixed random subset (seed 0) of the reference, in images;
+    ``cifar_root``: where torchvision's CIFAR-10 lives for ``cifar10`` references;
+    ``feature_batch_size``: images per Inception pass (speed and memory only);
+    ``kid_subset`` / ``kid_subsets``: KID's subset size (images) and count;
+    ``probe_l2``: the L2 penalty of the linear class probe.
+    """
+
+    inception: str | os.PathLike | None = None
+    cache_dir: str | os.PathLike | None = None
+    use_cache: bool = True
+    max_images: int | None = None
+    cifar_root: str | os.PathLike | None = None
+    feature_batch_size: int = 50
+    kid_subset: int = 1000
+    kid_subsets: int = 100
+    probe_l2: float = 1e-2
+
+
+@dataclass
+class Reference:
+    """A reference set built once and the means to score images against it: its Inception
+    statistics (``stats``), the feature extractor, and, for a generator with ``classes``, the
+    linear probe and the map from the generator's class indices to the reference's.
+
+    Build it with :meth:`build`; score with :meth:`score` (uint8 images) or
+    :meth:`score_features`. ``probe_note`` says why class accuracy is unavailable (a reference
+    without labels, or classes it lacks) when ``classes`` is set and ``probe`` is None.
+    """
+
+    stats: FeatureSet
+    extractor: Any  # a FeatureExtractor, or any callable from uint8 [B, 3, H, W] to float [B, D]
+    settings: ReferenceSettings = ReferenceSettings()
+    classes: list[str] | None = None
+    probe: LinearProbe | None = None
+    label_map: np.ndarray | None = None  # generator class index -> reference class index
+    probe_note: str | None = None
+
+    @classmethod
+    def build(cls, ref: str | os.PathLike, image_size: int | None, *, device: str | torch.device | None = None,
+              settings: ReferenceSettings = ReferenceSettings(), classes: Sequence[str] | None = None,
+              progress: bool = True) -> "Reference":
+        """The reference ``ref`` (as for :func:`reference_stats`) at ``image_size`` pixels (None:
+        the images' own size), with the extractor on ``device`` and, when ``classes`` (the
+        generator's class names, in label order) is given and the reference has those labelled
+        classes, the cached linear probe. A missing class is a warning and no class accuracy.
+        Raises :class:`ReferenceDataError` for an unusable reference and
+        :class:`~ddpm.inception.InceptionWeightsError` for missing weights."""
+        dev = resolve_device(device)
+        fs = reference_stats(ref, image_size=image_size, max_images=settings.max_images,
+                             batch_size=settings.feature_batch_size, device=dev, inception=settings.inception,
+                             cache_dir=settings.cache_dir, use_cache=settings.use_cache, cifar_root=settings.cifar_root,
+                             progress=progress)
+        out = cls(fs, FeatureExtractor(settings.inception, dev), settings, list(classes) if classes else None)
+        if out.classes:
+            missing = [c for c in out.classes if c not in (fs.classes or [])]
+            if fs.labels is None or fs.features is None:
+                out.probe_note = "reference has no class labels"
+            elif missing:
+                out.probe_note = f"run classes not in the reference: {', '.join(missing[:5])}"
+            else:
+                out.probe = reference_probe(fs, l2=settings.probe_l2, cache_dir=settings.cache_dir,
+                                            use_cache=settings.use_cache)
+                out.label_map = np.array([fs.classes.index(c) for c in out.classes], dtype=np.int64)
+            if out.probe_note:
+                warnings.warn(f"class accuracy skipped: {out.probe_note}")
+        return out
+
+    def features(self, images: torch.Tensor, *, progress: bool = False) -> np.ndarray:
+        """Inception features, float64 [N, D], of uint8 images [N, 3, H, W]."""
+        b = self.settings.feature_batch_size
+        batches = (images[i:i + b] for i in range(0, len(images), b))
+        return _extract(batches, len(images), self.extractor, progress, "inception (samples)").astype(np.float64)
+
+    def score_features(self, gen: np.ndarray, labels: torch.Tensor | np.ndarray | None = None, *,
+                       pr: bool = False, seed: int = 0) -> dict:
+        """:func:`score_features` with this reference's settings, plus, when ``labels`` (int64 [N],
+        indices into ``classes``) are given, ``"class_accuracy"``: overall, per class name and
+        the accuracy real held-out images get (None, with ``"class_accuracy_note"``, when the
+        reference cannot say)."""
+        s = self.settings
+        out = score_features(gen, self.stats, kid_subset=s.kid_subset, kid_subsets=s.kid_subsets, pr=pr, seed=seed)
+        if labels is not None and self.classes:
+            if self.probe is not None:
+                acc = class_accuracy(self.probe, gen, self.label_map[np.asarray(labels)])
+                # per *generator* class name: the probe's own list may hold extra reference classes
+                out["class_accuracy"] = {"overall": acc["overall"],
+                                         "per_class": {c: acc["per_class"][c] for c in self.classes},
+                                         "real_holdout": self.probe.holdout_accuracy}
+            else:
+                out["class_accuracy"] = None
+                out["class_accuracy_note"] = self.probe_note
+        return out
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor | np.ndarray | None = None, *, pr: bool = False,
+              seed: int = 0, progress: bool = False) -> dict:
+        """FID and KID (and class accuracy, with ``labels``) of uint8 images [N, 3, H, W], N >= 2:
+        :meth:`score_features` of their :meth:`features`."""
+        return self.score_features(self.features(images, progress=progress), labels, pr=pr, seed=seed)
 
 
 # ------------------------------------------- pieces for training-time FID and the memorisation check
@@ -486,21 +613,6 @@ def floor_is_lower_bound(ref: FeatureSet, n: int) -> bool:
     reference has fewer than ``2n`` images, so the ``n`` are drawn from the images its
     statistics were computed from."""
     return ref.n < 2 * n
-
-
-def score_images(images: torch.Tensor, ref: FeatureSet, extractor: Any, *, batch_size: int = 50,
-                 kid_subset: int = 1000, kid_subsets: int = 100, seed: int = 0) -> dict:
-    """FID and KID of uint8 images [N, 3, H, W] (N >= 2) against ``ref``, through ``extractor``
-    (a :class:`~ddpm.inception.FeatureExtractor`, or any callable from a uint8 batch to float
-    features [B, D]).
-
-    Returns ``{"fid": float}`` plus ``"kid_mean"``, ``"kid_std"`` and ``"kid_subset_size"`` when
-    ``ref`` has features (a statistics-only ``.npz`` supports FID alone). Both are the same
-    computations as :func:`evaluate_run`'s.
-    """
-    batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-    gen = _extract(batches, len(images), extractor, False, "inception (samples)").astype(np.float64)
-    return _score(gen, ref, kid_subset=kid_subset, kid_subsets=kid_subsets, pr=False, seed=seed)
 
 
 def spread_labels(n: int, classes: Sequence[str] | None) -> torch.Tensor | None:
@@ -580,18 +692,14 @@ class _Context:
     """Everything loaded once and reused across evaluations of one run (e.g. a sweep)."""
 
     run: Any
-    ref: FeatureSet | None  # None on torchrun ranks other than 0, which only sample
-    extractor: FeatureExtractor | None
-    probe: LinearProbe | None
-    label_map: np.ndarray | None  # run class index -> reference class index
-    probe_note: str | None
+    reference: Reference | None  # None on torchrun ranks other than 0, which only sample
     device: torch.device
     precision: str  # the sampling precision that runs: fp32 or bf16
     timings: dict[str, float]
 
 
-def _prepare(run_dir, ref, *, device, precision, inception, cache_dir, ref_max, feature_batch_size, cifar_root, probe_l2,
-             use_cache, progress, check_run=None, processes: Dist = Dist(), checkpoint=None) -> _Context:
+def _prepare(run_dir, ref, *, device, precision, settings: ReferenceSettings, progress, check_run=None,
+             processes: Dist = Dist(), checkpoint=None) -> _Context:
     t0 = time.perf_counter()
     runtime = resolve_runtime(device, precision, local_rank=processes.local_rank, world=processes.world)
     dev = runtime.device
@@ -601,33 +709,15 @@ def _prepare(run_dir, ref, *, device, precision, inception, cache_dir, ref_max, 
     if check_run is not None:
         check_run(run)  # settings that depend on the run (steps <= T) fail before the reference work
     if not processes.main:  # under torchrun the other ranks only sample; rank 0 scores
-        return _Context(run, None, None, None, None, None, dev, runtime.precision, {"load_run_s": time.perf_counter() - t0})
+        return _Context(run, None, dev, runtime.precision, {"load_run_s": time.perf_counter() - t0})
     t1 = time.perf_counter()
-    ref_fs = reference_stats(ref, image_size=run.image_size, max_images=ref_max, batch_size=feature_batch_size,
-                             device=dev, inception=inception, cache_dir=cache_dir, use_cache=use_cache,
-                             cifar_root=cifar_root, progress=progress)
-    t2 = time.perf_counter()
-    extractor = FeatureExtractor(inception, dev)
-    probe, label_map, note = None, None, None
-    if run.classes:
-        missing = [c for c in run.classes if c not in (ref_fs.classes or [])]
-        if ref_fs.labels is None or ref_fs.features is None:
-            note = "reference has no class labels"
-        elif missing:
-            note = f"run classes not in the reference: {', '.join(missing[:5])}"
-        else:
-            probe = reference_probe(ref_fs, l2=probe_l2, cache_dir=cache_dir, use_cache=use_cache)
-            label_map = np.array([ref_fs.classes.index(c) for c in run.classes], dtype=np.int64)
-        if note:
-            warnings.warn(f"class accuracy skipped: {note}")
-    t3 = time.perf_counter()
-    return _Context(run, ref_fs, extractor, probe, label_map, note, dev, runtime.precision,
-                    {"load_run_s": t1 - t0, "reference_s": t2 - t1, "probe_s": t3 - t2})
+    reference = Reference.build(ref, run.image_size, device=dev, settings=settings, classes=run.classes,
+                                progress=progress)
+    return _Context(run, reference, dev, runtime.precision, {"load_run_s": t1 - t0, "reference_s": time.perf_counter() - t1})
 
 
 def _evaluate(ctx: _Context, *, n: int, sampler: str, steps: int | None, guidance: float, batch_size: int, seed: int,
-              use_ema: bool, feature_batch_size: int, kid_subset: int, kid_subsets: int, pr: bool,
-              progress: bool, processes: Dist = Dist()) -> dict | None:
+              use_ema: bool, pr: bool, progress: bool, processes: Dist = Dist()) -> dict | None:
     run = ctx.run
     steps_used = resolve_steps(sampler, steps, run.schedule.T)
     conditional = bool(run.classes)
@@ -642,19 +732,9 @@ def _evaluate(ctx: _Context, *, n: int, sampler: str, steps: int | None, guidanc
         if images is None:
             return None
     t1 = time.perf_counter()
-    batches = (images[i:i + feature_batch_size] for i in range(0, n, feature_batch_size))
-    gen = _extract(batches, n, ctx.extractor, progress, "inception (samples)").astype(np.float64)
+    gen = ctx.reference.features(images, progress=progress)
     t2 = time.perf_counter()
-    scores = _score(gen, ctx.ref, kid_subset=kid_subset, kid_subsets=kid_subsets, pr=pr, seed=seed)
-    if ctx.probe is not None:
-        acc = class_accuracy(ctx.probe, gen, ctx.label_map[labels.numpy()])
-        # report per *run* class name (the probe's own list may hold extra reference classes)
-        scores["class_accuracy"] = {"overall": acc["overall"],
-                                    "per_class": {c: acc["per_class"][c] for c in run.classes},
-                                    "real_holdout": ctx.probe.holdout_accuracy}
-    elif conditional:
-        scores["class_accuracy"] = None
-        scores["class_accuracy_note"] = ctx.probe_note
+    scores = ctx.reference.score_features(gen, labels, pr=pr, seed=seed)
     t3 = time.perf_counter()
     nfe = model_evaluations(sampler, steps_used)
     guided_batch = conditional and guidance not in (0.0, 1.0)
@@ -670,14 +750,14 @@ def _evaluate(ctx: _Context, *, n: int, sampler: str, steps: int | None, guidanc
 
 
 def _header(ctx: _Context, ref: str | os.PathLike) -> dict:
-    run, fs = ctx.run, ctx.ref
+    run, fs = ctx.run, ctx.reference.stats
     return {
         "run": str(run_dir_of(run)), "step": int(run.step), "image_size": int(run.image_size),
         "checkpoint": str(getattr(run, "checkpoint", "")) or None,
         "classes": run.classes, "prediction": run.prediction,
         "reference": {"ref": str(ref), "source": fs.source, "n": fs.n, "cache": str(fs.cache_path) if fs.cache_path else None,
                       "cached": fs.cached, "key": fs.key[:20]},
-        "inception_sha256": ctx.extractor.sha256, "device": str(ctx.device),
+        "inception_sha256": ctx.reference.extractor.sha256, "device": str(ctx.device),
         "sampling_precision": ctx.precision, "torch": torch.__version__,
     }
 
@@ -700,16 +780,8 @@ def evaluate_run(
     *,
     precision: str = "auto",
     use_ema: bool = True,
-    inception: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    use_cache: bool = True,
-    ref_max: int | None = None,
-    cifar_root: str | os.PathLike | None = None,
-    feature_batch_size: int = 50,
-    kid_subset: int = 1000,
-    kid_subsets: int = 100,
+    settings: ReferenceSettings = ReferenceSettings(),
     compute_pr: bool = True,
-    probe_l2: float = 1e-2,
     out: str | os.PathLike | None = None,
     progress: bool = True,
     verbose: bool = True,
@@ -718,31 +790,31 @@ def evaluate_run(
 ) -> dict | None:
     """Sample ``n`` images from the run in ``run_dir`` and score them against ``ref``.
 
+    Sampling is :func:`ddpm.generate.generate` with ``sampler``, ``steps``, ``guidance``,
+    ``seed`` (per image), ``batch_size`` (images at once; speed only), ``precision`` and
+    ``use_ema``; the reference is built and scored as ``settings`` says (:class:`Reference`).
     Conditional runs get ``n`` samples spread evenly over their classes (labels ``i % C``) and
     a class accuracy from the reference's linear probe, per class and overall. Returns a dict of
     settings, metrics and timings; prints a summary when ``verbose``; writes JSON to ``out``.
-    ``steps`` above the run's T and an ``out`` that cannot be written are a :class:`DDPMError`
-    before any sampling or reference statistics. ``checkpoint`` scores that checkpoint file of
-    the run instead of its newest (for a curve of quality over training). Under torchrun (``processes`` from
-    :func:`ddpm.distributed.init_distributed`) every rank samples its block of the ``n`` image
-    indices (:func:`ddpm.generate.generate_sharded`: the same images as one process) and rank 0
-    alone builds the reference, scores, prints, writes and returns the result; the other ranks
-    return None.
+    ``n < 2``, ``steps`` above the run's T and an ``out`` that cannot be written are a
+    :class:`DDPMError` before any sampling or reference statistics. ``checkpoint`` scores that
+    checkpoint file of the run instead of its newest (for a curve of quality over training).
+    Under torchrun (``processes`` from :func:`ddpm.distributed.init_distributed`) every rank
+    samples its block of the ``n`` image indices (:func:`ddpm.generate.generate_sharded`: the
+    same images as one process) and rank 0 alone builds the reference, scores, prints, writes
+    and returns the result; the other ranks return None.
     """
     if n < 2:
         raise DDPMError(f"--n must be at least 2 for FID statistics, got {n}")
     if out is not None:
         check_writable(out, "--out", is_file=True)
     t0 = time.perf_counter()
-    ctx = _prepare(run_dir, ref, device=device, precision=precision, inception=inception, cache_dir=cache_dir, ref_max=ref_max,
-                   feature_batch_size=feature_batch_size, cifar_root=cifar_root, probe_l2=probe_l2,
-                   use_cache=use_cache, progress=progress and processes.main,
+    ctx = _prepare(run_dir, ref, device=device, precision=precision, settings=settings,
+                   progress=progress and processes.main,
                    check_run=lambda run: resolve_steps(sampler, steps, run.schedule.T), processes=processes,
                    checkpoint=checkpoint)
     res = _evaluate(ctx, n=n, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size, seed=seed,
-                    use_ema=use_ema, feature_batch_size=feature_batch_size, kid_subset=kid_subset,
-                    kid_subsets=kid_subsets, pr=compute_pr, progress=progress and processes.main,
-                    processes=processes)
+                    use_ema=use_ema, pr=compute_pr, progress=progress and processes.main, processes=processes)
     if res is None:
         return None
     result = {**_header(ctx, ref), **res}
@@ -792,29 +864,28 @@ def fid_folders(
     dir_a: str | os.PathLike,
     dir_b: str | os.PathLike,
     *,
-    batch_size: int = 50,
+    settings: ReferenceSettings = ReferenceSettings(),
     device: str | torch.device | None = None,
-    inception: str | os.PathLike | None = None,
     image_size: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    use_cache: bool = True,
-    kid_subset: int = 1000,
     progress: bool = True,
 ) -> dict:
     """FID (and KID when both sides have features) between two folders of images, or a folder
-    and a ``.npz`` of statistics, like ``python -m pytorch_fid A B``. Images are used at their own
-    sizes unless ``image_size`` is given. Returns ``{"fid", "n_a", "n_b", "kid_mean", "kid_std"}``."""
+    and a ``.npz`` of statistics, like ``python -m pytorch_fid A B``: :func:`score_features` of
+    one set's statistics against the other's. Images are used at their own sizes unless
+    ``image_size`` (pixels) is given; ``settings`` as for :class:`Reference` (``max_images``
+    applies to both sides). Returns ``{"fid", "n_a", "n_b"}`` plus ``"kid_mean"``,
+    ``"kid_std"``. Raises :class:`ReferenceDataError` for an unusable folder or mismatched
+    feature dimensions."""
     dev = resolve_device(device)
-    kw = dict(image_size=image_size, batch_size=batch_size, device=dev, inception=inception, cache_dir=cache_dir,
-              use_cache=use_cache, progress=progress)
+    kw = dict(image_size=image_size, max_images=settings.max_images, batch_size=settings.feature_batch_size,
+              device=dev, inception=settings.inception, cache_dir=settings.cache_dir, use_cache=settings.use_cache,
+              cifar_root=settings.cifar_root, progress=progress)
     a, b = reference_stats(dir_a, **kw), reference_stats(dir_b, **kw)
     if a.mu.shape != b.mu.shape:
         raise ReferenceDataError(f"feature dimensions differ: {a.mu.shape[0]} ({dir_a}) vs {b.mu.shape[0]} ({dir_b})")
-    out: dict[str, Any] = {"fid": frechet_distance(a.mu, a.sigma, b.mu, b.sigma), "n_a": a.n, "n_b": b.n}
-    if a.features is not None and b.features is not None:
-        out["kid_mean"], out["kid_std"] = kid(a.features.astype(np.float64), b.features.astype(np.float64),
-                                              subset_size=kid_subset)
-    return out
+    scores = score_features(a, b, kid_subset=settings.kid_subset, kid_subsets=settings.kid_subsets)
+    scores.pop("kid_subset_size", None)
+    return {"fid": scores.pop("fid"), "n_a": a.n, "n_b": b.n, **scores}
 
 
 # ----------------------------------------------------------------------------------- sweep
@@ -831,15 +902,7 @@ def sampler_sweep(
     device: str | torch.device | None = None,
     precision: str = "auto",
     use_ema: bool = True,
-    inception: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    use_cache: bool = True,
-    ref_max: int | None = None,
-    cifar_root: str | os.PathLike | None = None,
-    feature_batch_size: int = 50,
-    kid_subset: int = 1000,
-    kid_subsets: int = 100,
-    probe_l2: float = 1e-2,
+    settings: ReferenceSettings = ReferenceSettings(),
     out: str | os.PathLike = "sweep.json",
     progress: bool = True,
     verbose: bool = True,
@@ -847,7 +910,8 @@ def sampler_sweep(
     """FID against network evaluations for each sampler, step count and guidance scale.
 
     Every configuration starts from the same seed (common random numbers make the comparison
-    less noisy). Writes ``out`` (JSON, rewritten after each configuration so an interrupted
+    less noisy); the reference is built once, as ``settings`` says (:class:`Reference`). Writes
+    ``out`` (JSON, rewritten after each configuration so an interrupted
     sweep keeps its results) and a plot next to it with the suffix ``.png``. ``steps_list=None``
     sweeps 10, 20, 50 and 100 steps, leaving out (with a warning) those above the run's T; an
     explicit count above T is a :class:`DDPMError`, raised, like an unwritable ``out``, before
@@ -863,9 +927,8 @@ def sampler_sweep(
     def check_run(run: Any) -> None:
         steps_used[:] = sweep_steps(steps_list, run.schedule.T)
 
-    ctx = _prepare(run_dir, ref, device=device, precision=precision, inception=inception, cache_dir=cache_dir, ref_max=ref_max,
-                   feature_batch_size=feature_batch_size, cifar_root=cifar_root, probe_l2=probe_l2,
-                   use_cache=use_cache, progress=progress, check_run=check_run)
+    ctx = _prepare(run_dir, ref, device=device, precision=precision, settings=settings, progress=progress,
+                   check_run=check_run)
     if not ctx.run.classes:
         guidances = [1.0]  # unconditional: guidance does not apply
     report = {**_header(ctx, ref), "n": n, "seed": seed, "use_ema": use_ema, "results": []}
@@ -873,8 +936,7 @@ def sampler_sweep(
         for s in samplers:
             for k in steps_used:
                 r = _evaluate(ctx, n=n, sampler=s, steps=k, guidance=g, batch_size=batch_size, seed=seed,
-                              use_ema=use_ema, feature_batch_size=feature_batch_size, kid_subset=kid_subset,
-                              kid_subsets=kid_subsets, pr=False, progress=progress)
+                              use_ema=use_ema, pr=False, progress=progress)
                 report["results"].append(r)
                 write_json(out, report)
                 if verbose:

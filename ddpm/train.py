@@ -534,9 +534,9 @@ def _eval_reference(cfg: TrainConfig) -> str:
 class _TrainingEval:
     """FID and KID of EMA samples every --eval-every steps; made and called on rank 0 only.
 
-    The reference statistics come from :func:`ddpm.evaluate.reference_stats` (its cache: computed
-    once per reference and image size); the FID floor of --eval-n real images is computed once and
-    kept in ``RUN/fid_floor.json``, so a resumed run reads it back. The samples are drawn by
+    The reference is a :class:`ddpm.evaluate.Reference` (its statistics cached: computed once per
+    reference and image size), scored as ``ddpm eval`` scores; the FID floor of --eval-n real
+    images is computed once and kept in ``RUN/fid_floor.json``, so a resumed run reads it back. The samples are drawn by
     :func:`ddpm.generate` as ``ddpm eval --n N --seed SEED --guidance G`` draws them (the same
     per-image seeds, class labels, sampler and steps), the same at every evaluation and at any
     batch size, so the curve follows the weights, not the draw. (A run resumed from a version
@@ -554,9 +554,11 @@ class _TrainingEval:
         device = runtime.device
         self.cfg, self.classes, self.batch, self.runtime = cfg, classes, batch, runtime
         self.ref_name = cfg.eval_ref or "the training images"
-        self.ref = evaluate.reference_stats(_eval_reference(cfg), image_size=image_size, device=device,
-                                            cifar_root=cfg.data_root or None, progress=cfg.progress)
-        self.extractor = evaluate.FeatureExtractor(None, device)
+        # Unconditional scoring (no probe): the log line and metrics.csv carry FID and KID only.
+        self.reference = evaluate.Reference.build(
+            _eval_reference(cfg), image_size, device=device,
+            settings=evaluate.ReferenceSettings(cifar_root=cfg.data_root or None), progress=cfg.progress)
+        self.ref = self.reference.stats
         self.steps = resolve_steps("dpm-solver", None, T)  # 'ddpm sample's default: 20, at most T
         self.floor = self._floor(run_dir)
 
@@ -603,7 +605,7 @@ class _TrainingEval:
     def __call__(self, step: int, sampleable: Sampleable) -> dict[str, float]:
         """Sample --eval-n images of ``sampleable``'s EMA weights and score them: ``{"step",
         "fid"}`` plus ``"kid"`` (KID's mean over subsets) when the reference has features."""
-        from .evaluate import score_images, spread_labels
+        from .evaluate import spread_labels
 
         cfg, n = self.cfg, self.cfg.eval_n
         labels = spread_labels(n, self.classes)  # as 'ddpm eval' spreads its samples over the classes
@@ -611,7 +613,7 @@ class _TrainingEval:
                           guidance=cfg.sample_guidance if self.classes else 1.0, seed=cfg.seed,
                           batch_size=self.batch, device=self.runtime.device, precision=self.runtime.precision,
                           progress=False)
-        scores = score_images(images, self.ref, self.extractor)
+        scores = self.reference.score(images)
         row: dict[str, float] = {"step": step, "fid": scores["fid"]}
         if "kid_mean" in scores:
             row["kid"] = scores["kid_mean"]

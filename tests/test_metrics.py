@@ -305,8 +305,41 @@ def test_flat_folder_has_no_labels_and_npz_stats_are_accepted(tmp_path, fake_net
     np.savez(tmp_path / "stats.npz", mu=fs.mu, sigma=fs.sigma)  # pytorch-fid's statistics format
     st = evaluate.reference_stats(tmp_path / "stats.npz", cache_dir=tmp_path / "c", progress=False)
     assert st.features is None and st.n == 0
-    r = evaluate.fid_folders(flat, tmp_path / "stats.npz", cache_dir=tmp_path / "c", progress=False)
+    r = evaluate.fid_folders(flat, tmp_path / "stats.npz", progress=False,
+                             settings=evaluate.ReferenceSettings(cache_dir=tmp_path / "c"))
     assert abs(r["fid"]) < 1e-6 * np.trace(fs.sigma) and "kid_mean" not in r
+
+
+def test_reference_scores_as_the_metrics_do_and_as_ddpm_fid_does(tmp_path, fake_net):
+    """One scoring path: Reference.score equals FID/KID/probe computed from the metrics module by
+    hand, maps the generator's class order onto the reference's, and agrees with fid_folders."""
+    ref = _make_class_folder(tmp_path / "ref")  # classes blue, red (sorted)
+    rng = np.random.default_rng(3)
+    rgb = torch.tensor([COLOURS["red"], COLOURS["blue"]] * 5, dtype=torch.float64)  # red, blue, red, ...
+    images = (rgb[:, :, None, None] + torch.from_numpy(rng.normal(0, 25, (10, 3, 8, 8)))).clamp(0, 255).to(torch.uint8)
+    settings = evaluate.ReferenceSettings(cache_dir=tmp_path / "cache", kid_subsets=5)
+    reference = evaluate.Reference.build(ref, 8, device="cpu", settings=settings, classes=["red", "blue"],
+                                         progress=False)
+    labels = torch.arange(10) % 2  # the generator's order: 0 = red, 1 = blue
+    got = reference.score(images, labels, pr=True)
+
+    feats = FakeExtractor()(images).astype(np.float64)
+    fs = reference.stats
+    assert got["fid"] == pytest.approx(frechet_distance(*gaussian_stats(feats), fs.mu, fs.sigma), rel=1e-12)
+    km, ks = kid(feats, fs.features.astype(np.float64), subset_size=10, num_subsets=5, seed=0)
+    assert (got["kid_mean"], got["kid_std"], got["kid_subset_size"]) == (pytest.approx(km), pytest.approx(ks), 10)
+    assert 0 <= got["precision"] <= 1 and 0 <= got["recall"] <= 1
+    assert got["class_accuracy"]["overall"] == 1.0 and got["class_accuracy"]["per_class"] == {"red": 1.0, "blue": 1.0}
+    assert reference.score(images, 1 - labels)["class_accuracy"]["overall"] == 0.0  # red images called blue
+    assert "class_accuracy" not in reference.score(images)  # no labels: FID and KID alone
+
+    folder = tmp_path / "generated"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")  # lossless: the same pixels
+    both = evaluate.fid_folders(folder, ref, settings=settings, progress=False)
+    assert both["fid"] == pytest.approx(got["fid"], rel=1e-9) and both["kid_mean"] == pytest.approx(got["kid_mean"])
+    assert (both["n_a"], both["n_b"]) == (10, 24)
 
 
 # ---------------------------------------------------------------------------- one-line errors
@@ -404,7 +437,8 @@ def stub_run(tmp_path, monkeypatch, fake_net):
 def test_evaluate_run_with_stand_in_modules(stub_run, tmp_path, capsys):
     out = tmp_path / "res" / "eval.json"
     r = evaluate.evaluate_run(stub_run.run_dir, stub_run.ref, n=21, sampler="ddim", steps=5, guidance=2.0,
-                              cache_dir=tmp_path / "cache", out=out, progress=False, kid_subsets=5)
+                              out=out, progress=False,
+                              settings=evaluate.ReferenceSettings(cache_dir=tmp_path / "cache", kid_subsets=5))
     labels = stub_run.seen["labels"]
     assert labels.dtype == torch.int64 and torch.bincount(labels).tolist() == [11, 10]  # spread evenly
     assert stub_run.seen["sampler"] == "ddim" and stub_run.seen["guidance"] == 2.0
@@ -422,8 +456,8 @@ def test_evaluate_run_with_stand_in_modules(stub_run, tmp_path, capsys):
 def test_sampler_sweep_writes_json_and_plot(stub_run, tmp_path):
     out = tmp_path / "sweep" / "sweep.json"
     rep = evaluate.sampler_sweep(stub_run.run_dir, stub_run.ref, n=10, samplers=["ddim", "langevin"],
-                                 steps_list=[2, 4], guidances=[1.0, 3.0], cache_dir=tmp_path / "cache", out=out,
-                                 progress=False, verbose=False, kid_subsets=3)
+                                 steps_list=[2, 4], guidances=[1.0, 3.0], out=out, progress=False, verbose=False,
+                                 settings=evaluate.ReferenceSettings(cache_dir=tmp_path / "cache", kid_subsets=3))
     assert len(rep["results"]) == 8
     nfes = {(r["sampler"], r["steps"]): r["nfe"] for r in rep["results"]}
     assert nfes[("langevin", 4)] == 7 and nfes[("ddim", 4)] == 4  # corrector steps counted
@@ -436,6 +470,6 @@ def test_class_accuracy_skipped_when_classes_do_not_match(stub_run, tmp_path):
     run = evaluate.load_run(stub_run.run_dir)  # the stand-in
     run.classes = ["red", "green"]
     with pytest.warns(UserWarning, match="class accuracy skipped"):
-        r = evaluate.evaluate_run(stub_run.run_dir, stub_run.ref, n=6, cache_dir=tmp_path / "cache", progress=False,
-                                  verbose=False, kid_subsets=2)
+        r = evaluate.evaluate_run(stub_run.run_dir, stub_run.ref, n=6, progress=False, verbose=False,
+                                  settings=evaluate.ReferenceSettings(cache_dir=tmp_path / "cache", kid_subsets=2))
     assert r["class_accuracy"] is None and "green" in r["class_accuracy_note"]

@@ -324,6 +324,7 @@ def test_train_sample_and_eval_use_one_precision_policy(uncond_run: Path, tmp_pa
     feats = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
     fs = evaluate.FeatureSet(*gaussian_stats(feats.astype(np.float64)), feats, None, None, str(ref), "stand-in")
     monkeypatch.setattr(evaluate, "reference_stats", lambda *a, **k: fs)
-    r = evaluate.evaluate_run(uncond_run, str(ref), n=3, steps=2, device="cpu", use_cache=False, compute_pr=False,
-                              kid_subset=2, kid_subsets=2, progress=False, verbose=False)
+    r = evaluate.evaluate_run(uncond_run, str(ref), n=3, steps=2, device="cpu", compute_pr=False, progress=False,
+                              verbose=False,
+                              settings=evaluate.ReferenceSettings(use_cache=False, kid_subset=2, kid_subsets=2))
     assert r["sampling_precision"] == "bf16" and seen[-1] == "bf16"

@@ -46,3 +46,42 @@ def test_dependencies_have_lower_bounds_only_and_the_commands_pin_the_tested_tor
         assert ">=" in spec and not re.search(r"<|==|~=|!=", spec), spec
     for command in _commands():
         assert re.search(r"torch==\d", command) and re.search(r"torchvision==\d", command), command
+
+
+def test_readme_scoring_example_runs(tmp_path: Path, monkeypatch) -> None:
+    """The Evaluate section's Python example scores images against a class folder (a stand-in
+    extractor replaces Inception: the example's plumbing is under test, not the network)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ddpm import evaluate
+
+    class Pooled:
+        sha256 = "0" * 64
+
+        def __init__(self, path=None, device=None) -> None:
+            pass
+
+        def __call__(self, batch) -> np.ndarray:
+            if not isinstance(batch, torch.Tensor):
+                batch = torch.stack(list(batch))
+            return torch.nn.functional.adaptive_avg_pool2d(batch.float(), 2).flatten(1).double().numpy()
+
+    monkeypatch.setattr(evaluate, "FeatureExtractor", Pooled)
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(["airplane", "ship"]):
+        (tmp_path / "ref" / name).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(60 * k, 120 + 60 * k, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "ref" / name / f"{i}.png")
+    blocks = [b.split("```", 1)[0] for b in (ROOT / "README.md").read_text().split("```python")[1:]]
+    code = next(b for b in blocks if "Reference.build" in b)
+    code = code.replace('"cifar10/test"', repr(str(tmp_path / "ref")))
+    code = code.replace("ReferenceSettings(", f"ReferenceSettings(cache_dir={str(tmp_path / 'cache')!r}, ")
+    images = torch.from_numpy(rng.integers(0, 255, (8, 3, 32, 32), dtype=np.uint8))
+    scope = {"images": images, "labels": torch.arange(8) % 2}
+    exec(compile(code, "README.md", "exec"), scope)
+    r = scope["reference"].score(images, scope["labels"])
+    assert r["fid"] > 0 and 0 <= r["class_accuracy"]["overall"] <= 1
+    assert set(r["class_accuracy"]["per_class"]) == {"airplane", "ship"}

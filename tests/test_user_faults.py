@@ -234,7 +234,7 @@ def test_hidden_files_are_not_reference_images_or_classes(tmp_path: Path, monkey
     assert fs.n == 6 and fs.classes == ["blue", "red"]
     flat = _images(tmp_path / "flat", 3)
     _with_hidden_copies(flat)
-    r = evaluate.fid_folders(flat, flat, use_cache=False, progress=False)
+    r = evaluate.fid_folders(flat, flat, settings=evaluate.ReferenceSettings(use_cache=False), progress=False)
     assert r["n_a"] == r["n_b"] == 3
 
 
@@ -347,7 +347,8 @@ def test_default_sweep_drops_steps_above_T_and_says_so(run20: Path, cond_data: P
     monkeypatch.setattr(evaluate, "FeatureExtractor", FakeExtractor)
     with pytest.warns(UserWarning, match="sweep steps 50, 100 exceed this run's 20 diffusion steps"):
         rep = evaluate.sampler_sweep(run20, cond_data, n=4, samplers=["ddim"], out=tmp_path / "sweep.json",
-                                     device="cpu", use_cache=False, progress=False, verbose=False, kid_subsets=2)
+                                     device="cpu", progress=False, verbose=False,
+                                     settings=evaluate.ReferenceSettings(use_cache=False, kid_subsets=2))
     assert [r["steps"] for r in rep["results"]] == [10, 20]
     with pytest.warns(UserWarning, match="sweeping 5"):
         assert evaluate.sweep_steps(None, 5) == [5]  # none left: the full chain
