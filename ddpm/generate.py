@@ -13,7 +13,7 @@ import copy
 import math
 import warnings
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -138,7 +138,14 @@ def _sampling_network(net: torch.nn.Module, device: torch.device) -> torch.nn.Mo
         p.dim() != 4 or p.is_contiguous(memory_format=torch.channels_last) for p in params)
     if here and laid_out:
         return net
-    return prepare_model(copy.deepcopy(net), device)
+    # Copy each tensor straight onto the target device: a plain deepcopy would first duplicate
+    # the weights where they are (a GPU run sampled on the CPU would briefly need twice its GPU memory).
+    memo: dict[int, Any] = {}
+    for p in params:
+        memo[id(p)] = torch.nn.Parameter(p.detach().to(device, copy=True), requires_grad=p.requires_grad)
+    for b in net.buffers():
+        memo[id(b)] = b.detach().to(device, copy=True)
+    return prepare_model(copy.deepcopy(net, memo), device)
 
 
 def _generate(run: Sampleable, net: torch.nn.Module, n: int, device: torch.device, *, labels: torch.Tensor | None,

@@ -212,3 +212,27 @@ def test_generate_leaves_the_callers_network_as_it_found_it() -> None:
     again = generate(run, 3, labels=torch.tensor([0, 1, 1]), guidance=2.0, steps=3, progress=False,
                      device="cpu", precision="fp32")
     assert torch.equal(images, again)  # dropout was off while sampling: the same images twice
+
+
+def test_the_sampling_copy_is_made_on_the_target_device_not_beside_the_weights(monkeypatch) -> None:
+    """When generate() must copy the network (to move or re-lay it), no tensor is duplicated
+    where the weights live: each goes straight to the target device (a GPU run sampled on the
+    CPU would otherwise need twice its GPU memory for a moment)."""
+    from ddpm.generate import _sampling_network
+    from ddpm.unet import UNet, UNetConfig
+
+    net = UNet(UNetConfig.preset("tiny", image_size=8))
+    net.register_buffer("counts", torch.arange(3.0))  # buffers too
+
+    def refuse(self, memo):
+        raise AssertionError("a tensor was deep-copied where it lives")
+
+    monkeypatch.setattr(torch.Tensor, "__deepcopy__", refuse)
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", refuse)
+    monkeypatch.setattr("ddpm.perf.default_channels_last", lambda device: True)  # force a re-laid copy
+    copy = _sampling_network(net, torch.device("cpu"))
+    assert copy is not net
+    pairs = list(zip(net.state_dict().values(), copy.state_dict().values()))
+    assert len(pairs) == len(net.state_dict()) and all(torch.equal(a, b) for a, b in pairs)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in pairs)  # copies, not shared storage
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in copy.parameters())
