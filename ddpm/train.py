@@ -712,13 +712,6 @@ def _non_finite(what: str, step: int, last_path: Path | None) -> DDPMError:
                      + "). Try a lower --lr, --precision fp32 or --grad-clip 1")
 
 
-def _timed(fn: Callable[[int], None], step: int) -> float:
-    """Seconds ``fn(step)`` took."""
-    t0 = time.perf_counter()
-    fn(step)
-    return time.perf_counter() - t0
-
-
 def _load_data(cfg: TrainConfig, d: Dist, run_dir: Path, imported: dict[str, Any] | None) -> ImageSet:
     """The training images at the run's resolution (an imported network's, else --image-size or
     the preset's); rank 0 decodes first, then the others. Raises :class:`DDPMError` for a run
@@ -971,11 +964,23 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | No
         if d.world > 1:
             dist.barrier()
 
-    def draw_grid(at_step: int) -> None:
-        with run_write_errors(run_dir, "a sample grid"):
-            grid = _sample_grid(sampleable, cfg, runtime, run_dir / "samples" / f"step_{at_step:09d}.png")
-        if logger is not None:
-            logger.image(at_step, grid)
+    def grid_now(at_step: int) -> float:
+        """Draw the sample grid of ``at_step`` on rank 0; every rank returns together, so each
+        leaves the same seconds out of its training clock (the others wait meanwhile, and their
+        clocks feed the agreed --time-limit), and an error on rank 0 stops all of them."""
+        t0 = time.perf_counter()
+        failed: DDPMError | None = None
+        if d.main:
+            try:
+                with run_write_errors(run_dir, "a sample grid"):
+                    grid = _sample_grid(sampleable, cfg, runtime, run_dir / "samples" / f"step_{at_step:09d}.png")
+                if logger is not None:
+                    logger.image(at_step, grid)
+            except DDPMError as e:
+                failed = e
+        if any_rank(failed is not None, d, device):
+            raise failed or DDPMError(f"rank 0 could not draw the sample grid of step {at_step} (its message says why)")
+        return time.perf_counter() - t0
 
     model.train()
     try:
@@ -1020,8 +1025,8 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | No
                 checkpoint_now(step)
             # The grid comes after the checkpoint, so a failure while sampling loses no training;
             # sampling and evaluating are not training time (images/s, --time-limit, the lr).
-            if d.main and ((cfg.sample_every > 0 and step % cfg.sample_every == 0) or step == cfg.steps):
-                clock.exclude(_timed(draw_grid, step))
+            if (cfg.sample_every > 0 and step % cfg.sample_every == 0) or step == cfg.steps:
+                clock.exclude(grid_now(step))
             # After the checkpoint too; when stopping, it is left to the resumed run (see above).
             if cfg.eval_every > 0 and not stop and (step % cfg.eval_every == 0 or step == cfg.steps):
                 clock.exclude(evaluate_now(step))

@@ -62,6 +62,19 @@ def test_two_gloo_ranks_train_identically_and_resume(cifar10_dir: Path, tmp_path
     assert run_info(str(run))["step"] == 6
 
 
+@pytest.mark.slow
+def test_a_grid_rank_0_cannot_write_stops_every_rank_with_its_message(tmp_path: Path) -> None:
+    """Rank 0 alone draws the sample grids; the other ranks wait for it there (so all leave the
+    same seconds out of their training clocks) and stop with it when it cannot write one."""
+    data = _class_folders(tmp_path / "data", ["a", "b"], 8)
+    run = tmp_path / "run"
+    (run / "samples" / "step_000000002.png").mkdir(parents=True)  # a folder where the grid must go
+    res = _torchrun(2, *_args(data, run, 4, "--sample-every", "2"), timeout=300)
+    assert res.returncode != 0
+    assert f"cannot write a sample grid in run folder {str(run)!r}" in res.stderr, _failure(res)
+    assert "step 3" not in res.stdout and not (run / "samples" / "step_000000004.png").exists()
+
+
 def _class_folders(root: Path, classes: list[str], per_class: int) -> Path:
     """Small RGB images in one folder per class, a base colour per class plus pixel noise."""
     import numpy as np
