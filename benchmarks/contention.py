@@ -27,6 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ddpm.outputs import atomic_write_text  # noqa: E402
+
 # name -> environment for the training process; "unset" removes the variable
 SETTINGS: dict[str, dict[str, str]] = {
     "torch default (all cores, OpenMP spin-wait)": {"OMP_WAIT_POLICY": "unset", "OMP_NUM_THREADS": "unset"},
@@ -111,7 +116,7 @@ def main() -> None:
               f"({loaded / alone:.0%} of alone; the busy job kept {busy_rate / busy_alone:.0%} of its speed)",
               flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import ddpm.generate  # noqa: E402
 import ddpm.train  # noqa: E402
 from ddpm.data import BatchStream, batches, load_image_folder, to_model_range, to_uint8  # noqa: E402
 from ddpm.ema import EMA  # noqa: E402
+from ddpm.outputs import atomic_write_text  # noqa: E402
 
 # Our samples are drawn in float32 whatever the device's default: every figure in
 # docs/benchmarks.md was measured so, and the peers sample in float32 too.
@@ -271,7 +272,7 @@ def main() -> None:
         results["trainers"][f"{kind}" if args.seed == 0 else f"{kind}@seed{args.seed}"] = entry
         print(json.dumps({kind: entry}, indent=1, default=float), flush=True)
         if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2, default=float) + "\n")
+            atomic_write_text(args.out, json.dumps(results, indent=2, default=float) + "\n")
     print("\ntrainer                 params   steps   img/s    FID      KID     class acc")
     for kind, e in results["trainers"].items():
         acc = " ".join(f"g{g}:{v['class_accuracy']:.3f}" for g, v in e.get("guided", {}).items())

@@ -84,6 +84,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import ddpm  # noqa: E402
 from ddpm import perf  # noqa: E402
 from ddpm.errors import DDPMError  # noqa: E402
+from ddpm.outputs import atomic_write_text  # noqa: E402
 from ddpm.train import TrainConfig, t_probabilities_for  # noqa: E402
 from ddpm.train import train_step as trainer_step  # noqa: E402
 
@@ -842,9 +843,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(report, indent=1, default=_json_default) + "\n")
         print(f"wrote {path}")
     return report
 

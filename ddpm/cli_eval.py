@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 from .distributed import any_rank
 from .errors import DDPMError
 from .outputs import check_writable
-from .perf import resolve_device
+from .perf import resolve_device, resolve_runtime
 from .run_folder import lock_if_inside
 from .samplers import SAMPLER_NAMES
 
@@ -161,7 +161,10 @@ def _eval(args: argparse.Namespace, d: Dist) -> int:
         raise DDPMError(f"--{'nearest' if args.nearest else 'sweep'} runs in one process; under torchrun 'ddpm eval' "
                         "splits the samples of one FID over the processes")
     what = "--out" if args.out else "the result file (pass --out to choose another)"
-    device = resolve_device(args.device, local_rank=d.local_rank, world=d.world)
+    # Resolved once here: the result file's name says the precision that runs, and evaluation
+    # gets resolved values (so an unavailable bf16 warns once, not twice).
+    runtime = resolve_runtime(args.device, args.precision, local_rank=d.local_rank, world=d.world)
+    device, args.precision = runtime.device, runtime.precision
     settings = evaluate.ReferenceSettings(
         inception=args.inception, cache_dir=args.cache_dir, use_cache=not args.no_cache, max_images=args.ref_max,
         cifar_root=args.cifar_root, feature_batch_size=args.feature_batch_size, kid_subset=args.kid_subset,
@@ -182,7 +185,7 @@ def _eval(args: argparse.Namespace, d: Dist) -> int:
         return 0
     at = f"-{Path(args.checkpoint).stem}" if args.checkpoint else ""
     out = args.out or eval_dir / (f"eval{at}-{args.sampler}-{args.steps or 'default'}steps-g{args.guidance:g}"
-                                  f"-n{args.n}-seed{args.seed}.json")
+                                  f"-n{args.n}-seed{args.seed}-{args.precision}.json")
     check_writable(out, what, is_file=True)
     with contextlib.ExitStack() as held:
         # Rank 0 alone writes the result, so it alone holds the run folder; if it cannot, every
@@ -207,7 +210,7 @@ def _cmd_nearest(args: argparse.Namespace, eval_dir: Path, what: str) -> int:
         raise DDPMError("--nearest and --sweep are separate checks; pass one of them")
     _positive("--nearest-n", args.nearest_n)
     _positive("--nearest-k", args.nearest_k)
-    out = args.out or eval_dir / f"nearest-n{args.n}-seed{args.seed}.json"
+    out = args.out or eval_dir / f"nearest-n{args.n}-seed{args.seed}-{args.precision}.json"
     check_writable(out, what, is_file=True)
     with lock_if_inside(args.run, out, advice=_BUSY_ADVICE):
         nearest.check_run(args.run, args.ref, n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,

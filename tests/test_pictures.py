@@ -4,6 +4,7 @@ animation, guidance sweep and interpolation of 'ddpm sample'. Tiny models, 16x16
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -328,3 +329,10 @@ def test_train_sample_and_eval_use_one_precision_policy(uncond_run: Path, tmp_pa
                               verbose=False,
                               settings=evaluate.ReferenceSettings(use_cache=False, kid_subset=2, kid_subsets=2))
     assert r["sampling_precision"] == "bf16" and seen[-1] == "bf16"
+    # the CLI's result file names the precision that ran, so a bf16 and an fp32 score never overwrite each other
+    scoring = ["eval", "--run", str(uncond_run), "--ref", str(ref), "--n", "3", "--steps", "2", "--device", "cpu",
+               "--no-pr", "--no-cache", "--quiet", "--kid-subset", "2", "--kid-subsets", "2"]
+    assert main(scoring) == 0 and main([*scoring, "--precision", "fp32"]) == 0
+    names = sorted(p.name for p in (uncond_run / "eval").glob("eval-*.json"))
+    assert names == ["eval-dpm-solver-2steps-g1-n3-seed0-bf16.json", "eval-dpm-solver-2steps-g1-n3-seed0-fp32.json"]
+    assert [json.loads((uncond_run / "eval" / n).read_text())["sampling_precision"] for n in names] == ["bf16", "fp32"]
