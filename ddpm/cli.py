@@ -199,12 +199,13 @@ def _sample(args: argparse.Namespace, d: Dist) -> int:
     from .checkpoint import latest_checkpoint, load_run
     from .distributed import from_rank_0
     from .generate import (ChainRecorder, chain_frames, check_animate_every, check_interpolation_n, check_sweep_scales,
-                           default_animate_every, generate_sharded, guidance_sweep, interpolate, make_grid,
-                           save_gif, save_png)
+                           check_request, default_animate_every, generate_sharded, guidance_sweep, interpolate,
+                           make_grid, save_gif, save_png)
     from .outputs import check_writable
     from .samplers import resolve_steps
 
-    # Every option is checked before the run is loaded or anything is sampled.
+    # Every option is checked before anything is sampled: most before the run is loaded, those
+    # that depend on it (steps against T, the seed and the images' memory) just after.
     if args.guidance_sweep is not None and args.interpolate:
         raise DDPMError("--guidance-sweep and --interpolate each make their own --out grid; choose one")
     mode = "sweep" if args.guidance_sweep is not None else ("interpolate" if args.interpolate else "grid")
@@ -253,6 +254,8 @@ def _sample(args: argparse.Namespace, d: Dist) -> int:
     run = load_run(args.run, device, checkpoint=from_rank_0(latest_checkpoint(args.run), d) if d.world > 1 else None)
     steps = resolve_steps(args.sampler, args.steps, run.schedule.T)
     idx = [run.class_index(c) for c in args.classes] if args.classes else []
+    # before any tensor of n labels exists: an --n that cannot fit is one line, not an allocation failure
+    check_request(run, n_arg * max(1, len(idx)) * (len(args.guidance_sweep) if mode == "sweep" else 1), args.seed)
     common = dict(sampler=args.sampler, steps=steps, seed=args.seed, batch_size=args.batch_size,
                   use_ema=not args.no_ema, device=device, precision=runtime.precision)
     options = {"eta": args.eta} if args.sampler == "ddim" else {}

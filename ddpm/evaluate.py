@@ -42,7 +42,7 @@ import torch
 from .checkpoint import latest_checkpoint, load_run
 from .distributed import Dist, from_rank_0
 from .errors import DDPMError
-from .generate import generate, generate_sharded
+from .generate import check_request, generate, generate_sharded
 from .inception import FeatureExtractor
 from .metrics import (LinearProbe, class_accuracy, fit_linear_probe, frechet_distance, gaussian_stats, kid,
                       precision_recall)
@@ -811,7 +811,8 @@ def evaluate_run(
     t0 = time.perf_counter()
     ctx = _prepare(run_dir, ref, device=device, precision=precision, settings=settings,
                    progress=progress and processes.main,
-                   check_run=lambda run: resolve_steps(sampler, steps, run.schedule.T), processes=processes,
+                   check_run=lambda run: (resolve_steps(sampler, steps, run.schedule.T), check_request(run, n, seed)),
+                   processes=processes,
                    checkpoint=checkpoint)
     res = _evaluate(ctx, n=n, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size, seed=seed,
                     use_ema=use_ema, pr=compute_pr, progress=progress and processes.main, processes=processes)
@@ -926,6 +927,7 @@ def sampler_sweep(
 
     def check_run(run: Any) -> None:
         steps_used[:] = sweep_steps(steps_list, run.schedule.T)
+        check_request(run, n, seed)
 
     ctx = _prepare(run_dir, ref, device=device, precision=precision, settings=settings, progress=progress,
                    check_run=check_run)

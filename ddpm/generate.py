@@ -24,9 +24,9 @@ from .distributed import Dist
 from .errors import DDPMError
 from .guidance import guided
 from .outputs import atomic_write_with
-from .samplers import STOCHASTIC, ImageGenerators, eps_model, get_sampler, resolve_steps
+from .samplers import MAX_SEED, STOCHASTIC, ImageGenerators, eps_model, get_sampler, resolve_steps
 
-__all__ = ["generate", "generate_sharded", "starting_noise", "make_grid", "save_png", "save_gif", "slerp",
+__all__ = ["generate", "generate_sharded", "check_request", "starting_noise", "make_grid", "save_png", "save_gif", "slerp",
            "ChainRecorder", "Chain", "chain_frames", "default_animate_every", "guidance_sweep", "interpolate",
            "STOCHASTIC_SAMPLERS", "BATCH_SIZE", "check_animate_every", "check_sweep_scales",
            "check_interpolation_n"]
@@ -98,10 +98,10 @@ def generate(
     ``callback(batch, i, t, x, x0)``, when given, is called after step ``i`` (timestep ``t``) of
     each batch in turn, with the new x_t and the model's current prediction of x0, both float32
     [b, C, H, W] on the sampling device in the model's range (x0 clipped to [-1, 1] as the
-    sampler clips it, x_t unbounded). Raises :class:`DDPMError` for bad ``n``, labels or noise.
+    sampler clips it, x_t unbounded). Raises :class:`DDPMError` for bad ``n`` (below 1, or more
+    images than this machine's memory holds), a ``seed`` outside 0 .. MAX_SEED, bad labels or noise.
     """
-    if n < 1:
-        raise DDPMError(f"--n must be at least 1, got {n}")
+    check_request(run, n, seed)
     if first_index < 0:
         raise DDPMError(f"first_index must be >= 0, got {first_index}")
     if noise is not None and tuple(noise.shape) != (n, run.model.config.in_channels, run.image_size, run.image_size):
@@ -121,6 +121,32 @@ def generate(
                          **sampler_options)
     finally:
         net.train(was_training)
+
+
+def check_request(run: Sampleable, n: int, seed: int) -> None:
+    """Raise :class:`DDPMError` for a request :func:`generate` would refuse: ``n`` below 1, a
+    ``seed`` outside 0 .. :data:`ddpm.samplers.MAX_SEED`, or ``n`` images of ``run`` whose uint8
+    pixels (held twice while the batches are joined) would not fit in this machine's memory.
+    Commands call it before they build anything of size ``n``."""
+    from .perf import host_memory_bytes
+
+    if n < 1:
+        raise DDPMError(f"--n must be at least 1, got {n}")
+    if not 0 <= seed <= MAX_SEED:
+        raise DDPMError(f"--seed must be from 0 to {MAX_SEED}, got {seed}")
+    total = host_memory_bytes()
+    need = 2 * n * run.model.config.in_channels * run.image_size ** 2
+    if total is not None and need > total:
+        raise DDPMError(f"--n {n} images of {run.image_size}x{run.image_size} need {_bytes(need)} of memory "
+                        f"at once; this machine has {_bytes(total)}: ask for fewer")
+
+
+def _bytes(count: int) -> str:
+    """``count`` bytes in the largest binary unit that keeps one digit before the point."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def _sampling_network(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -208,8 +234,7 @@ def generate_sharded(run: Sampleable, n: int, d: Dist, *, labels: torch.Tensor |
 
     if d.world == 1:
         return generate(run, n, labels=labels, noise=noise, device=device, progress=progress, **generate_options)
-    if n < 1:
-        raise DDPMError(f"--n must be at least 1, got {n}")
+    check_request(run, n, generate_options.get("seed", 0))  # rank 0 will hold all n
     if labels is not None and tuple(torch.as_tensor(labels).shape) != (n,):
         raise DDPMError(f"need one label per image: {n} images but labels of shape {tuple(torch.as_tensor(labels).shape)}")
     net = run.ema_model if generate_options.get("use_ema", True) and run.ema_model is not None else run.model

@@ -70,6 +70,7 @@ __all__ = [
     "inference_model",
     "to_memory_format",
     "max_rss_bytes",
+    "host_memory_bytes",
     "train_flops_per_image",
     "peak_flops",
     "conv2d",
@@ -563,6 +564,14 @@ def max_rss_bytes() -> int:
     """
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if platform.system() == "Darwin" else rss * 1024)
+
+
+def host_memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, or None where the OS does not say (Windows)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _torch_at_least(major: int, minor: int) -> bool:

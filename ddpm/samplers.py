@@ -34,7 +34,7 @@ from .errors import DDPMError
 from .schedule import Schedule
 
 __all__ = ["ancestral", "ddim", "langevin", "dpm_solver", "SAMPLERS", "SAMPLER_NAMES", "STOCHASTIC", "get_sampler",
-           "eps_model", "Denoiser", "ImageGenerators", "image_seed",
+           "eps_model", "Denoiser", "ImageGenerators", "image_seed", "MAX_SEED",
            "ancestral_step", "ddim_step", "model_evaluations", "DEFAULT_STEPS", "resolve_steps"]
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -96,11 +96,17 @@ def _predict(model: Model, x: torch.Tensor, t: int, schedule: Schedule) -> tuple
     return eps, None
 
 
+# The largest --seed: image seeds (below) then stay under 2**61, far inside the 64 bits a
+# torch.Generator takes, for any image count a machine can hold.
+MAX_SEED = 2**40 - 1
+
+
 def image_seed(seed: int, i: int) -> int:
     """The seed of image ``i`` of a call with ``seed``: ``seed * 1_000_003 + i`` (1,000,003 is a
     prime larger than any image count a call makes, so two images of one call, or image i of
     seeds s and s + 1, never share a seed). Image 0's seed is the one the first batch of a seed
-    had before images were seeded one by one, so a single image of a seed is what it was."""
+    had before images were seeded one by one, so a single image of a seed is what it was.
+    Commands accept seeds 0 .. :data:`MAX_SEED`."""
     return int(seed) * 1_000_003 + int(i)
 
 

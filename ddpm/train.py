@@ -42,6 +42,7 @@ from .losses import PREDICTIONS, T_SAMPLINGS, WEIGHTINGS, diffusion_loss, timest
 from .outputs import atomic_write_json, atomic_write_text, atomic_write_with, check_writable, remove_temp_files
 from .perf import Runtime, load_optimizer_state, make_optimizer, prepare_model, resolve_runtime
 from .run_folder import lock_run_folder, run_write_errors
+from .samplers import MAX_SEED
 from .schedule import SCHEDULES, Schedule
 from .unet import PRESETS, UNet, UNetConfig, count_parameters
 
@@ -184,6 +185,9 @@ def _validate(cfg: TrainConfig, d: Dist) -> None:
          f"--sample-steps must be between 1 and --timesteps ({cfg.timesteps}), got {cfg.sample_steps}"),
         (cfg.sample_n >= 1, f"--sample-n must be at least 1, got {cfg.sample_n}"),
         (cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
+        # the grids sample with seed + GRID_SEED_OFFSET, which generate() takes up to MAX_SEED
+        (0 <= cfg.seed <= MAX_SEED - GRID_SEED_OFFSET,
+         f"--seed must be from 0 to {MAX_SEED - GRID_SEED_OFFSET}, got {cfg.seed}"),
         (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
         (cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),
         (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),

@@ -412,7 +412,7 @@ def stub_run(tmp_path, monkeypatch, fake_net):
     ref = _make_class_folder(tmp_path / "ref", per_class=10)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    run = types.SimpleNamespace(model=None, ema_model=None, schedule=Schedule.linear(T=100), classes=["red", "blue"],
+    run = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(in_channels=3)), ema_model=None, schedule=Schedule.linear(T=100), classes=["red", "blue"],
                                 prediction="eps", step=7, image_size=8, config={}, run_dir=run_dir)
     seen: dict = {}
 

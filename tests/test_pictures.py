@@ -248,6 +248,27 @@ def test_guidance_sweep_and_animation_refuse_what_they_cannot_do(cond_run: Path,
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.gif"))  # checked before any work
 
 
+def test_seeds_out_of_range_and_image_counts_beyond_memory_are_one_line(cond_run: Path, tmp_path: Path, monkeypatch,
+                                                                         capsys) -> None:
+    """--seed takes 0 .. MAX_SEED in every command (a negative or 64-bit-overflowing seed was a
+    traceback from torch.Generator); an --n whose pixels cannot fit in memory is refused before
+    anything of size n is built (it was an allocation failure)."""
+    from ddpm.samplers import MAX_SEED
+
+    out = str(tmp_path / "x.png")
+    base = ["sample", "--run", str(cond_run), "--device", "cpu", "--out", out, "--steps", "2"]
+    _one_line_error(capsys, base + ["--seed", "-1"], "--seed must be from 0 to", str(MAX_SEED))
+    _one_line_error(capsys, base + ["--seed", str(2**64)], "--seed", str(2**64))
+    _one_line_error(capsys, base + ["--n", str(10**12), "--class", "a", "b"], "--n", "GiB", "ask for fewer")
+    monkeypatch.setattr(perf, "host_memory_bytes", lambda: 4 * 2 * 3 * SIZE**2)  # room for four images
+    assert main(base + ["--n", "4", "--seed", str(MAX_SEED)]) == 0  # the largest seed samples
+    capsys.readouterr()
+    _one_line_error(capsys, base + ["--n", "5"], f"--n 5 images of {SIZE}x{SIZE} need 7.5 KiB", "has 6.0 KiB")
+    _one_line_error(capsys, ["eval", "--run", str(cond_run), "--ref", str(tmp_path), "--n", "5", "--device", "cpu"],
+                    f"--n 5 images of {SIZE}x{SIZE}")
+    _one_line_error(capsys, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--seed", "-1"], "--seed")
+
+
 # -------------------------------------------------------------------------------- interpolation
 def test_slerp_has_exact_ends_and_keeps_the_norm() -> None:
     g = torch.Generator().manual_seed(0)
