@@ -184,7 +184,7 @@ def _eval(args: argparse.Namespace, d: Dist) -> int:
         print(f"wrote {out} and {report['plot']}")
         return 0
     at = f"-{Path(args.checkpoint).stem}" if args.checkpoint else ""
-    out = args.out or eval_dir / (f"eval{at}-{args.sampler}-{args.steps or 'default'}steps-g{args.guidance:g}"
+    out = args.out or eval_dir / (f"eval{at}-{args.sampler}-{_steps_run(args)}steps-g{args.guidance:g}"
                                   f"-n{args.n}-seed{args.seed}-{args.precision}.json")
     check_writable(out, what, is_file=True)
     with contextlib.ExitStack() as held:
@@ -201,6 +201,23 @@ def _eval(args: argparse.Namespace, d: Dist) -> int:
         evaluate.evaluate_run(args.run, args.ref, args.n, args.sampler, args.steps, args.guidance, out=out,
                               compute_pr=not args.no_pr, processes=d, checkpoint=args.checkpoint, **common)
     return 0
+
+
+def _steps_run(args: argparse.Namespace) -> int | str:
+    """The steps ``ddpm eval`` will sample with, for the result file's name: --steps, or the
+    sampler's default for the run's T (read from the checkpoint's metadata; no weights loaded)."""
+    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .samplers import resolve_steps
+
+    if args.steps is not None:
+        return args.steps
+    path = args.checkpoint or latest_checkpoint(args.run)
+    if path is None:
+        # Nothing will be written: evaluation stops at "no checkpoints yet", after the run
+        # folder's lock has said whether a training still holds it.
+        return "default"
+    _, config, _ = load_checkpoint(path, only=())
+    return resolve_steps(args.sampler, None, int(config["schedule"]["T"]))
 
 
 def _cmd_nearest(args: argparse.Namespace, eval_dir: Path, what: str) -> int:

@@ -23,16 +23,23 @@ __all__ = ["write_digits", "run_demo"]
 
 
 def write_digits(root: str | Path) -> Path:
-    """Write scikit-learn's 8x8 digits as ``root/<digit>/<n>.png`` (8-bit grey, 8x8); returns root."""
+    """Write scikit-learn's 1,797 digits as ``root/<digit>/<n>.png`` (8-bit grey, 8x8 pixels); returns root.
+
+    A folder already holding ``.complete`` is left as it is. Raises :class:`DDPMError` when
+    scikit-learn is missing and :class:`ddpm.outputs.OutputWriteError` when a file cannot be written.
+    """
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise DDPMError("the demo needs scikit-learn for its bundled digits: pip install scikit-learn "
                         "(or pip install -e .[demo])") from None
-    from PIL import Image
+    from .generate import save_png
+    from .outputs import atomic_write_text
 
     root = Path(root)
     digits = load_digits()
+    # Each PNG is written whole (ddpm.outputs); the marker, written last, says the folder is too,
+    # so a demo stopped half-way rewrites the digits instead of training on part of them.
     done = root / ".complete"
     if done.exists():
         return root
@@ -41,8 +48,8 @@ def write_digits(root: str | Path) -> Path:
         d.mkdir(parents=True, exist_ok=True)
         # 0..16 ink -> 255..0 would be dark-on-light; keep light digits on black like MNIST.
         arr = np.clip(img / 16.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        Image.fromarray(arr, "L").save(d / f"{i:04d}.png")
-    done.touch()
+        save_png(arr, d / f"{i:04d}.png")
+    atomic_write_text(done, "1797 digits\n")
     return root
 
 

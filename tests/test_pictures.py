@@ -357,3 +357,8 @@ def test_train_sample_and_eval_use_one_precision_policy(uncond_run: Path, tmp_pa
     names = sorted(p.name for p in (uncond_run / "eval").glob("eval-*.json"))
     assert names == ["eval-dpm-solver-2steps-g1-n3-seed0-bf16.json", "eval-dpm-solver-2steps-g1-n3-seed0-fp32.json"]
     assert [json.loads((uncond_run / "eval" / n).read_text())["sampling_precision"] for n in names] == ["bf16", "fp32"]
+    # without --steps the name says the steps that ran: DDIM's default 50, capped at this run's T of 20
+    at = scoring.index("--steps")
+    assert main([*scoring[:at], *scoring[at + 2:], "--sampler", "ddim"]) == 0
+    ran = uncond_run / "eval" / "eval-ddim-20steps-g1-n3-seed0-bf16.json"
+    assert json.loads(ran.read_text())["steps"] == 20

@@ -335,6 +335,41 @@ def test_demo_trains_and_writes_its_grid(tmp_path: Path, capsys) -> None:
     assert list((tmp_path / "demo" / "run" / "tensorboard").glob("events.*"))
 
 
+def test_demo_digits_are_sklearns_written_whole_with_normal_permissions(tmp_path: Path) -> None:
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    import os
+    import stat
+
+    from ddpm.demo import write_digits
+
+    digits = sklearn_datasets.load_digits()
+    root = tmp_path / "digits"
+    old = os.umask(0o027)  # not the usual 022, so a hard-coded 0644 would show
+    try:
+        write_digits(root)
+    finally:
+        os.umask(old)
+    files = sorted(root.rglob("*.png"))
+    assert len(files) == 1797 and not list(root.rglob("*.tmp"))
+    assert {p.parent.name: 0 for p in files}.keys() == {str(d) for d in range(10)}
+    for d in range(10):
+        assert len(list((root / str(d)).glob("*.png"))) == int((digits.target == d).sum())
+    first = root / str(int(digits.target[0])) / "0000.png"
+    arr = np.asarray(Image.open(first))
+    assert arr.dtype == np.uint8 and arr.shape == (8, 8)
+    # 17 grey levels 0..16 spread over 0..255: light ink on black.
+    np.testing.assert_array_equal(arr, np.round(digits.images[0] / 16 * 255).astype(np.uint8))
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o640 for p in files + [root / ".complete"])
+
+    # A folder left half-written (no marker) is rewritten; a complete one is left alone.
+    first.unlink()
+    write_digits(root)
+    assert not first.exists()  # the marker says complete: nothing rewritten
+    (root / ".complete").unlink()
+    write_digits(root)
+    assert first.is_file() and (root / ".complete").is_file()
+
+
 def test_a_run_that_counted_hidden_images_is_told_why_it_cannot_resume(tmp_path: Path, capsys) -> None:
     data, run = tmp_path / "data", tmp_path / "run"
     data.mkdir()
