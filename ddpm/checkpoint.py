@@ -26,7 +26,7 @@ from .schedule import Schedule
 from .unet import UNet, UNetConfig
 
 __all__ = ["Run", "Sampleable", "save_checkpoint", "save_safetensors", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
-           "run_checkpoint", "load_run", "weights_sha256"]
+           "load_run", "weights_sha256"]
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.safetensors$")
 _TENSOR_REF = "__tensor__"
@@ -214,10 +214,11 @@ class Run(Sampleable):
         return DDPMError(f"run {str(self.run_dir)!r} is unconditional; it has no classes to choose from")
 
 
-def run_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """The checkpoint file a command reads from run ``run_dir``: ``checkpoint`` when given, else the newest.
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None) -> Run:
+    """Rebuild model, EMA model and schedule from ``checkpoint``, or else the newest checkpoint of ``run_dir``.
 
-    Raises :class:`DDPMError` when ``run_dir`` does not exist or has no checkpoint yet.
+    The weights go onto ``device``, in eval mode without gradients. Raises :class:`DDPMError` when
+    ``run_dir`` does not exist, has no checkpoint yet, or the file is not a readable ddpm checkpoint.
     """
     run_dir = Path(run_dir)
     if not run_dir.exists():
@@ -225,17 +226,6 @@ def run_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) ->
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if path is None:
         raise DDPMError(f"run folder {str(run_dir)!r} has no checkpoints/ckpt_*.safetensors yet")
-    return path
-
-
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None) -> Run:
-    """Rebuild model, EMA model and schedule from ``checkpoint``, or else the newest checkpoint of ``run_dir``.
-
-    The weights go onto ``device``, in eval mode without gradients. Raises :class:`DDPMError` as
-    :func:`run_checkpoint` and :func:`load_checkpoint` do.
-    """
-    run_dir = Path(run_dir)
-    path = run_checkpoint(run_dir, checkpoint)
     step, config, state = load_checkpoint(path, "cpu", only=("model", "ema"))
     model_cfg = UNetConfig.from_dict(config["model"])
     model = UNet(model_cfg)
