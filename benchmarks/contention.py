@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddpm.outputs import atomic_write_text  # noqa: E402
+from ddpm.files.atomic import atomic_write_text  # noqa: E402
 
 # name -> environment for the training process; "unset" removes the variable
 SETTINGS: dict[str, dict[str, str]] = {
@@ -69,7 +69,7 @@ def _train(data: str, steps: int, env: dict[str, str], log_every: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         # through ddpm.cli.main from "python -c", not the ddpm command, which would make an unset
         # OMP_WAIT_POLICY PASSIVE (its default): the first setting is torch's own default
-        cmd = [sys.executable, "-c", "import sys; from ddpm.cli import main; sys.exit(main(sys.argv[1:]))",
+        cmd = [sys.executable, "-c", "import sys; from ddpm.cli.app import main; sys.exit(main(sys.argv[1:]))",
                "train", "--data", data, "--out", f"{tmp}/run", "--model", "small",
                "--batch-size", "32", "--image-size", "32", "--steps", str(steps), "--log-every", str(log_every),
                "--sample-every", "0", "--save-every", "0", "--no-progress", "--no-tensorboard"]

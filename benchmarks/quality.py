@@ -34,12 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import ddpm  # noqa: E402
-import ddpm.checkpoint  # noqa: E402
-import ddpm.generate  # noqa: E402
-import ddpm.train  # noqa: E402
-from ddpm.data import BatchStream, batches, load_image_folder, to_model_range, to_uint8  # noqa: E402
-from ddpm.ema import EMA  # noqa: E402
-from ddpm.outputs import atomic_write_text  # noqa: E402
+import ddpm.run.checkpoint  # noqa: E402
+import ddpm.sample.engine  # noqa: E402
+import ddpm.train.loop  # noqa: E402
+from ddpm.data.sets import BatchStream, batches, load_image_folder, to_model_range, to_uint8  # noqa: E402
+from ddpm.core.ema import EMA  # noqa: E402
+from ddpm.files.atomic import atomic_write_text  # noqa: E402
 
 # Our samples are drawn in float32 whatever the device's default: every figure in
 # docs/benchmarks.md was measured so, and the peers sample in float32 too.
@@ -196,9 +196,9 @@ def main() -> None:
     work = Path(args.work)
     cifar = unpack_cifar(work)
 
-    from ddpm.evaluate import Reference, ReferenceSettings
+    from ddpm.scoring.evaluate import Reference, ReferenceSettings
 
-    # Scored as 'ddpm eval' scores (ddpm.evaluate.Reference), at the data's own 32x32.
+    # Scored as 'ddpm eval' scores (ddpm.scoring.evaluate.Reference), at the data's own 32x32.
     classes = sorted(p.name for p in (cifar / "train").iterdir() if p.is_dir())
     reference = Reference.build(cifar / "test", None, device="cpu", settings=ReferenceSettings(max_images=args.ref_n),
                                 classes=classes)
@@ -222,12 +222,12 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(run_dir, ignore_errors=True)
-            cfg = ddpm.train.TrainConfig(
+            cfg = ddpm.train.loop.TrainConfig(
                 data=str(cifar / "train"), out=str(run_dir), conditional=conditional, model=args.model, steps=10**9,
                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, time_limit=args.minutes, sample_every=0,
                 save_every=0, log_every=50, progress=False, tensorboard=False, device="cpu", **overrides)
-            ddpm.train.train(cfg)
-            run = ddpm.checkpoint.load_run(run_dir)
+            ddpm.train.loop.train(cfg)
+            run = ddpm.run.checkpoint.load_run(run_dir)
             steps_done, params = run.step, ddpm.count_parameters(run.model)
             train_s = time.perf_counter() - t0
             entry = {"settings": overrides, "conditional": conditional, "params": params, "steps": steps_done,
@@ -238,7 +238,7 @@ def main() -> None:
                 name, _, st = spec.partition(":")
                 n = args.n if spec == default_spec or args.also_n is None else args.also_n
                 t1 = time.perf_counter()
-                imgs = ddpm.generate.generate(run, n, labels=labels[:n] if labels is not None else None, sampler=name,
+                imgs = ddpm.sample.engine.generate(run, n, labels=labels[:n] if labels is not None else None, sampler=name,
                                               steps=int(st) if st else None, guidance=0.0, seed=args.seed,
                                               batch_size=100, precision=SAMPLING_PRECISION, progress=False)
                 sample_s = time.perf_counter() - t1
@@ -252,12 +252,12 @@ def main() -> None:
             entry["guided"] = {}
             for g in args.guidance if conditional else []:
                 labels_g = torch.arange(args.n_guided) % 10
-                imgs = ddpm.generate.generate(run, args.n_guided, labels=labels_g, sampler=args.sampler,
+                imgs = ddpm.sample.engine.generate(run, args.n_guided, labels=labels_g, sampler=args.sampler,
                                               steps=args.sample_steps, guidance=g, seed=args.seed + 1, batch_size=100,
                                               precision=SAMPLING_PRECISION, progress=False)
                 acc = reference.score(imgs, labels_g)["class_accuracy"]
                 entry["guided"][str(g)] = {"class_accuracy": acc["overall"], "per_class": acc["per_class"]}
-                ddpm.generate.save_png(ddpm.generate.make_grid(imgs[:100], nrow=10), work / f"grid_{kind}_g{g:g}.png")
+                ddpm.sample.engine.save_png(ddpm.sample.engine.make_grid(imgs[:100], nrow=10), work / f"grid_{kind}_g{g:g}.png")
         else:
             model = lucidrains_model(64, (1, 2, 2)) if kind == "lucidrains" else diffusers_model((64, 128, 128))
             params = sum(p.numel() for p in model.parameters())
@@ -268,7 +268,7 @@ def main() -> None:
             entry = {"params": params, "steps": steps_done, "train_s": train_s,
                      "images_per_s": steps_done * args.batch_size / train_s, "sample_s": time.perf_counter() - t1}
             entry.update(score(images))
-        ddpm.generate.save_png(ddpm.generate.make_grid(images[:64], nrow=8), work / f"grid_{kind}.png")
+        ddpm.sample.engine.save_png(ddpm.sample.engine.make_grid(images[:64], nrow=8), work / f"grid_{kind}.png")
         results["trainers"][f"{kind}" if args.seed == 0 else f"{kind}@seed{args.seed}"] = entry
         print(json.dumps({kind: entry}, indent=1, default=float), flush=True)
         if args.out:

@@ -3,7 +3,7 @@
 For each suite (our DDPM-CIFAR preset at 32x32, our 64x64 preset) it measures, at the same batch
 size, threads and device:
 
-* training images/s: the optimiser step of ``ddpm train`` itself (``ddpm.train.train_step`` with
+* training images/s: the optimiser step of ``ddpm train`` itself (``ddpm.train.loop.train_step`` with
   the trainer's default recipe: sigmoid schedule, v target, lognormal timesteps, gradient
   clipping, AdamW, EDM's EMA), the same for every model;
 * sampling: seconds per model evaluation under ``torch.inference_mode`` (EMA weights, eval mode),
@@ -17,7 +17,7 @@ size, threads and device:
 
 The entries of a suite:
 
-* ``ours``: what ``ddpm train`` / ``ddpm sample`` use by default (``ddpm.perf``): bf16 autocast
+* ``ours``: what ``ddpm train`` / ``ddpm sample`` use by default (``ddpm.runtime.policy``): bf16 autocast
   where the device runs it fast, channels_last, fused AdamW, ``torch.compile`` with ``--compile``;
 * ``ours-fp32``: our network in the peers' default settings (fp32, NCHW, default AdamW), which
   separates the network from the settings;
@@ -26,7 +26,7 @@ The entries of a suite:
 * ``lucidrains``: ``denoising_diffusion_pytorch.Unet(dim=128, dim_mults=(1,2,2,2))`` (28.5M; at
   64x64 ``dim_mults=(1,2,2,4)``), default settings;
 * ``diffusers+ours`` / ``lucidrains+ours``: the peers with our settings, for fairness (including
-  ``perf.use_fp32_weight_grad_for_small_convs``, which ``ddpm.UNet`` has built in);
+  ``conv.use_fp32_weight_grad_for_small_convs``, which ``ddpm.UNet`` has built in);
 * ``ours-gc`` (with ``--grad-checkpoint``): ours with activation checkpointing and ``--grad-accum``
   micro-batches, for the memory it saves and the compute it costs;
 * ``ours-eager`` (with ``--compile``): ours without ``torch.compile``, to show what compiling buys;
@@ -82,11 +82,13 @@ from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import ddpm  # noqa: E402
-from ddpm import perf  # noqa: E402
+from ddpm.runtime import policy as perf  # noqa: E402
+from ddpm.core import conv  # noqa: E402
+from ddpm.runtime import accounting  # noqa: E402
 from ddpm.errors import DDPMError  # noqa: E402
-from ddpm.outputs import atomic_write_text  # noqa: E402
-from ddpm.train import TrainConfig, t_probabilities_for  # noqa: E402
-from ddpm.train import train_step as trainer_step  # noqa: E402
+from ddpm.files.atomic import atomic_write_text  # noqa: E402
+from ddpm.train.loop import TrainConfig, t_probabilities_for  # noqa: E402
+from ddpm.train.loop import train_step as trainer_step  # noqa: E402
 
 SUITES = ("ddpm-cifar10", "ddpm-64")
 PEERS = ("diffusers", "lucidrains")
@@ -175,11 +177,11 @@ class PeakRSS:
         gc.collect()
         _malloc_trim()  # hand freed-but-cached heap pages back, so RSS starts near the live size
         self.reset = _clear_peak_rss()
-        self.rss0 = _proc_status_bytes("VmRSS") if self.reset else perf.max_rss_bytes()
+        self.rss0 = _proc_status_bytes("VmRSS") if self.reset else accounting.max_rss_bytes()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        peak = _proc_status_bytes("VmHWM") if self.reset else perf.max_rss_bytes()
+        peak = _proc_status_bytes("VmHWM") if self.reset else accounting.max_rss_bytes()
         self.delta = max(0, (peak or 0) - (self.rss0 or 0))
 
 
@@ -319,7 +321,7 @@ class Entry:
     compiled: bool
     grad_checkpoint: bool = False
     grad_accum: int = 1
-    small_conv_fix: bool = True  # perf.SMALL_CONV_FP32_WEIGHT_GRAD while this entry runs
+    small_conv_fix: bool = True  # the float32 weight-gradient switch of this entry's convolutions (ddpm.core.conv)
     params: int = 0
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -351,7 +353,8 @@ def build_entry(name: str, kind: str, suite: str, device: torch.device, *, ours_
         prec = perf.resolve_precision(device, precision)
         cl = perf.default_channels_last(device)
         if kind != "ours":  # what ddpm.UNet has built in; a no-op unless CPU bf16 autocast
-            perf.use_fp32_weight_grad_for_small_convs(model)
+            conv.use_fp32_weight_grad_for_small_convs(model)
+        conv.set_small_conv_weight_grad(model, small_conv_fix)
         train_net = perf.prepare_model(model, device, channels_last=cl, compile=compile)
         opt = perf.make_optimizer(model.parameters(), device, lr=2e-4)
     else:  # the family's defaults: fp32, NCHW, eager, torch's default AdamW
@@ -396,10 +399,9 @@ def training_recipe() -> tuple[ddpm.Schedule, torch.Tensor | None]:
 
 def train_step(e: Entry, x0: torch.Tensor, schedule: ddpm.Schedule, t_probabilities: torch.Tensor | None,
                gen: torch.Generator, step: int = 0) -> float:
-    """One optimiser step of ``ddpm train`` (``ddpm.train.train_step``) on ``x0`` (float [B, 3, H, W]
+    """One optimiser step of ``ddpm train`` (``ddpm.train.loop.train_step``) on ``x0`` (float [B, 3, H, W]
     in [-1, 1]) in ``e.grad_accum`` micro-batches; returns its mean loss (a float: the host waits
     for the step, so its timing is complete)."""
-    perf.SMALL_CONV_FP32_WEIGHT_GRAD = e.small_conv_fix
     cfg = replace(RECIPE, grad_accum=e.grad_accum, batch_size=x0.shape[0])
     loss, _, _ = trainer_step(e.train_fwd, e.model, e.opt, e.ema, schedule, x0, None, cfg, step=step, lr=RECIPE.lr,
                               generator=gen, t_probabilities=t_probabilities,
@@ -502,12 +504,12 @@ def bench_sampling(entries: list[Entry], batch: int, size: int, device: torch.de
 
 
 def bench_generate(e: Entry, batch: int, size: int, device: torch.device, rounds: int) -> None:
-    """What ``ddpm sample`` runs by default on the entry's EMA weights: ``ddpm.generate.generate``
+    """What ``ddpm sample`` runs by default on the entry's EMA weights: ``ddpm.sample.engine.generate``
     (DPM-Solver++ with its default 20 steps, per-image seeds, the entry's precision), ``batch``
     images at once; seconds per image (median over rounds), and their ratio to 20 bare network
     evaluations of ``bench_sampling`` (what the sampler and seeding add on top of the network)."""
-    from ddpm.checkpoint import Sampleable
-    from ddpm.generate import generate
+    from ddpm.run.checkpoint import Sampleable
+    from ddpm.sample.engine import generate
 
     schedule, _ = training_recipe()
     run = Sampleable(model=e.model, ema_model=e.ema.module, schedule=schedule, classes=None,
@@ -659,7 +661,6 @@ def run_suite(suite: str, args: argparse.Namespace, device: torch.device, peak: 
               f"train ({fmt_flops(e.results['forward_flops_per_image'])} forward); {e.settings()}", flush=True)
 
     bench_training(entries, batch, size, device, args.warmup, args.rounds, args.threads)
-    perf.SMALL_CONV_FP32_WEIGHT_GRAD = True  # the library default again
     sb = args.sample_batch or batch
     bench_sampling(entries, sb, size, device, args.warmup + (2 if args.compile else 0), args.rounds,
                    args.sample_evals, args.threads)
@@ -723,7 +724,7 @@ def print_suite(entries: list[Entry], ratios: dict[str, dict[str, float]], batch
               f"{r['sample_s_per_image_1000_steps']:18.2f}{r['sample_s_per_image_20_steps']:16.3f}"
               f"{(100 * frac if frac else float('nan')):7.1f}")
     r = entries[0].results
-    print(f"  {entries[0].name}: 'ddpm sample' by default (ddpm.generate, 20 steps): {r['generate_s_per_image_20_steps']:.3f}"
+    print(f"  {entries[0].name}: 'ddpm sample' by default (ddpm.sample.engine, 20 steps): {r['generate_s_per_image_20_steps']:.3f}"
           f" s/img, {r['generate_over_network_20_steps']:.2f}x the 20 network evaluations above")
     print("\n  ours / other: speed-up = median of per-round ratios (best round vs best round in brackets);"
           " memory: ours / other")

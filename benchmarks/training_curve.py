@@ -1,7 +1,7 @@
 """Quality over training: FID (and, for conditional runs, the linear probe's class accuracy of
 guided samples) of a run's kept checkpoints, against the images seen, as JSON and a PNG.
 
-Each point is ``ddpm eval --checkpoint CKPT`` (``ddpm.evaluate.evaluate_run``): the same
+Each point is ``ddpm eval --checkpoint CKPT`` (``ddpm.scoring.evaluate.evaluate_run``): the same
 samples (per-image seeds), sampler and reference for every checkpoint, so the curve follows the
 weights alone. FID from a few hundred samples is biased upward, the more so the fewer: compare
 points of one curve, not its values with FIDs of other sample counts.
@@ -25,10 +25,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddpm.checkpoint import list_checkpoints  # noqa: E402
+from ddpm.run.checkpoint import list_checkpoints  # noqa: E402
 from ddpm.errors import DDPMError  # noqa: E402
-from ddpm.evaluate import evaluate_run  # noqa: E402
-from ddpm.outputs import atomic_write_json, atomic_write_with  # noqa: E402
+from ddpm.scoring.evaluate import evaluate_run  # noqa: E402
+from ddpm.files.atomic import atomic_write_json, atomic_write_with  # noqa: E402
 
 
 def pick(paths: list[Path], k: int) -> list[Path]:

@@ -24,9 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddpm.checkpoint import load_run  # noqa: E402
-from ddpm.data import load_image_folder, to_model_range  # noqa: E402
-from ddpm.samplers import eps_model  # noqa: E402
+from ddpm.run.checkpoint import load_run  # noqa: E402
+from ddpm.data.sets import load_image_folder, to_model_range  # noqa: E402
+from ddpm.core.samplers import eps_model  # noqa: E402
 
 
 @torch.inference_mode()

@@ -7,7 +7,7 @@ The pieces compose::
     sched = ddpm.Schedule.sigmoid()
     loss = ddpm.diffusion_loss(net, sched, images, labels, prediction="v", null_class=10).mean()
     model = ddpm.eps_model(ddpm.guided(net, labels, scale=3.0), sched, "v")
-    x = ddpm.samplers.dpm_solver(model, torch.randn(8, 3, 32, 32), sched, steps=20)
+    x = ddpm.core.samplers.dpm_solver(model, torch.randn(8, 3, 32, 32), sched, steps=20)
 """
 
 import os as _os
@@ -33,13 +33,13 @@ def _cpu_sharing_default() -> None:
 
 _cpu_sharing_default()
 
-from . import samplers  # noqa: E402  (after the OpenMP default above)
-from .ema import EMA, edm_ema_decay
-from .guidance import guided
-from .losses import diffusion_loss, drop_labels, timestep_probabilities
-from .samplers import eps_model
-from .schedule import Schedule
-from .unet import PRESETS, UNet, UNetConfig, count_parameters
+from .core import samplers  # noqa: E402  (after the OpenMP default above)
+from .core.ema import EMA, edm_ema_decay
+from .core.guidance import guided
+from .core.losses import diffusion_loss, drop_labels, timestep_probabilities
+from .core.samplers import eps_model
+from .core.schedule import Schedule
+from .core.unet import PRESETS, UNet, UNetConfig, count_parameters
 
 __version__ = "0.1.0"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import copy_subset
-from ddpm.cli import run_info
-from ddpm.train import config_from_dict, train
-from ddpm.unet import PRESETS
+from ddpm.cli.app import run_info
+from ddpm.train.loop import config_from_dict, train
+from ddpm.core.unet import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm.data import BatchStream, batches, load_image, load_image_folder
+from ddpm.data.sets import BatchStream, batches, load_image_folder
+from ddpm.files.images import load_image
 from ddpm.errors import DDPMError
 
 

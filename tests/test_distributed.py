@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import copy_subset
-from ddpm.cli import run_info
+from ddpm.cli.app import run_info
 
 
 def _torchrun(nproc: int, *args: str, timeout: int = 600, command: str = "train") -> subprocess.CompletedProcess:
@@ -56,7 +56,7 @@ def test_two_gloo_ranks_train_identically_and_resume(cifar10_dir: Path, tmp_path
 
     # and on one process (a different world size), with gradient accumulation making up the
     # same global batch of 8
-    from ddpm.cli import main
+    from ddpm.cli.app import main
 
     assert main(["train", *_args(data, run, 6, "--resume", "--grad-accum", "2")]) == 0
     assert run_info(str(run))["step"] == 6
@@ -97,8 +97,8 @@ def test_two_gloo_ranks_sample_and_score_the_images_of_one_process(tmp_path: Pat
     network sees the same inputs; 3 images over 2 ranks is an uneven split, 1 + 2)."""
     import json
 
-    from ddpm.cli import main
-    from ddpm.train import TrainConfig, train
+    from ddpm.cli.app import main
+    from ddpm.train.loop import TrainConfig, train
 
     data = _class_folders(tmp_path / "data", ["a", "b", "c"], 4)
     run = tmp_path / "run"
@@ -121,7 +121,7 @@ def test_two_gloo_ranks_sample_and_score_the_images_of_one_process(tmp_path: Pat
     refused = _torchrun(2, *common, "--out", str(tmp_path / "x.png"), "--guidance-sweep", "1", "3", command="sample")
     assert refused.returncode != 0 and "--guidance-sweep runs in one process" in refused.stderr
 
-    from ddpm.inception import InceptionWeightsError, weights_path
+    from ddpm.scoring.inception import InceptionWeightsError, weights_path
 
     try:
         weights_path()
@@ -141,7 +141,7 @@ def test_two_gloo_ranks_sample_and_score_the_images_of_one_process(tmp_path: Pat
 
 def test_shards_cover_every_image_index_once_in_order() -> None:
     """The blocks of image indices the ranks draw: all of 0..n-1, in rank order, sizes within one."""
-    from ddpm.distributed import Dist, shard
+    from ddpm.runtime.processes import Dist, shard
 
     for n in (0, 1, 2, 3, 7, 64):
         for world in (1, 2, 3, 8):

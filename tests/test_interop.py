@@ -18,10 +18,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only, never the Hub
 
 from ddpm import Schedule, UNet, UNetConfig  # noqa: E402
-from ddpm.checkpoint import load_run, save_checkpoint, weights_sha256  # noqa: E402
-from ddpm.cli import main  # noqa: E402
+from ddpm.run.checkpoint import load_run, save_checkpoint, weights_sha256  # noqa: E402
+from ddpm.cli.app import main  # noqa: E402
 from ddpm.errors import DDPMError  # noqa: E402
-from ddpm.interop import (  # noqa: E402
+from ddpm.interop.diffusers import (  # noqa: E402
     export_diffusers,
     import_diffusers,
     schedule_from_diffusers,
@@ -385,22 +385,22 @@ def test_missing_scheduler_and_unexportable_heads_and_existing_outputs(tmp_path,
 
 
 def test_a_failed_write_leaves_no_folder_behind(tmp_path, monkeypatch):
-    import ddpm.checkpoint
+    import ddpm.run.checkpoint
 
     src = save_pipeline(ddpm_architecture(), tmp_path / "hub")
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ddpm.checkpoint, "save_checkpoint", disk_full)
+    monkeypatch.setattr(ddpm.run.checkpoint, "save_checkpoint", disk_full)
     with pytest.raises(DDPMError, match="No space left on device"):
         import_diffusers(src, tmp_path / "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]  # no run, no temporary folder
 
 
 def test_an_unwritable_output_location_is_refused_before_weights_are_read(tmp_path, capsys, monkeypatch):
-    import ddpm.checkpoint
-    import ddpm.interop
+    import ddpm.run.checkpoint
+    import ddpm.interop.diffusers
 
     src = save_pipeline(ddpm_architecture(), tmp_path / "hub")
     run, _, _ = make_run(tmp_path / "run", TINY)
@@ -410,8 +410,8 @@ def test_an_unwritable_output_location_is_refused_before_weights_are_read(tmp_pa
     def never(*args, **kwargs):
         raise AssertionError("weights read before the output location was checked")
 
-    monkeypatch.setattr(ddpm.checkpoint, "load_run", never)
-    monkeypatch.setattr(ddpm.interop, "_read_weights", never)
+    monkeypatch.setattr(ddpm.run.checkpoint, "load_run", never)
+    monkeypatch.setattr(ddpm.interop.diffusers, "_read_weights", never)
     err = one_line_error(capsys, ["export", str(run), str(blocker / "export")])
     assert "a-file" in err and "not a folder" in err
     err = one_line_error(capsys, ["import", str(src), "--out", str(blocker / "imported")])

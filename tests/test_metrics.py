@@ -17,9 +17,10 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from ddpm import evaluate, metrics
+from ddpm.scoring import evaluate
+from ddpm.scoring import metrics
 from ddpm.errors import DDPMError
-from ddpm.metrics import LinearProbe, class_accuracy, fit_linear_probe, frechet_distance, gaussian_stats, kid
+from ddpm.scoring.metrics import LinearProbe, class_accuracy, fit_linear_probe, frechet_distance, gaussian_stats, kid
 
 
 def _rand_spd(rng: np.random.Generator, d: int, rank: int | None = None) -> np.ndarray:
@@ -375,7 +376,7 @@ def test_reference_errors_are_one_line(tmp_path, fake_net):
 
 
 def test_cli_prints_one_line_errors(tmp_path, capsys, fake_net):
-    from ddpm import cli_eval
+    from ddpm.cli import evaluate as cli_eval
 
     assert cli_eval.main(["fid", str(tmp_path / "a"), str(tmp_path / "b"), "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -389,7 +390,7 @@ def test_cli_prints_one_line_errors(tmp_path, capsys, fake_net):
 def test_cli_help_shows_every_default():
     import argparse
 
-    from ddpm import cli_eval
+    from ddpm.cli import evaluate as cli_eval
 
     parser = argparse.ArgumentParser()
     cli_eval.register(parser.add_subparsers())
@@ -405,9 +406,9 @@ def test_cli_help_shows_every_default():
 # ------------------------------------------------------------- evaluate_run with stand-ins
 @pytest.fixture
 def stub_run(tmp_path, monkeypatch, fake_net):
-    """Stand-ins for ddpm.checkpoint.load_run and ddpm.generate.generate with their contracts:
+    """Stand-ins for ddpm.run.checkpoint.load_run and ddpm.sample.engine.generate with their contracts:
     a conditional 'run' whose 'samples' are the reference images of the asked-for class."""
-    from ddpm.schedule import Schedule
+    from ddpm.core.schedule import Schedule
 
     ref = _make_class_folder(tmp_path / "ref", per_class=10)
     run_dir = tmp_path / "run"

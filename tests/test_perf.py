@@ -1,4 +1,4 @@
-"""ddpm.perf helpers (precision, autocast, layout, optimiser, sampling wrapper) and the UNet's
+"""ddpm.runtime.policy helpers (precision, autocast, layout, optimiser, sampling wrapper) and the UNet's
 activation checkpointing: behaviour, not timings (speed is measured by benchmarks/speed.py)."""
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm import UNet, UNetConfig, count_parameters, guided, perf
-from ddpm.unet import AttnBlock
+from ddpm import UNet, UNetConfig, count_parameters, guided
+from ddpm.runtime import policy as perf
+from ddpm.core import conv as core_conv
+from ddpm.runtime import accounting
+from ddpm.core.unet import AttnBlock
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -233,11 +236,11 @@ def test_inference_model_returns_float32_nchw_and_works_with_guidance():
 
 
 def test_max_rss_is_positive_and_never_falls():
-    a = perf.max_rss_bytes()
+    a = accounting.max_rss_bytes()
     big = torch.ones(8 * 2**20)  # 32 MiB, touched
-    b = perf.max_rss_bytes()
+    b = accounting.max_rss_bytes()
     del big
-    assert 0 < a <= b <= perf.max_rss_bytes()
+    assert 0 < a <= b <= accounting.max_rss_bytes()
 
 
 # ------------------------------------------------------------------- attention memory layout
@@ -392,7 +395,7 @@ def test_perf_conv2d_matches_autocast_conv_and_gives_float32_weight_grads(stride
         return y.detach(), xx.grad, conv.weight.grad.clone(), conv.bias.grad.clone()
 
     y_ref, gx_ref, gw_ref, gb_ref = run(lambda xx: F.conv2d(xx, conv.weight, conv.bias, stride, 1))
-    y, gx, gw, gb = run(lambda xx: perf.conv2d(xx, conv.weight, conv.bias, stride, 1))
+    y, gx, gw, gb = run(lambda xx: core_conv.conv2d(xx, conv.weight, conv.bias, stride, 1))
     assert y.dtype == torch.bfloat16 and gw.dtype == torch.float32
     torch.testing.assert_close(y, y_ref)  # the forward pass is the same bf16 convolution
     torch.testing.assert_close(gx, gx_ref)
@@ -414,14 +417,14 @@ def test_perf_conv2d_is_plain_conv2d_outside_cpu_bf16_training():
     def kind(out: torch.Tensor) -> str:
         return "none" if out.grad_fn is None else type(out.grad_fn).__name__
 
-    assert kind(perf.conv2d(small, w, b, 1, 1)).startswith("Convolution")  # fp32: untouched
+    assert kind(core_conv.conv2d(small, w, b, 1, 1)).startswith("Convolution")  # fp32: untouched
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert "Bf16ConvFp32WeightGrad" in kind(perf.conv2d(small, w, b, 1, 1))
-        assert "Bf16ConvFp32WeightGrad" in kind(perf.conv2d(large, w, b, 2, 1))  # strided
-        assert kind(perf.conv2d(large, w, b, 1, 1)).startswith("Convolution")  # large: oneDNN's bf16 is fine
+        assert "Bf16ConvFp32WeightGrad" in kind(core_conv.conv2d(small, w, b, 1, 1))
+        assert "Bf16ConvFp32WeightGrad" in kind(core_conv.conv2d(large, w, b, 2, 1))  # strided
+        assert kind(core_conv.conv2d(large, w, b, 1, 1)).startswith("Convolution")  # large: oneDNN's bf16 is fine
         with torch.no_grad():
-            assert kind(perf.conv2d(small, w, b, 1, 1)) == "none"
-        assert kind(perf.conv2d(small, w.detach(), b.detach(), 1, 1)) == "none"  # no weight gradient wanted
+            assert kind(core_conv.conv2d(small, w, b, 1, 1)) == "none"
+        assert kind(core_conv.conv2d(small, w.detach(), b.detach(), 1, 1)) == "none"  # no weight gradient wanted
 
 
 def test_unet_uses_the_fp32_weight_gradient_path_only_under_bf16_autocast():
@@ -453,19 +456,19 @@ def test_use_fp32_weight_grad_for_small_convs_keeps_weights_and_function():
     keys = list(model.state_dict())
     x = torch.randn(2, 3, 8, 8)
     ref = model(x)
-    assert perf.use_fp32_weight_grad_for_small_convs(model) == 2
-    assert all(type(m) is perf.Conv2d for m in model if isinstance(m, nn.Conv2d))
+    assert core_conv.use_fp32_weight_grad_for_small_convs(model) == 2
+    assert all(type(m) is core_conv.Conv2d for m in model if isinstance(m, nn.Conv2d))
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(model(x), ref)
-    assert perf.use_fp32_weight_grad_for_small_convs(model) == 0  # already converted
-    assert isinstance(UNet(UNetConfig.preset("tiny")).conv_in, perf.Conv2d)
+    assert core_conv.use_fp32_weight_grad_for_small_convs(model) == 0  # already converted
+    assert isinstance(UNet(UNetConfig.preset("tiny")).conv_in, core_conv.Conv2d)
 
 
 def test_resumed_fused_adamw_state_follows_channels_last_weights() -> None:
     """Checkpointed moments come back contiguous; the fused kernel needs them in the weight's layout."""
     import copy
 
-    from ddpm.perf import load_optimizer_state, make_optimizer
+    from ddpm.runtime.policy import load_optimizer_state, make_optimizer
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)

@@ -13,12 +13,13 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
-from ddpm import perf
-from ddpm.checkpoint import load_run
-from ddpm.cli import main
-from ddpm.generate import ChainRecorder, generate, guidance_sweep, interpolate, slerp, starting_noise
-from ddpm.train import TrainConfig, train
-from ddpm.unet import UNet, UNetConfig
+from ddpm.runtime import policy as perf
+from ddpm.runtime import accounting
+from ddpm.run.checkpoint import load_run
+from ddpm.cli.app import main
+from ddpm.sample.engine import ChainRecorder, generate, guidance_sweep, interpolate, slerp, starting_noise
+from ddpm.train.loop import TrainConfig, train
+from ddpm.core.unet import UNet, UNetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,7 +133,7 @@ def test_a_failing_tensorboard_writer_warns_once_and_training_goes_on(tmp_path: 
 
 
 def test_model_flops_utilisation_is_logged_where_the_peak_is_known(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(perf, "peak_flops", lambda device, precision: 1e12)
+    monkeypatch.setattr(accounting, "peak_flops", lambda device, precision: 1e12)
     run = tmp_path / "run"
     train(_config(_images(tmp_path / "data", None), run, tensorboard=True, steps=1, grad_clip=0.0))
     with open(run / "metrics.csv", newline="") as f:
@@ -140,7 +141,7 @@ def test_model_flops_utilisation_is_logged_where_the_peak_is_known(tmp_path: Pat
     cfg = UNetConfig.preset("tiny", image_size=SIZE)
     with torch.device("meta"):
         net, x, t = UNet(cfg), torch.zeros(1, 3, SIZE, SIZE), torch.zeros(1, dtype=torch.long)
-    expected = float(row["images_per_s"]) * perf.train_flops_per_image(net, x, t) / 1e12
+    expected = float(row["images_per_s"]) * accounting.train_flops_per_image(net, x, t) / 1e12
     assert math.isclose(float(row["mfu"]), expected, rel_tol=1e-6)
     assert [e.value for e in _events(run).Scalars("mfu")] == pytest.approx([expected], rel=1e-6)
     assert float(row["grad_norm"]) > 0  # measured with --grad-clip 0 too
@@ -154,23 +155,23 @@ def test_flops_count_on_meta_equals_real_and_peaks_come_from_data_sheets(monkeyp
     # FlopCounterMode has no formula for the CPU's fused attention kernel; on meta (as on CUDA)
     # attention is counted, as the plain matrix products of the math kernel are.
     with sdpa_kernel(SDPBackend.MATH):
-        real = perf.train_flops_per_image(UNet(cfg), *args)
+        real = accounting.train_flops_per_image(UNet(cfg), *args)
     with torch.device("meta"):
-        meta = perf.train_flops_per_image(UNet(cfg), *(a.to("meta") for a in args))
+        meta = accounting.train_flops_per_image(UNet(cfg), *(a.to("meta") for a in args))
     assert real == meta > 0
 
-    assert perf.peak_flops("cpu", "bf16") is None and perf.peak_flops("cpu", "fp32") is None
+    assert accounting.peak_flops("cpu", "bf16") is None and accounting.peak_flops("cpu", "fp32") is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     peaks = {"NVIDIA H100 80GB HBM3": 989.5e12, "NVIDIA H100 PCIe": 756.5e12, "NVIDIA H200": 989.5e12,
              "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA H200 NVL": None, "NVIDIA GeForce RTX 4090": None}
     for name, peak in peaks.items():
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
-        assert perf.peak_flops("cuda", "bf16") == peak, name
+        assert accounting.peak_flops("cuda", "bf16") == peak, name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-PCIE-40GB")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default: convolutions in TF32
-    assert perf.peak_flops("cuda", "fp32") == 156e12
+    assert accounting.peak_flops("cuda", "fp32") == 156e12
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    assert perf.peak_flops("cuda", "fp32") == 19.5e12
+    assert accounting.peak_flops("cuda", "fp32") == 19.5e12
 
 
 # ----------------------------------------------------------------------------------- animation
@@ -253,14 +254,14 @@ def test_seeds_out_of_range_and_image_counts_beyond_memory_are_one_line(cond_run
     """--seed takes 0 .. MAX_SEED in every command (a negative or 64-bit-overflowing seed was a
     traceback from torch.Generator); an --n whose pixels cannot fit in memory is refused before
     anything of size n is built (it was an allocation failure)."""
-    from ddpm.samplers import MAX_SEED
+    from ddpm.core.samplers import MAX_SEED
 
     out = str(tmp_path / "x.png")
     base = ["sample", "--run", str(cond_run), "--device", "cpu", "--out", out, "--steps", "2"]
     _one_line_error(capsys, base + ["--seed", "-1"], "--seed must be from 0 to", str(MAX_SEED))
     _one_line_error(capsys, base + ["--seed", str(2**64)], "--seed", str(2**64))
     _one_line_error(capsys, base + ["--n", str(10**12), "--class", "a", "b"], "--n", "GiB", "ask for fewer")
-    monkeypatch.setattr(perf, "host_memory_bytes", lambda: 4 * 2 * 3 * SIZE**2)  # room for four images
+    monkeypatch.setattr(accounting, "host_memory_bytes", lambda: 4 * 2 * 3 * SIZE**2)  # room for four images
     assert main(base + ["--n", "4", "--seed", str(MAX_SEED)]) == 0  # the largest seed samples
     capsys.readouterr()
     _one_line_error(capsys, base + ["--n", "5"], f"--n 5 images of {SIZE}x{SIZE} need 7.5 KiB", "has 6.0 KiB")
@@ -309,7 +310,7 @@ def test_interpolation_row_layout_and_its_ends_are_the_plain_samples(cond_run: P
 def test_train_sample_and_eval_use_one_precision_policy(uncond_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """'ddpm sample' and 'ddpm eval' sample in the precision 'ddpm train' chooses (bf16 where the
     device runs it fast), and each says so; --precision fp32 overrides it."""
-    from ddpm import evaluate
+    from ddpm.scoring import evaluate
 
     monkeypatch.setattr(perf, "bf16_supported", lambda device: True)  # any CPU: as on one with native bf16
     seen: list[str] = []
@@ -341,7 +342,7 @@ def test_train_sample_and_eval_use_one_precision_policy(uncond_run: Path, tmp_pa
             return x.flatten(1)[:, :8].double().numpy() + np.arange(8)
 
     monkeypatch.setattr(evaluate, "FeatureExtractor", Features)
-    from ddpm.metrics import gaussian_stats
+    from ddpm.scoring.metrics import gaussian_stats
 
     feats = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
     fs = evaluate.FeatureSet(*gaussian_stats(feats.astype(np.float64)), feats, None, None, str(ref), "stand-in")

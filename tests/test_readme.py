@@ -55,7 +55,7 @@ def test_readme_scoring_example_runs(tmp_path: Path, monkeypatch) -> None:
     import torch
     from PIL import Image
 
-    from ddpm import evaluate
+    from ddpm.scoring import evaluate
 
     class Pooled:
         sha256 = "0" * 64

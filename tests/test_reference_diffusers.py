@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from ddpm import Schedule
-from ddpm.samplers import ancestral, ancestral_step, ddim, ddim_step
+from ddpm.core.samplers import ancestral, ancestral_step, ddim, ddim_step
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import copy_subset
 
-from ddpm.train import _Logger
+from ddpm.train.loop import _Logger
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -47,7 +47,7 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 def _in_one_process(commands: list[list[str]]) -> list[tuple[int, str, str]]:
     """``(exit status, stdout, stderr)`` of each ``ddpm`` command line, all run through ddpm's
     main() in one fresh interpreter (one torch import instead of one per command)."""
-    script = ("import contextlib, io, json, sys\nfrom ddpm.cli import main\n"
+    script = ("import contextlib, io, json, sys\nfrom ddpm.cli.app import main\n"
               "for args in json.loads(sys.argv[1]):\n"
               "    out, err = io.StringIO(), io.StringIO()\n"
               "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):\n"
@@ -182,7 +182,7 @@ def test_two_trainings_in_one_run_folder(cats: Path, tmp_path: Path) -> None:
 
 HOLDER = """
 import os, sys, time
-from ddpm.run_folder import lock_run_folder
+from ddpm.run.folder import lock_run_folder
 with lock_run_folder(sys.argv[1]):
     child = os.fork()
     if child == 0:  # outlives its parent for a while, as data loader workers do

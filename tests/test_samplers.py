@@ -474,7 +474,11 @@ def test_bad_sampler_input_raises_value_error(sched, call, match):
 def test_every_list_of_samplers_comes_from_the_registry():
     import argparse
 
-    from ddpm import cli, cli_eval, evaluate, generate, samplers
+    from ddpm import samplers
+    from ddpm.cli import app as cli
+    from ddpm.cli import evaluate as cli_eval
+    from ddpm.scoring import evaluate
+    from ddpm.sample import engine as generate
 
     names = tuple(samplers.SAMPLERS)
     assert set(samplers.DEFAULT_STEPS) == set(samplers.STOCHASTIC) == set(names) == set(samplers.SAMPLER_NAMES)

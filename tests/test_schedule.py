@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddpm import Schedule
-from ddpm.schedule import SPACINGS
+from ddpm.core.schedule import SPACINGS
 
 TABLES = ("betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
           "sqrt_one_minus_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",

@@ -1,5 +1,5 @@
 """benchmarks/speed.py measures what a user runs: its training step is the trainer's own
-(``ddpm.train.train_step`` with ``ddpm train``'s default recipe), checked here as the same loss
+(``ddpm.train.loop.train_step`` with ``ddpm train``'s default recipe), checked here as the same loss
 and the same weights on the same batch. Timings are the benchmark's business, not a test's."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from ddpm import perf
-from ddpm.ema import EMA
-from ddpm.schedule import Schedule
-from ddpm.train import TrainConfig, t_probabilities_for, train_step
+from ddpm.runtime import policy as perf
+from ddpm.core.ema import EMA
+from ddpm.core.schedule import Schedule
+from ddpm.train.loop import TrainConfig, t_probabilities_for, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from conftest import copy_subset
-from ddpm.cli import TRAIN_HELP, main, run_info
+from ddpm.cli.app import TRAIN_HELP, main, run_info
 from ddpm.errors import DDPMError
-from ddpm.train import TrainConfig, train
+from ddpm.train.loop import TrainConfig, train
 
 CLASSES = ["airplane", "ship", "cat"]
 
@@ -110,7 +110,7 @@ def test_keeps_last_k_checkpoints(cifar_small: Path, tmp_path: Path) -> None:
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cifar_small: Path, tmp_path: Path, monkeypatch) -> None:
-    import ddpm.train as train_mod
+    import ddpm.train.loop as train_mod
 
     run = tmp_path / "run"
     real = train_mod.diffusion_loss
@@ -126,7 +126,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cifar_small: Path,
         train(_tiny(cifar_small, run, steps=6, save_every=2))
     info = run_info(str(run))
     assert info["step"] == 2
-    from ddpm.checkpoint import load_run
+    from ddpm.run.checkpoint import load_run
 
     r = load_run(run)
     assert all(np.isfinite(p.detach().numpy()).all() for p in r.model.parameters())
@@ -182,7 +182,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path: Path) -> None:
     ]
     # One interpreter for all cases keeps this fast; each case still goes through main().
     script = (
-        "import sys, json\nfrom ddpm.cli import main\nimport contextlib, io\n"
+        "import sys, json\nfrom ddpm.cli.app import main\nimport contextlib, io\n"
         "for args in json.loads(sys.argv[1]):\n"
         "    err = io.StringIO()\n"
         "    with contextlib.redirect_stderr(err):\n"
@@ -276,7 +276,7 @@ def test_resume_is_bit_identical_with_every_recipe_option_on(cifar_small: Path, 
 def test_a_run_saved_before_the_recipe_options_resumes_with_its_own_recipe(cifar_small: Path, tmp_path: Path) -> None:
     """config.json of a run from before the options existed has none of their keys: resuming it
     must keep training as it was trained (LEGACY_RECIPE), whatever today's defaults are."""
-    from ddpm.train import LEGACY_RECIPE
+    from ddpm.train.loop import LEGACY_RECIPE
 
     run = tmp_path / "old"
     # trained as before the options existed, then its config stripped of their keys
@@ -304,7 +304,7 @@ def test_recipe_settings_are_checked(cifar_small: Path, tmp_path: Path) -> None:
 
 
 def test_time_limit_counts_the_whole_run_across_resumes(cifar_small: Path, tmp_path: Path) -> None:
-    from ddpm.checkpoint import latest_checkpoint, load_checkpoint
+    from ddpm.run.checkpoint import latest_checkpoint, load_checkpoint
 
     run = tmp_path / "run"
     train(_tiny(cifar_small, run, steps=2))
@@ -322,7 +322,7 @@ def test_time_limit_counts_the_whole_run_across_resumes(cifar_small: Path, tmp_p
 def test_demo_trains_and_writes_its_grid(tmp_path: Path, capsys) -> None:
     pytest.importorskip("sklearn")
     pytest.importorskip("tensorboard")
-    from ddpm.demo import run_demo
+    from ddpm.cli.demo import run_demo
 
     grid = run_demo(tmp_path / "demo", steps=2, device="cpu")
     img = np.asarray(Image.open(grid))
@@ -340,7 +340,7 @@ def test_demo_digits_are_sklearns_written_whole_with_normal_permissions(tmp_path
     import os
     import stat
 
-    from ddpm.demo import write_digits
+    from ddpm.cli.demo import write_digits
 
     digits = sklearn_datasets.load_digits()
     root = tmp_path / "digits"
@@ -402,10 +402,10 @@ def test_train_step_refuses_a_batch_that_does_not_split_into_its_micro_batches()
     a batch smaller than the micro-batch count would average an empty loss (NaN)."""
     import torch
 
-    from ddpm.ema import EMA
-    from ddpm.schedule import Schedule
-    from ddpm.train import train_step
-    from ddpm.unet import UNet, UNetConfig
+    from ddpm.core.ema import EMA
+    from ddpm.core.schedule import Schedule
+    from ddpm.train.loop import train_step
+    from ddpm.core.unet import UNet, UNetConfig
 
     net = UNet(UNetConfig.preset("tiny", image_size=8))
     opt, ema = torch.optim.AdamW(net.parameters()), EMA(net)
@@ -419,7 +419,7 @@ def test_none_keeps_the_presets_value_and_old_spellings_still_mean_it(cifar_smal
     """--image-size, --base-channels, --dropout and --workers unset (None) keep the preset's value
     (auto for workers); a run saved when that was spelled 0 / -1 resumes, and a TOML file in the
     old spelling still means it."""
-    from ddpm.train import config_from_dict
+    from ddpm.train.loop import config_from_dict
 
     run = tmp_path / "run"
     train(_tiny(cifar_small, run, steps=2, image_size=None, workers=None))

@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import evaluate, nearest
-from ddpm import train as train_module
-from ddpm.cli import main, run_info
+from ddpm.scoring import evaluate
+from ddpm.scoring import memorisation as nearest
+from ddpm.train import loop as train_module
+from ddpm.cli.app import main, run_info
 from ddpm.errors import DDPMError
-from ddpm.train import TrainConfig, train
+from ddpm.train.loop import TrainConfig, train
 
 
 class FakeExtractor:
@@ -200,7 +201,7 @@ def test_a_run_killed_before_its_final_evaluation_evaluates_it_on_resume(data: P
 def test_evaluation_time_is_not_training_time(data: Path, tmp_path: Path, fake_net, monkeypatch) -> None:
     import time
 
-    from ddpm.checkpoint import latest_checkpoint, load_checkpoint
+    from ddpm.run.checkpoint import latest_checkpoint, load_checkpoint
 
     run = tmp_path / "run"
     real_call = train_module._TrainingEval.__call__
@@ -307,7 +308,7 @@ def test_held_out_images_that_are_training_images_are_left_out(sets) -> None:
 
 
 def test_fid_floor_holds_out_n_reference_images_or_says_it_is_a_lower_bound() -> None:
-    from ddpm.metrics import frechet_distance, gaussian_stats
+    from ddpm.scoring.metrics import frechet_distance, gaussian_stats
 
     feats = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32)
     mu, sigma = gaussian_stats(feats.astype(np.float64))
@@ -382,7 +383,7 @@ def test_eval_n_defaults_to_1000_samples_for_nearest_and_10000_for_fid(data: Pat
 def test_real_inception_end_to_end_training_fid_then_nearest(tmp_path: Path, cache: Path, capsys) -> None:
     """A handful of images through the real network: FID during a 2-step run, then the
     memorisation check of that run, which reuses the cached training features."""
-    from ddpm.inception import InceptionWeightsError, weights_path
+    from ddpm.scoring.inception import InceptionWeightsError, weights_path
 
     try:
         weights_path()
@@ -413,7 +414,7 @@ def test_two_gloo_ranks_rank_0_evaluates_and_the_others_wait(tmp_path: Path, cac
     import subprocess
     import sys
 
-    from ddpm.inception import InceptionWeightsError, weights_path
+    from ddpm.scoring.inception import InceptionWeightsError, weights_path
 
     try:
         weights_path()

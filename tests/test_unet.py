@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ddpm import PRESETS, UNet, UNetConfig, count_parameters, guided
-from ddpm.unet import timestep_embedding
+from ddpm.core.unet import timestep_embedding
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -174,7 +174,7 @@ def test_guidance_is_the_cfg_combination_of_two_passes(scale):
 
 def test_guidance_composes_with_samplers_and_counts_nfes():
     from ddpm import Schedule
-    from ddpm.samplers import ddim, model_evaluations
+    from ddpm.core.samplers import ddim, model_evaluations
 
     model = tiny_conditional(4)
     rec = Recorder(model)
@@ -261,7 +261,7 @@ def test_channels_last_keeps_attention_weights_plain_so_ddp_sees_matching_grad_s
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ddpm.unet import AttnBlock
+    from ddpm.core.unet import AttnBlock
 
     model = randomised(UNet(UNetConfig.preset("tiny"))).train()
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 700])

@@ -20,11 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import evaluate
-from ddpm.cli import main
-from ddpm.data import load_image_folder
+from ddpm.scoring import evaluate
+from ddpm.cli.app import main
+from ddpm.data.sets import load_image_folder
 from ddpm.errors import DDPMError
-from ddpm.train import TrainConfig, train
+from ddpm.train.loop import TrainConfig, train
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
@@ -153,7 +153,7 @@ def test_eval_and_demo_unwritable_out_before_work(run20: Path, cond_data: Path, 
 
 # ---------------------------------------------------------- 5. an unwritable cache is not fatal
 def test_fid_with_unwritable_cache_warns_once_and_prints_fid(tmp_path: Path) -> None:
-    from ddpm.inception import InceptionWeightsError, weights_path
+    from ddpm.scoring.inception import InceptionWeightsError, weights_path
 
     try:
         weights_path()
@@ -296,7 +296,7 @@ def test_non_utf8_class_folder_trains_prints_and_samples(tmp_path: Path) -> None
          "--device", "cpu", "--steps", "2"],
     ]
     # One interpreter for all calls; its stdout is the real, strictly UTF-8 one (PYTHONIOENCODING).
-    script = ("import sys, json\nfrom ddpm.cli import main\n"
+    script = ("import sys, json\nfrom ddpm.cli.app import main\n"
               "for args in json.loads(sys.argv[1]):\n"
               "    rc = main(args)\n"
               "    print('rc', rc, flush=True)\n"
@@ -314,7 +314,7 @@ def test_non_utf8_class_folder_trains_prints_and_samples(tmp_path: Path) -> None
     assert out.count("of caf\\xe9") == 3 and "of caf\\xe9" in out.splitlines()[-1]
     config = (run / "config.json").read_bytes()
     assert json.loads(config.decode("ascii"))["classes"] == ["caf\\xe9", "cat"]
-    from ddpm.checkpoint import latest_checkpoint, load_checkpoint
+    from ddpm.run.checkpoint import latest_checkpoint, load_checkpoint
 
     assert load_checkpoint(latest_checkpoint(run), only=("model",))[1]["classes"] == ["caf\\xe9", "cat"]
     for name in ("a.png", "b.png", "c.png"):
@@ -337,7 +337,7 @@ def test_eval_steps_above_T_fail_before_reference_work(run20: Path, cond_data: P
     assert main(["sample", "--run", str(run20), "--steps", "21", "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip() == err
     # a default count larger than T is capped, as for sample (dpm-solver's 20 on a 10-step run)
-    from ddpm.samplers import resolve_steps
+    from ddpm.core.samplers import resolve_steps
 
     assert resolve_steps("dpm-solver", None, 10) == 10 and resolve_steps("ancestral", None, 20) == 20
 

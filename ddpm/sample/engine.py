@@ -18,13 +18,13 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import Sampleable
-from .data import to_uint8
-from .distributed import Dist
-from .errors import DDPMError
-from .guidance import guided
-from .outputs import atomic_write_with
-from .samplers import MAX_SEED, STOCHASTIC, ImageGenerators, eps_model, get_sampler, resolve_steps
+from ..run.checkpoint import Sampleable
+from ..data.sets import to_uint8
+from ..runtime.processes import Dist
+from ..errors import DDPMError
+from ..core.guidance import guided
+from ..files.atomic import atomic_write_with
+from ..core.samplers import MAX_SEED, STOCHASTIC, ImageGenerators, eps_model, get_sampler, resolve_steps
 
 __all__ = ["generate", "generate_sharded", "check_request", "starting_noise", "make_grid", "save_png", "save_gif", "slerp",
            "ChainRecorder", "Chain", "chain_frames", "default_animate_every", "guidance_sweep", "interpolate",
@@ -44,7 +44,7 @@ BatchCallback = Callable[[int, int, int, torch.Tensor, torch.Tensor], None]
 def starting_noise(run: Sampleable, n: int, *, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
     """The starting noise x_T that ``generate(run, n, seed=seed)`` draws, at any batch size:
     float32 [n, C, H, W], standard normal, on the CPU. Row i is the first draw of image i's own
-    CPU generator, seeded ``seed * 1_000_003 + i`` (:func:`ddpm.samplers.image_seed`), so it
+    CPU generator, seeded ``seed * 1_000_003 + i`` (:func:`ddpm.core.samplers.image_seed`), so it
     depends on the seed and i alone: the first rows of a larger n are the rows of a smaller one.
     ``batch_size`` is accepted for callers written when batches were seeded, and changes nothing.
     """
@@ -75,7 +75,7 @@ def generate(
 ) -> torch.Tensor:
     """``n`` images as uint8 [N, 3, H, W] from ``run``'s EMA (or raw) weights.
 
-    ``run`` is any :class:`ddpm.checkpoint.Sampleable`: a :class:`~ddpm.checkpoint.Run` from
+    ``run`` is any :class:`ddpm.run.checkpoint.Sampleable`: a :class:`~ddpm.run.checkpoint.Run` from
     :func:`ddpm.load_run`, or the one the trainer builds around its EMA weights. The caller's
     network is left as it was found: on its device, in its layout and its train/eval mode
     (sampling on another device, or where the network is not in the layout sampling uses
@@ -83,7 +83,7 @@ def generate(
 
     ``labels`` (int64 [N]) picks the class of each image for conditional runs; without labels a
     conditional run samples unconditionally (the null class). Image ``i`` has a CPU generator of
-    its own, seeded ``seed * 1_000_003 + i`` (:class:`ddpm.samplers.ImageGenerators`): it draws
+    its own, seeded ``seed * 1_000_003 + i`` (:class:`ddpm.core.samplers.ImageGenerators`): it draws
     the image's starting noise (:func:`starting_noise`), then every noise a stochastic sampler
     (ancestral, langevin, ddim with eta > 0) adds to that image, in the same order at any
     ``batch_size``. So the seed alone fixes image i: the batch size does not change it, and the
@@ -108,7 +108,7 @@ def generate(
         raise DDPMError(f"starting noise of shape {tuple(noise.shape)} does not fit {n} images of "
                         f"{run.model.config.in_channels}x{run.image_size}x{run.image_size}")
     net = run.ema_model if use_ema and run.ema_model is not None else run.model
-    from .perf import inference_model, resolve_device  # local: perf depends on nothing here
+    from ..runtime.policy import inference_model, resolve_device  # local: perf depends on nothing here
 
     device = resolve_device(device) if device is not None else next(net.parameters()).device
     net = _sampling_network(net, device)
@@ -125,10 +125,10 @@ def generate(
 
 def check_request(run: Sampleable, n: int, seed: int) -> None:
     """Raise :class:`DDPMError` for a request :func:`generate` would refuse: ``n`` below 1, a
-    ``seed`` outside 0 .. :data:`ddpm.samplers.MAX_SEED`, or ``n`` images of ``run`` whose uint8
+    ``seed`` outside 0 .. :data:`ddpm.core.samplers.MAX_SEED`, or ``n`` images of ``run`` whose uint8
     pixels (held twice while the batches are joined) would not fit in this machine's memory.
     Commands call it before they build anything of size ``n``."""
-    from .perf import host_memory_bytes
+    from ..runtime.accounting import host_memory_bytes
 
     if n < 1:
         raise DDPMError(f"--n must be at least 1, got {n}")
@@ -151,9 +151,9 @@ def _bytes(count: int) -> str:
 
 def _sampling_network(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``net`` itself when it already sits on ``device`` in the memory layout sampling uses there
-    (:func:`ddpm.perf.default_channels_last`), else a copy prepared so: generate never moves or
+    (:func:`ddpm.runtime.policy.default_channels_last`), else a copy prepared so: generate never moves or
     re-lays the caller's weights (the trainer's EMA network, a run loaded on another device)."""
-    from .perf import default_channels_last, prepare_model
+    from ..runtime.policy import default_channels_last, prepare_model
 
     if device.type == "cuda" and device.index is None:  # "cuda" is the current GPU, not any GPU
         device = torch.device("cuda", torch.cuda.current_device())
@@ -221,7 +221,7 @@ def generate_sharded(run: Sampleable, n: int, d: Dist, *, labels: torch.Tensor |
                      noise: torch.Tensor | None = None, device: str | torch.device | None = None,
                      progress: bool = True, **generate_options) -> torch.Tensor | None:
     """:func:`generate` split over the processes of ``torchrun``: rank ``d.rank`` draws the images
-    of :func:`ddpm.distributed.shard` (a contiguous block of indices, each image from its own
+    of :func:`ddpm.runtime.processes.shard` (a contiguous block of indices, each image from its own
     seed), and rank 0 returns all ``n`` as uint8 [n, 3, H, W] on the CPU, in index order; the
     other ranks return None. Because an image depends on its seed and index alone, these are the
     images one process draws with the same options (up to the network's float rounding at
@@ -229,8 +229,8 @@ def generate_sharded(run: Sampleable, n: int, d: Dist, *, labels: torch.Tensor |
     ``labels`` (int64 [n]) and ``noise`` (float [n, C, H, W]) are those of all n images; the
     progress bar shows on rank 0 only. Raises :class:`DDPMError` as :func:`generate` does.
     """
-    from .distributed import gather_images, shard
-    from .perf import resolve_device
+    from ..runtime.processes import gather_images, shard
+    from ..runtime.policy import resolve_device
 
     if d.world == 1:
         return generate(run, n, labels=labels, noise=noise, device=device, progress=progress, **generate_options)
@@ -269,7 +269,7 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: int 
 
 def save_png(array: np.ndarray, path: str | Path) -> None:
     """Save an HWC (or HW grey) uint8 array as a PNG at ``path``, atomically
-    (:func:`ddpm.outputs.atomic_write_with`, whose errors it raises)."""
+    (:func:`ddpm.files.atomic.atomic_write_with`, whose errors it raises)."""
     from PIL import Image
 
     image = Image.fromarray(array)
@@ -282,7 +282,7 @@ def save_gif(frames: Sequence[np.ndarray], path: str | Path, *, frame_ms: int = 
     Each frame shows for ``frame_ms`` milliseconds, the last for ``hold_ms``. Pillow writes it and
     reduces each frame to its own 256-colour palette; it also merges identical consecutive
     frames into one (adding their durations), so such frames count once. Raises ``ValueError``
-    for no frames, and the errors of :func:`ddpm.outputs.atomic_write_with`.
+    for no frames, and the errors of :func:`ddpm.files.atomic.atomic_write_with`.
     """
     from PIL import Image
 

@@ -31,20 +31,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import __version__, perf
-from .checkpoint import Sampleable, latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import BatchStream, ImageSet, _mix, batches, count_hidden_images, load_dataset, to_model_range
-from .distributed import Dist, any_rank, process_group
-from .ema import EMA, edm_ema_decay
-from .errors import DDPMError
-from .generate import generate, make_grid, save_png
-from .losses import PREDICTIONS, T_SAMPLINGS, WEIGHTINGS, diffusion_loss, timestep_probabilities
-from .outputs import atomic_write_json, atomic_write_text, atomic_write_with, check_writable, remove_temp_files
-from .perf import Runtime, load_optimizer_state, make_optimizer, prepare_model, resolve_runtime
-from .run_folder import lock_run_folder, run_write_errors
-from .samplers import MAX_SEED
-from .schedule import SCHEDULES, Schedule
-from .unet import PRESETS, UNet, UNetConfig, count_parameters
+from .. import __version__
+from ..runtime import accounting
+from ..run.checkpoint import Sampleable, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..data.sets import BatchStream, ImageSet, _mix, batches, load_dataset, to_model_range
+from ..files.images import count_hidden_images
+from ..runtime.processes import Dist, any_rank, process_group
+from ..core.ema import EMA, edm_ema_decay
+from ..errors import DDPMError
+from ..sample.engine import generate, make_grid, save_png
+from ..core.losses import PREDICTIONS, T_SAMPLINGS, WEIGHTINGS, diffusion_loss, timestep_probabilities
+from ..files.atomic import atomic_write_json, atomic_write_text, atomic_write_with, check_writable, remove_temp_files
+from ..runtime.policy import Runtime, load_optimizer_state, make_optimizer, prepare_model, resolve_runtime
+from ..run.folder import lock_run_folder, run_write_errors
+from ..core.samplers import MAX_SEED
+from ..core.schedule import SCHEDULES, Schedule
+from ..core.unet import PRESETS, UNet, UNetConfig, count_parameters
 
 __all__ = ["TrainConfig", "train", "train_step", "t_probabilities_for", "lr_at", "LR_SCHEDULES", "LEGACY_RECIPE", "IMPORTED"]
 
@@ -52,7 +54,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 # TrainConfig.model of a run written by 'ddpm import': no preset names its architecture, so the
 # network and the schedule are the ones in the run's config.json.
 IMPORTED = "imported"
-# The sample grids' images are seeded --seed + this (ddpm.samplers.image_seed), apart from the
+# The sample grids' images are seeded --seed + this (ddpm.core.samplers.image_seed), apart from the
 # in-training FID's, which are those of `ddpm eval --seed SEED` so that its curve can be checked.
 GRID_SEED_OFFSET = 12345
 
@@ -214,7 +216,7 @@ def _validate(cfg: TrainConfig, d: Dist) -> None:
         if not ok:
             raise DDPMError(msg)
     if cfg.eval_every > 0:
-        from .evaluate import FeatureExtractor, check_reference
+        from ..scoring.evaluate import FeatureExtractor, check_reference
 
         check_reference(_eval_reference(cfg), "--eval-ref")
         FeatureExtractor(None, "cpu")  # the Inception weights: missing ones are an error now, not at the first evaluation
@@ -293,8 +295,8 @@ class _Logger:
     FIELDS = ("step", "loss", "lr", "images_per_s", "epoch", "ema_decay", "grad_norm", "mfu", "fid", "kid")
     # Of a log interval: loss and grad_norm (the global L2 norm of the gradient before clipping)
     # are means over the interval; lr and ema_decay are those of its last step; images_per_s
-    # counts training only; mfu is model FLOP/s (perf.train_flops_per_image x images/s) over the
-    # devices' data-sheet peak (perf.peak_flops), left empty where that peak is unknown (CPUs).
+    # counts training only; mfu is model FLOP/s (accounting.train_flops_per_image x images/s) over the
+    # devices' data-sheet peak (accounting.peak_flops), left empty where that peak is unknown (CPUs).
     # TensorBoard gets the same numbers under the column names, and each sample grid as an image.
     # A row is one of two kinds, each with its own columns filled and the others left empty: a
     # log interval's (it has a loss) or an evaluation's (it has an FID, written by --eval-every).
@@ -452,7 +454,7 @@ def _plot_curve(path: Path, points: list[tuple[float, float]], ylabel: str, *, m
 def _append(path: Path, data: bytes) -> None:
     """Append ``data`` to ``path`` whole or not at all: a row cut short by a full disk would
     read back as a wrong number, so a failed write is truncated away before the error is raised."""
-    # An append, not ddpm.outputs' atomic rewrite: that would copy the whole log per row and break
+    # An append, not ddpm.files.atomic' atomic rewrite: that would copy the whole log per row and break
     # `tail -f`. The file is first made by atomic_write_text; O_CREAT with 0o666 gives umask permissions.
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
@@ -492,7 +494,7 @@ def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
 
 def _sample_grid(sampleable: Sampleable, cfg: TrainConfig, runtime: Runtime, path: Path) -> np.ndarray:
     """Write a sample grid of the EMA weights to ``path`` and return it (HWC uint8): one row per
-    class, guided by --sample-guidance, for conditional runs. Drawn by :func:`ddpm.generate` with
+    class, guided by --sample-guidance, for conditional runs. Drawn by :func:`ddpm.sample.engine.generate` with
     DPM-Solver++ in --sample-steps steps from the same per-image seeds at every call, so the grids
     of a run differ by the weights alone."""
     classes = sampleable.classes
@@ -512,9 +514,9 @@ def _sample_grid(sampleable: Sampleable, cfg: TrainConfig, runtime: Runtime, pat
 
 
 def _train_flops_per_image(model_cfg: UNetConfig) -> float:
-    """Model FLOPs of a training step per image (:func:`ddpm.perf.train_flops_per_image`) for
+    """Model FLOPs of a training step per image (:func:`ddpm.runtime.accounting.train_flops_per_image`) for
     the UNet ``model_cfg``, counted on the meta device: no compute and no real weights touched."""
-    from .perf import train_flops_per_image
+    from ..runtime.accounting import train_flops_per_image
 
     with torch.device("meta"):
         net = UNet(model_cfg)
@@ -528,7 +530,7 @@ def _train_flops_per_image(model_cfg: UNetConfig) -> float:
 def _eval_reference(cfg: TrainConfig) -> str:
     """The reference set of --eval-every's FID: --eval-ref, else the training images themselves
     (torchvision's CIFAR-10 training split for --data cifar10)."""
-    from .data import names_cifar10
+    from ..data.sets import names_cifar10
 
     if cfg.eval_ref:
         return cfg.eval_ref
@@ -538,10 +540,10 @@ def _eval_reference(cfg: TrainConfig) -> str:
 class _TrainingEval:
     """FID and KID of EMA samples every --eval-every steps; made and called on rank 0 only.
 
-    The reference is a :class:`ddpm.evaluate.Reference` (its statistics cached: computed once per
+    The reference is a :class:`ddpm.scoring.evaluate.Reference` (its statistics cached: computed once per
     reference and image size), scored as ``ddpm eval`` scores; the FID floor of --eval-n real
     images is computed once and kept in ``RUN/fid_floor.json``, so a resumed run reads it back. The samples are drawn by
-    :func:`ddpm.generate` as ``ddpm eval --n N --seed SEED --guidance G`` draws them (the same
+    :func:`ddpm.sample.engine.generate` as ``ddpm eval --n N --seed SEED --guidance G`` draws them (the same
     per-image seeds, class labels, sampler and steps), the same at every evaluation and at any
     batch size, so the curve follows the weights, not the draw. (A run resumed from a version
     before 2026-12-05, which seeded these samples and the sample grids differently, changes draws
@@ -552,8 +554,8 @@ class _TrainingEval:
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, image_size: int, T: int, classes: list[str] | None,
                  batch: int, runtime: Runtime) -> None:
-        from . import evaluate
-        from .samplers import resolve_steps
+        from ..scoring import evaluate
+        from ..core.samplers import resolve_steps
 
         device = runtime.device
         self.cfg, self.classes, self.batch, self.runtime = cfg, classes, batch, runtime
@@ -567,7 +569,7 @@ class _TrainingEval:
         self.floor = self._floor(run_dir)
 
     def _floor(self, run_dir: Path) -> float | None:
-        from .evaluate import fid_floor, floor_is_lower_bound
+        from ..scoring.evaluate import fid_floor, floor_is_lower_bound
 
         n = self.cfg.eval_n
         self.floor_lower_bound = floor_is_lower_bound(self.ref, n)
@@ -609,7 +611,7 @@ class _TrainingEval:
     def __call__(self, step: int, sampleable: Sampleable) -> dict[str, float]:
         """Sample --eval-n images of ``sampleable``'s EMA weights and score them: ``{"step",
         "fid"}`` plus ``"kid"`` (KID's mean over subsets) when the reference has features."""
-        from .evaluate import spread_labels
+        from ..scoring.evaluate import spread_labels
 
         cfg, n = self.cfg, self.cfg.eval_n
         labels = spread_labels(n, self.classes)  # as 'ddpm eval' spreads its samples over the classes
@@ -927,7 +929,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | No
         return time.perf_counter() - t0
 
     # Model FLOPs utilisation needs the device's peak; where none is known (CPUs) it is not logged.
-    peak = perf.peak_flops(device, precision) if d.main else None
+    peak = accounting.peak_flops(device, precision) if d.main else None
     flops_per_image = _train_flops_per_image(model_cfg) if peak is not None else 0.0
     clock = _Clock(train_seconds, step)
     meter = _Meter(device)
@@ -1060,7 +1062,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | No
 
 def t_probabilities_for(cfg: TrainConfig, schedule: Schedule) -> torch.Tensor | None:
     """The density training draws timesteps from: None for ``--t-sampling uniform`` (Ho et al.
-    2020's uniform t), else float64 [T] from :func:`ddpm.losses.timestep_probabilities`
+    2020's uniform t), else float64 [T] from :func:`ddpm.core.losses.timestep_probabilities`
     (``--t-logsnr-mean`` / ``--t-logsnr-std``, EDM's lognormal over noise levels). Raises
     ``ValueError`` for an unknown density or a std <= 0."""
     if cfg.t_sampling == "uniform":
@@ -1079,7 +1081,7 @@ def train_step(net: Callable[..., torch.Tensor], model: torch.nn.Module, opt: to
     Sets the learning rate ``lr``; splits ``x0`` (float [B, C, H, W] in [-1, 1], this process's
     share of the global batch, on the model's device) and ``labels`` (int64 [B] or None) into
     ``cfg.grad_accum`` micro-batches; for each, ``net(x_t, t[, y])`` under ``autocast()`` gives the
-    per-sample loss of :func:`ddpm.losses.diffusion_loss` with ``cfg``'s target, weighting and
+    per-sample loss of :func:`ddpm.core.losses.diffusion_loss` with ``cfg``'s target, weighting and
     label dropout (timesteps from ``t_probabilities``, noise and dropout from ``generator``),
     whose mean is back-propagated; then clips the global gradient norm of ``model`` to
     ``cfg.grad_clip`` (0: measured, not clipped), steps ``opt`` and updates ``ema`` with the decay
@@ -1128,7 +1130,7 @@ def _check_replicas_agree(model: torch.nn.Module, ema: EMA, d: Dist, device: tor
                           say: Callable[..., None]) -> None:
     """Compare weight and EMA digests across ranks: DDP keeps replicas equal, and a silent
     divergence (a rank with different data or a non-deterministic kernel) would corrupt the run."""
-    from .checkpoint import weights_sha256
+    from ..run.checkpoint import weights_sha256
 
     mine = weights_sha256(model.state_dict()) + weights_sha256(ema.module.state_dict())
     gathered: list[Any] = [None] * d.world

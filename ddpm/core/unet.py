@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from . import perf
+from .conv import Conv2d
 
 __all__ = ["UNet", "UNetConfig", "PRESETS", "timestep_embedding"]
 
@@ -32,7 +32,7 @@ class UNetConfig:
     unconditional passes of classifier-free guidance.
 
     The last three fields exist so that networks trained elsewhere in the same architecture
-    (the original DDPM release, diffusers' ``UNet2DModel``; see :mod:`ddpm.interop`) compute
+    (the original DDPM release, diffusers' ``UNet2DModel``; see :mod:`ddpm.interop.diffusers`) compute
     exactly what they computed there; the defaults are this project's conventions:
 
     - ``norm_eps``: the epsilon of every GroupNorm (the DDPM code and diffusers' DDPM models: 1e-6).
@@ -160,11 +160,6 @@ PRESETS: dict[str, UNetConfig] = {
         dropout=0.0, norm_groups=8,
     ),
 }
-
-
-# nn.Conv2d with float32 weight gradients for small bf16 convolutions on CPU (same parameters and
-# function; see ddpm.perf.conv2d for why).
-Conv2d = perf.Conv2d
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:

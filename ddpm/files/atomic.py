@@ -26,7 +26,7 @@ import stat
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from .errors import DDPMError
+from ..errors import DDPMError
 
 __all__ = ["check_writable", "OutputWriteError", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_write_with", "atomic_write_to", "process_umask", "remove_temp_files"]
@@ -39,7 +39,7 @@ class OutputWriteError(DDPMError, OSError):
 
     It is a :class:`DDPMError`, so the command line prints it as one line, and an ``OSError``
     carrying the original ``errno`` and ``strerror``, so callers that add context (such as
-    :func:`ddpm.run_folder.run_write_errors`, or a cache that only warns) still catch it.
+    :func:`ddpm.run.folder.run_write_errors`, or a cache that only warns) still catch it.
     """
 
     def __str__(self) -> str:
@@ -240,7 +240,7 @@ def remove_temp_files(*folders: str | os.PathLike) -> None:
     """Delete the temporary files (``.NAME.*.tmp``) that atomic writes left in ``folders`` when a
     process was killed mid-write; a checkpoint's is as big as the checkpoint. Folders that do not
     exist are skipped and files that cannot be removed are left; nothing is raised. Only safe
-    while no other process writes there (see :func:`ddpm.run_folder.lock_run_folder`)."""
+    while no other process writes there (see :func:`ddpm.run.folder.lock_run_folder`)."""
     for folder in folders:
         folder = Path(folder)
         if folder.is_dir():

@@ -30,8 +30,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .errors import DDPMError
-from .schedule import Schedule
+from ..errors import DDPMError
+from ..core.schedule import Schedule
 
 __all__ = ["ancestral", "ddim", "langevin", "dpm_solver", "SAMPLERS", "SAMPLER_NAMES", "STOCHASTIC", "get_sampler",
            "eps_model", "Denoiser", "ImageGenerators", "image_seed", "MAX_SEED",

@@ -2,7 +2,7 @@
 
 For every generated image we find its nearest training images in two spaces:
 
-* Inception features (pool3, 2048-d, the FID network of :mod:`ddpm.inception`): near for images
+* Inception features (pool3, 2048-d, the FID network of :mod:`ddpm.scoring.inception`): near for images
   that look alike, also after a small shift or a change of colour;
 * pixels: the root-mean-square difference in grey levels (0-255), near only when the pixels
   themselves are nearly the same.
@@ -43,8 +43,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import DDPMError
-from .perf import resolve_runtime
+from ..errors import DDPMError
+from ..runtime.policy import resolve_runtime
 
 __all__ = ["NEAR_COPY_FACTOR", "HELDOUT_PERCENTILE", "HELDOUT_MAX", "SAME_IMAGE_RMS", "RULE", "nearest_neighbours",
            "near_copy_thresholds", "MemorisationReport", "memorisation_check", "nearest_grid", "format_report",
@@ -209,7 +209,7 @@ def _pixels(images: torch.Tensor, mirrored: bool) -> torch.Tensor:
 
 def _image_chunks(train: Any, chunk: int = _CHUNK) -> Iterator[torch.Tensor]:
     """uint8 [B, 3, H, W] chunks of a training set: a uint8 tensor [N, 3, H, W], or an
-    :class:`~ddpm.data.ImageSet` (in memory, or decoded from its files one chunk at a time)."""
+    :class:`~ddpm.data.sets.ImageSet` (in memory, or decoded from its files one chunk at a time)."""
     if isinstance(train, torch.Tensor):
         yield from train.split(chunk)
         return
@@ -235,8 +235,8 @@ def memorisation_check(generated: torch.Tensor, train: Any, heldout: torch.Tenso
     """Compare generated images' nearest training images with held-out real images' (module docstring).
 
     ``generated`` uint8 [M, 3, H, W], ``heldout`` uint8 [R, 3, H, W] (R >= 2) and ``train`` (a uint8
-    tensor [N, 3, H, W] or an :class:`~ddpm.data.ImageSet`) share one size. ``extractor`` maps a uint8
-    batch to features [B, D] (an Inception :class:`~ddpm.inception.FeatureExtractor`);
+    tensor [N, 3, H, W] or an :class:`~ddpm.data.sets.ImageSet`) share one size. ``extractor`` maps a uint8
+    batch to features [B, D] (an Inception :class:`~ddpm.scoring.inception.FeatureExtractor`);
     ``train_features`` float [N, D], when given (cached reference features), must be the training
     images' features in the same order, else they are computed. ``mirrored``: the run trained
     with horizontal flips. ``show``: how many generated images :attr:`MemorisationReport.shown`
@@ -296,7 +296,7 @@ def nearest_grid(report: MemorisationReport, generated: torch.Tensor, train: Any
     found through the mirror image are shown mirrored, as they match. Images are enlarged
     (nearest-neighbour, a whole factor) to at least ``min_size`` pixels.
     """
-    from .generate import make_grid
+    from ..sample.engine import make_grid
 
     if not len(report.shown):
         raise ValueError("the report shows no samples (memorisation_check(show=0))")
@@ -360,17 +360,17 @@ def check_run(run_dir: str | os.PathLike, ref: str, *, n: int = 1000, sampler: s
 
     The training images are the run's ``--data`` (or ``train_data``), decoded at the run's size
     as training did (centre crops); their Inception features come from
-    :func:`ddpm.evaluate.reference_stats`, so they share its cache with ``ddpm eval`` and with
+    :func:`ddpm.scoring.evaluate.reference_stats`, so they share its cache with ``ddpm eval`` and with
     ``ddpm train --eval-every``. Writes ``out`` (JSON) and the grid beside it (``.png``) when
     given; returns the JSON dict (with ``"grid"``). Raises :class:`DDPMError` before any sampling
     when the training data is not there, ``ref`` is the training data, or ``out`` can't be written.
     """
-    from . import evaluate
-    from .checkpoint import load_run
-    from .data import load_dataset, names_cifar10
-    from .generate import generate, save_png
-    from .outputs import check_writable
-    from .samplers import resolve_steps
+    from ..scoring import evaluate
+    from ..run.checkpoint import load_run
+    from ..data.sets import load_dataset, names_cifar10
+    from ..sample.engine import generate, save_png
+    from ..files.atomic import check_writable
+    from ..core.samplers import resolve_steps
 
     if n < 2:
         raise DDPMError(f"--n must be at least 2, got {n}")

@@ -10,10 +10,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .errors import DDPMError
+from ..errors import DDPMError
 
 if TYPE_CHECKING:
-    from .distributed import Dist
+    from ..runtime.processes import Dist
 
 # Help for every training option; the flags themselves come from TrainConfig's fields so the
 # two can never drift apart (a test checks that every field has help here).
@@ -91,7 +91,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    from .train import TrainConfig, field_type
+    from ..train.loop import TrainConfig, field_type
 
     p = sub.add_parser(
         "train", help="train a model on a folder of images or CIFAR-10", formatter_class=_Formatter,
@@ -125,7 +125,7 @@ def _load_toml(path: str) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from ..train.loop import TrainConfig, train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     train(TrainConfig(**values))
@@ -134,8 +134,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- sample
 def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
-    from .generate import BATCH_SIZE
-    from .samplers import DEFAULT_STEPS, SAMPLER_NAMES
+    from ..sample.engine import BATCH_SIZE
+    from ..core.samplers import DEFAULT_STEPS, SAMPLER_NAMES
 
     p = sub.add_parser("sample", help="sample an image grid from a trained run", formatter_class=_Formatter)
     p.add_argument("--run", required=True, help="run folder written by 'ddpm train'")
@@ -184,7 +184,7 @@ DEFAULT_N = {"grid": 16, "sweep": 1, "interpolate": 8}
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from .distributed import process_group
+    from ..runtime.processes import process_group
 
     # Under torchrun each process draws its block of image indices and rank 0 writes them all.
     with process_group(args.device, meet_at_exit=False) as d:
@@ -196,13 +196,13 @@ def _sample(args: argparse.Namespace, d: Dist) -> int:
 
     import torch
 
-    from .checkpoint import latest_checkpoint, load_run
-    from .distributed import from_rank_0
-    from .generate import (ChainRecorder, chain_frames, check_animate_every, check_interpolation_n, check_sweep_scales,
+    from ..run.checkpoint import latest_checkpoint, load_run
+    from ..runtime.processes import from_rank_0
+    from ..sample.engine import (ChainRecorder, chain_frames, check_animate_every, check_interpolation_n, check_sweep_scales,
                            check_request, default_animate_every, generate_sharded, guidance_sweep, interpolate,
                            make_grid, save_gif, save_png)
-    from .outputs import check_writable
-    from .samplers import resolve_steps
+    from ..files.atomic import check_writable
+    from ..core.samplers import resolve_steps
 
     # Every option is checked before anything is sampled: most before the run is loaded, those
     # that depend on it (steps against T, the seed and the images' memory) just after.
@@ -246,7 +246,7 @@ def _sample(args: argparse.Namespace, d: Dist) -> int:
         check_writable(args.animate, "--animate", is_file=True)
     if args.individual:
         check_writable(args.individual, "--individual")
-    from .perf import resolve_runtime
+    from ..runtime.policy import resolve_runtime
 
     runtime = resolve_runtime(args.device, args.precision, local_rank=d.local_rank, world=d.world)
     device = runtime.device
@@ -314,8 +314,8 @@ def _add_info_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_info(run_dir: str) -> dict[str, Any]:
     """Facts about a run: step, parameters, classes, sha256 of model and EMA weights, config."""
-    from .checkpoint import latest_checkpoint, load_checkpoint, weights_sha256
-    from .unet import UNet, UNetConfig, count_parameters
+    from ..run.checkpoint import latest_checkpoint, load_checkpoint, weights_sha256
+    from ..core.unet import UNet, UNetConfig, count_parameters
 
     path = latest_checkpoint(run_dir)
     if not Path(run_dir).exists():
@@ -370,7 +370,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..cli.demo import run_demo
 
     run_demo(args.out, steps=args.steps, seed=args.seed, device=args.device)
     return 0
@@ -408,7 +408,7 @@ def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .interop import EXPORT_META, export_diffusers
+    from ..interop.diffusers import EXPORT_META, export_diffusers
 
     out = export_diffusers(args.run, args.out, use_ema=not args.no_ema)
     meta = json.loads((out / EXPORT_META).read_text())
@@ -423,7 +423,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from .interop import import_diffusers
+    from ..interop.diffusers import import_diffusers
 
     out = import_diffusers(args.src, args.out, scheduler=args.scheduler)
     cfg = json.loads((out / "config.json").read_text())
@@ -437,7 +437,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     """The full ``ddpm`` argument parser."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="ddpm", formatter_class=_Formatter,
@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     _add_interop_parsers(sub)
     try:
-        from .cli_eval import register
+        from ..cli.evaluate import register
     except ImportError:  # evaluation module not installed in this build
         register = None
     if register is not None:
@@ -462,7 +462,7 @@ def _train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Defaults for ``ddpm train`` from, in rising priority: the built-in defaults, the run's own
     config.json (with --resume, so ``ddpm train --out RUN --resume --steps N`` is enough), a
     --config TOML file; flags given on the command line win over all of them."""
-    from .train import config_from_dict
+    from ..train.loop import config_from_dict
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -475,7 +475,7 @@ def _train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
             saved = json.loads((Path(known.out) / "config.json").read_text()).get("train", {})
         except (OSError, ValueError) as e:
             raise DDPMError(f"cannot read {known.out}/config.json to resume: {e}") from None
-        from .train import LEGACY_RECIPE
+        from ..train.loop import LEGACY_RECIPE
 
         # A run saved before an option existed was trained as the option's legacy value says.
         defaults.update({k: v for k, v in LEGACY_RECIPE.items() if k not in saved})

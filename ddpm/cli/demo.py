@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DDPMError
+from ..errors import DDPMError
 
 __all__ = ["write_digits", "run_demo"]
 
@@ -26,19 +26,19 @@ def write_digits(root: str | Path) -> Path:
     """Write scikit-learn's 1,797 digits as ``root/<digit>/<n>.png`` (8-bit grey, 8x8 pixels); returns root.
 
     A folder already holding ``.complete`` is left as it is. Raises :class:`DDPMError` when
-    scikit-learn is missing and :class:`ddpm.outputs.OutputWriteError` when a file cannot be written.
+    scikit-learn is missing and :class:`ddpm.files.atomic.OutputWriteError` when a file cannot be written.
     """
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise DDPMError("the demo needs scikit-learn for its bundled digits: pip install scikit-learn "
                         "(or pip install -e .[demo])") from None
-    from .generate import save_png
-    from .outputs import atomic_write_text
+    from ..sample.engine import save_png
+    from ..files.atomic import atomic_write_text
 
     root = Path(root)
     digits = load_digits()
-    # Each PNG is written whole (ddpm.outputs); the marker, written last, says the folder is too,
+    # Each PNG is written whole (ddpm.files.atomic); the marker, written last, says the folder is too,
     # so a demo stopped half-way rewrites the digits instead of training on part of them.
     done = root / ".complete"
     if done.exists():
@@ -64,13 +64,13 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 800, seed: int = 0, 
     import torch
     from tqdm import tqdm
 
-    from .checkpoint import latest_checkpoint, load_run
-    from .generate import BATCH_SIZE, generate, make_grid, save_png
-    from .perf import resolve_device
-    from .samplers import resolve_steps
-    from .train import TrainConfig, train
+    from ..run.checkpoint import latest_checkpoint, load_run
+    from ..sample.engine import BATCH_SIZE, generate, make_grid, save_png
+    from ..runtime.policy import resolve_device
+    from ..core.samplers import resolve_steps
+    from ..train.loop import TrainConfig, train
 
-    from .outputs import check_writable
+    from ..files.atomic import check_writable
 
     out = check_writable(out, "--out")
     data_dir = write_digits(out / "digits")

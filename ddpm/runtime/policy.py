@@ -24,12 +24,8 @@ behind the defaults are in ``docs/benchmarks.md``.
   of compile time at start-up, so it is opt-in.
 * **Optimiser.** AdamW with ``fused=True`` (CUDA, and CPU since PyTorch 2.4) updates all
   parameters in one pass instead of about ten element-wise passes.
-* **Small convolutions under CPU bf16.** oneDNN's bf16 weight-gradient kernels for convolutions
-  with few output positions (8x8 maps at batch 16, strided convolutions) are fine on an idle
-  machine, but when the cores are shared with another process they became 10-40x slower (their
-  threads appear to wait for each other by spinning), which made a whole bf16 training step
-  slower than float32. :func:`conv2d` computes just those weight gradients in float32 (a few
-  percent slower on an idle machine, more than 2x faster on a busy one).
+* **Small convolutions under CPU bf16** get float32 weight gradients inside the UNet itself
+  (:mod:`ddpm.core.conv`): that is a property of the network's convolution, not a policy.
 """
 
 from __future__ import annotations
@@ -37,9 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import platform
 import re
-import resource
 import shutil
 import sys
 import warnings
@@ -49,7 +43,7 @@ from typing import Any, Callable, ContextManager, Iterable
 import torch
 from torch import nn
 
-from .errors import DDPMError
+from ..errors import DDPMError
 
 __all__ = [
     "PRECISIONS",
@@ -69,13 +63,6 @@ __all__ = [
     "match_state_strides",
     "inference_model",
     "to_memory_format",
-    "max_rss_bytes",
-    "host_memory_bytes",
-    "train_flops_per_image",
-    "peak_flops",
-    "conv2d",
-    "Conv2d",
-    "use_fp32_weight_grad_for_small_convs",
 ]
 
 PRECISIONS = ("fp32", "bf16")
@@ -399,179 +386,6 @@ def inference_model(
     inner = getattr(net, "_orig_mod", net)
     call.num_classes = getattr(inner, "num_classes", None)  # type: ignore[attr-defined]
     return call
-
-
-def train_flops_per_image(model: nn.Module, *inputs: torch.Tensor) -> float:
-    """FLOPs of one training step per image: forward and backward of ``model(*inputs)``.
-
-    ``inputs`` are what the model is called with, batch first (e.g. x [B, C, H, W], t int64 [B],
-    labels int64 [B]); the count of the whole batch is divided by B. Counted with
-    ``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions and attention, a
-    multiply-add being 2 FLOPs; element-wise work is not counted, nor what activation
-    checkpointing recomputes (the "model FLOPs" of model FLOPs utilisation, MFU: Chowdhery et al.
-    2022, PaLM, appendix B). The count depends on shapes only, so a model and inputs built on the
-    ``meta`` device give it without computing anything or touching real weights and gradients.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        model(*inputs).float().square().mean().backward()
-    return counter.get_total_flops() / inputs[0].shape[0]
-
-
-# Dense peak throughput in TFLOP/s from NVIDIA's data sheets (which quote TF32 and BF16 with
-# structured sparsity: half of those), by the number format the tensor cores run. The first
-# pattern that matches a device name decides; NVL boards run other clocks and get no figures, and
-# a GPU not listed has no peak here rather than a guessed one.
-_DATASHEET_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    (r"\bNVL\b", {}),
-    (r"\bA100\b", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}),
-    (r"\bH100\b.*\bPCIe\b", {"fp32": 51.0, "tf32": 378.0, "bf16": 756.5}),
-    (r"\bH100\b", {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5}),  # SXM5
-    (r"\bH200\b", {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5}),  # SXM: the H100 SXM's compute
-)
-
-
-def peak_flops(device: torch.device | str, precision: str) -> float | None:
-    """The data-sheet peak FLOP/s of ``device`` for training in ``precision`` (``fp32``/``bf16``),
-    or None where it is not known.
-
-    Known: the CUDA GPUs of ``_DATASHEET_TFLOPS`` (A100, H100 SXM and PCIe, H200), dense figures.
-    ``fp32`` means TF32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is on (PyTorch's
-    default), since the UNet's FLOPs are almost all convolutions; plain FP32 otherwise. None for
-    CPUs (their peak depends on cores, clocks and vector units that no table here covers;
-    ``benchmarks/speed.py`` measures one instead) and for unlisted GPUs: a fraction of peak is
-    then not reported rather than computed from an invented number.
-    """
-    device = _device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(device)
-    kind = "bf16" if precision == "bf16" else ("tf32" if torch.backends.cudnn.allow_tf32 else "fp32")
-    for pattern, table in _DATASHEET_TFLOPS:
-        if re.search(pattern, name, re.IGNORECASE):
-            return table[kind] * 1e12 if kind in table else None
-    return None
-
-
-# Output positions (batch x height x width) at or below which a bf16 CPU convolution gets its
-# weight gradient in float32; strided convolutions always do. Measured on AMD EPYC (Zen 5),
-# oneDNN 3.12: 16x8x8 = 1024 and 4x16x16 = 1024 collapse under contention, 16x12x12 = 2304 does not.
-SMALL_CONV_POSITIONS = 2048
-# Set to False to get oneDNN's bf16 weight gradients everywhere (for comparison).
-SMALL_CONV_FP32_WEIGHT_GRAD = True
-
-
-def conv2d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stride: tuple[int, int] = (1, 1),
-    padding: tuple[int, int] = (0, 0),
-    dilation: tuple[int, int] = (1, 1),
-    groups: int = 1,
-) -> torch.Tensor:
-    """``F.conv2d``, except that under CPU bf16 autocast, for small or strided outputs, the weight
-    gradient is computed in float32 (see the module docstring; the forward pass and the input
-    gradient stay bf16, and the result is the same function to bf16 rounding)."""
-    if (SMALL_CONV_FP32_WEIGHT_GRAD and x.device.type == "cpu" and torch.is_grad_enabled() and weight.requires_grad
-            and _cpu_autocast_dtype() == torch.bfloat16):
-        stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-        k = weight.shape[-2:]
-        oh = (x.shape[-2] + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
-        ow = (x.shape[-1] + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1
-        if max(stride) > 1 or x.shape[0] * oh * ow <= SMALL_CONV_POSITIONS:
-            return _Bf16ConvFp32WeightGrad.apply(x.to(torch.bfloat16), weight, bias, stride, padding, dilation, groups)
-    return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters, same function) that convolves through :func:`conv2d`, so its
-    bf16 weight gradients on CPU are taken in float32 where oneDNN's bf16 kernels stall."""
-
-    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            return super()._conv_forward(input, weight, bias)
-        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-def use_fp32_weight_grad_for_small_convs(model: nn.Module) -> int:
-    """Turn every plain ``nn.Conv2d`` of ``model`` into a :class:`Conv2d`, in place; returns how many.
-
-    Only the class changes (parameters, buffers and state_dict keys stay), so this gives any
-    model, e.g. a peer's UNet in the benchmark, the same float32 weight gradients for small
-    convolutions under CPU bf16 autocast that :class:`ddpm.UNet` has built in.
-    """
-    n = 0
-    for m in model.modules():
-        if type(m) is nn.Conv2d:
-            m.__class__ = Conv2d
-            n += 1
-    return n
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _cpu_autocast_dtype() -> torch.dtype | None:
-    """The CPU autocast dtype if CPU autocast is on, else None."""
-    try:
-        if not torch.is_autocast_enabled("cpu"):
-            return None
-        return torch.get_autocast_dtype("cpu")
-    except TypeError:  # PyTorch < 2.4 spelling
-        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-
-
-class _Bf16ConvFp32WeightGrad(torch.autograd.Function):
-    """bf16 convolution whose weight (and bias) gradient is computed in float32."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-                groups: int) -> torch.Tensor:
-        w16 = weight.to(torch.bfloat16)
-        b16 = None if bias is None else bias.to(torch.bfloat16)
-        ctx.save_for_backward(x, w16)
-        ctx.conv = (list(stride), list(padding), list(dilation), groups)
-        ctx.bias_shape = None if bias is None else list(bias.shape)
-        with torch.autocast("cpu", enabled=False):
-            return torch.nn.functional.conv2d(x, w16, b16, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, w16 = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:  # bf16, as plain autocast would
-            gx = torch.ops.aten.convolution_backward(gy, x, w16, None, stride, padding, dilation, False, [0, 0],
-                                                     groups, [True, False, False])[0]
-        want_w, want_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.bias_shape is not None
-        if want_w or want_b:
-            gy32 = gy.float()
-            _, gw, gb = torch.ops.aten.convolution_backward(gy32, x.float(), w16.float(), ctx.bias_shape, stride,
-                                                            padding, dilation, False, [0, 0], groups,
-                                                            [False, want_w, want_b])
-        return gx, gw, gb, None, None, None, None
-
-
-def max_rss_bytes() -> int:
-    """Peak resident memory of this process so far, in bytes (Linux reports KiB, macOS bytes).
-
-    A CPU stand-in for ``torch.cuda.max_memory_allocated``: it never goes down, includes the
-    Python interpreter and the allocator's cached pages, and so is approximate.
-    """
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if platform.system() == "Darwin" else rss * 1024)
-
-
-def host_memory_bytes() -> int | None:
-    """This machine's physical memory in bytes, or None where the OS does not say (Windows)."""
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def _torch_at_least(major: int, minor: int) -> bool:

@@ -4,9 +4,9 @@ sampling work by image index.
 ``ddpm train``, ``ddpm sample`` and ``ddpm eval`` all start here. One process (no ``torchrun``,
 or ``WORLD_SIZE`` 1) is a :class:`Dist` of world 1, for which every function below is a no-op,
 so the commands have one code path. Training splits each batch over the ranks
-(:mod:`ddpm.train`); sampling gives rank r a contiguous block of image indices
+(:mod:`ddpm.train.loop`); sampling gives rank r a contiguous block of image indices
 (:func:`shard`), and because every image is seeded by its index alone
-(:func:`ddpm.samplers.image_seed`) the gathered images are those of a single process.
+(:func:`ddpm.core.samplers.image_seed`) the gathered images are those of a single process.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def init_distributed(device_pref: str | None) -> Dist:
     """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), else return a
     single process's :class:`Dist`.
 
-    Each rank takes its own GPU (``--device`` read by :func:`ddpm.perf.resolve_device` with the
+    Each rank takes its own GPU (``--device`` read by :func:`ddpm.runtime.policy.resolve_device` with the
     rank's ``LOCAL_RANK``) and NCCL; CPU ranks use gloo. A peer that dies turns into an error on
     the others after ``DDPM_DIST_TIMEOUT_MIN`` minutes (default 10) instead of a hang. Raises
     :class:`~ddpm.errors.DDPMError` (from ``resolve_device``) for a device this rank cannot use.
@@ -50,7 +50,7 @@ def init_distributed(device_pref: str | None) -> Dist:
     if world <= 1:
         return Dist()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    from .perf import resolve_device
+    from ..runtime.policy import resolve_device
 
     device = resolve_device(device_pref, local_rank=local_rank, world=world)
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -15,7 +15,7 @@ works without network access and predicts what the run predicts.
 architecture (Ho et al. 2020; the layout of the original DDPM CIFAR-10 weights,
 ``google/ddpm-cifar10-32``): it writes a run folder that ``ddpm sample``, ``ddpm info``,
 ``ddpm eval`` and ``ddpm train --resume`` accept. Configurations that compute something our
-:class:`~ddpm.unet.UNet` cannot (other block types, scale-shift time conditioning, learned
+:class:`~ddpm.core.unet.UNet` cannot (other block types, scale-shift time conditioning, learned
 variances, ...) are refused with a one-line :class:`~ddpm.errors.DDPMError` naming the config
 field and its value.
 
@@ -62,10 +62,10 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import DDPMError
-from .outputs import atomic_write_json, check_writable, process_umask
-from .schedule import Schedule, _reshape_abar
-from .unet import UNet, UNetConfig
+from ..errors import DDPMError
+from ..files.atomic import atomic_write_json, check_writable, process_umask
+from ..core.schedule import Schedule, _reshape_abar
+from ..core.unet import UNet, UNetConfig
 
 __all__ = ["export_diffusers", "import_diffusers", "unet_config_to_diffusers", "unet_config_from_diffusers",
            "state_dict_to_diffusers", "state_dict_from_diffusers", "scheduler_config_to_diffusers",
@@ -586,7 +586,7 @@ def export_diffusers(run_dir: str | Path, out_dir: str | Path, *, use_ema: bool 
     Raises :class:`DDPMError` for an unreadable run, an unexportable attention layout, or an
     unwritable ``out_dir``.
     """
-    from .checkpoint import load_run, save_safetensors
+    from ..run.checkpoint import load_run, save_safetensors
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -699,9 +699,9 @@ def import_diffusers(src: str | Path, out_dir: str | Path, *, scheduler: str | P
     Raises :class:`DDPMError` for a missing or unmappable config (naming the field and value),
     unreadable or mismatched weights, or an ``out_dir`` that exists and is not empty.
     """
-    from . import __version__
-    from .checkpoint import save_checkpoint
-    from .train import IMPORTED, TrainConfig
+    from .. import __version__
+    from ..run.checkpoint import save_checkpoint
+    from ..train.loop import IMPORTED, TrainConfig
 
     src, out_dir = Path(src), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

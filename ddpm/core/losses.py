@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .schedule import Schedule
+from ..core.schedule import Schedule
 
 __all__ = ["diffusion_loss", "drop_labels", "loss_weights", "timestep_probabilities", "sample_timesteps",
            "PREDICTIONS", "WEIGHTINGS", "T_SAMPLINGS"]

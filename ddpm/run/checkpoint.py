@@ -20,10 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import DDPMError
-from .outputs import atomic_write_to, remove_temp_files
-from .schedule import Schedule
-from .unet import UNet, UNetConfig
+from ..errors import DDPMError
+from ..files.atomic import atomic_write_to, remove_temp_files
+from ..core.schedule import Schedule
+from ..core.unet import UNet, UNetConfig
 
 __all__ = ["Run", "Sampleable", "save_checkpoint", "save_safetensors", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
            "load_run", "weights_sha256"]
@@ -78,7 +78,7 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], stat
 
     ``state`` is a nested dict of tensors and plain values (``model``, ``ema``, ``optimizer``,
     ``rng``, ...); ``config`` is the run's JSON config. Raises
-    :class:`~ddpm.outputs.OutputWriteError` (an ``OSError`` and a ``DDPMError``) when the file
+    :class:`~ddpm.files.atomic.OutputWriteError` (an ``OSError`` and a ``DDPMError``) when the file
     cannot be written (a full disk: errno ENOSPC or EFBIG); the earlier checkpoints are then
     untouched and no temporary file is left.
     """
@@ -99,8 +99,8 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], stat
 
 def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Write ``tensors`` (contiguous, unshared) and string ``metadata`` to a safetensors file at
-    ``path`` atomically (:func:`ddpm.outputs.atomic_write_to`); returns ``path``. Raises
-    :class:`~ddpm.outputs.OutputWriteError` when the file cannot be written, errno included."""
+    ``path`` atomically (:func:`ddpm.files.atomic.atomic_write_to`); returns ``path``. Raises
+    :class:`~ddpm.files.atomic.OutputWriteError` when the file cannot be written, errno included."""
     path = Path(path)
 
     def write(tmp: Path) -> None:
@@ -158,9 +158,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
 # ------------------------------------------------------------------------------------ runs
 @dataclass
 class Sampleable:
-    """A network ready to sample from, held in memory: what :func:`ddpm.generate` needs.
+    """A network ready to sample from, held in memory: what :func:`ddpm.sample.engine.generate` needs.
 
-    ``model`` and ``ema_model`` are :class:`~ddpm.unet.UNet` networks (the EMA one may be None);
+    ``model`` and ``ema_model`` are :class:`~ddpm.core.unet.UNet` networks (the EMA one may be None);
     ``schedule`` is the diffusion schedule they were trained with, ``prediction`` the target they
     output (``eps``, ``v`` or ``x0``), ``classes`` the class names of a conditional model (index i
     is label i; the null class is ``model.config.null_class``), ``image_size`` the side in pixels.
@@ -187,7 +187,7 @@ class Sampleable:
         """Index of class ``name``; an unknown name is an error listing the valid ones."""
         if not self.classes:
             raise self._unconditional_error()
-        from .data import class_name
+        from ..files.images import class_name
 
         # Class names are folder names with non-UTF-8 bytes escaped; the raw bytes (typed or
         # pasted from a listing) name the same class.

@@ -1,7 +1,7 @@
 """Sample-quality metrics on feature vectors: FID, KID, precision/recall, and a linear class probe.
 
 Everything here is plain maths on float64 arrays [N, D] (Inception pool3 features in practice,
-see :mod:`ddpm.inception`); nothing here touches images, models or files except the probe's
+see :mod:`ddpm.scoring.inception`); nothing here touches images, models or files except the probe's
 ``save``/``load``.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from .outputs import atomic_write_with
+from ..files.atomic import atomic_write_with
 
 __all__ = ["gaussian_stats", "frechet_distance", "fid_from_features", "kid", "precision_recall",
            "LinearProbe", "fit_linear_probe", "class_accuracy"]
@@ -210,7 +210,7 @@ class LinearProbe:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the probe to ``path`` as an ``.npz`` (no pickles), atomically
-        (:func:`ddpm.outputs.atomic_write_with`, whose errors it raises)."""
+        (:func:`ddpm.files.atomic.atomic_write_with`, whose errors it raises)."""
         arrays = dict(weight=self.weight, bias=self.bias, mean=self.mean, scale=self.scale,
                       classes=np.array(self.classes, dtype=str),
                       holdout_accuracy=np.array(np.nan if self.holdout_accuracy is None else self.holdout_accuracy))

@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import ContextManager, Iterator
 
-from .errors import DDPMError
+from ..errors import DDPMError
 
 try:
     import fcntl
@@ -160,7 +160,7 @@ def write_failure_message(run_dir: str | Path, what: str, error: OSError) -> str
     """The one line for a failed write of ``what`` into ``run_dir``: the cause, the newest
     intact checkpoint (checkpoints are written atomically, so every listed one is whole), and
     how to continue."""
-    from .checkpoint import latest_checkpoint
+    from ..run.checkpoint import latest_checkpoint
 
     run_dir = Path(run_dir)
     reason = error.strerror or str(error) or type(error).__name__

@@ -1,5 +1,5 @@
 """``ddpm eval`` and ``ddpm fid``: argument parsing and printing only; the work is in
-:mod:`ddpm.evaluate`. :func:`register` adds both subcommands to the main ``ddpm`` parser.
+:mod:`ddpm.scoring.evaluate`. :func:`register` adds both subcommands to the main ``ddpm`` parser.
 
 Problems with the user's input raise :class:`ddpm.errors.DDPMError`, which ``ddpm``'s main
 prints as one line before exiting non-zero.
@@ -13,20 +13,20 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .distributed import any_rank
-from .errors import DDPMError
-from .outputs import check_writable
-from .perf import resolve_device, resolve_runtime
-from .run_folder import lock_if_inside
-from .samplers import SAMPLER_NAMES
+from ..runtime.processes import any_rank
+from ..errors import DDPMError
+from ..files.atomic import check_writable
+from ..runtime.policy import resolve_device, resolve_runtime
+from ..run.folder import lock_if_inside
+from ..core.samplers import SAMPLER_NAMES
 
 if TYPE_CHECKING:
-    from .distributed import Dist
+    from ..runtime.processes import Dist
 
 
 __all__ = ["register", "main"]
 
-SAMPLER_CHOICES = SAMPLER_NAMES  # ddpm.samplers' registry: the one list of samplers
+SAMPLER_CHOICES = SAMPLER_NAMES  # ddpm.core.samplers' registry: the one list of samplers
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -133,7 +133,7 @@ _BUSY_ADVICE = "wait for it to finish, or pass --out with a result file outside 
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .distributed import process_group
+    from ..runtime.processes import process_group
 
     # Under torchrun each process samples its block of the --n images and rank 0 scores them.
     with process_group(args.device, meet_at_exit=False) as d:
@@ -141,7 +141,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace, d: Dist) -> int:
-    from . import evaluate
+    from ..scoring import evaluate
 
     if args.n is None:  # a memorisation check looks at each sample's neighbours: fewer samples do
         args.n = 1_000 if args.nearest else 10_000
@@ -206,8 +206,8 @@ def _eval(args: argparse.Namespace, d: Dist) -> int:
 def _steps_run(args: argparse.Namespace) -> int | str:
     """The steps ``ddpm eval`` will sample with, for the result file's name: --steps, or the
     sampler's default for the run's T (read from the checkpoint's metadata; no weights loaded)."""
-    from .checkpoint import latest_checkpoint, load_checkpoint
-    from .samplers import resolve_steps
+    from ..run.checkpoint import latest_checkpoint, load_checkpoint
+    from ..core.samplers import resolve_steps
 
     if args.steps is not None:
         return args.steps
@@ -221,7 +221,7 @@ def _steps_run(args: argparse.Namespace) -> int | str:
 
 
 def _cmd_nearest(args: argparse.Namespace, eval_dir: Path, what: str) -> int:
-    from . import nearest
+    from ..scoring import memorisation as nearest
 
     if args.sweep:
         raise DDPMError("--nearest and --sweep are separate checks; pass one of them")
@@ -240,7 +240,7 @@ def _cmd_nearest(args: argparse.Namespace, eval_dir: Path, what: str) -> int:
 
 
 def _cmd_fid(args: argparse.Namespace) -> int:
-    from . import evaluate
+    from ..scoring import evaluate
 
     _positive("--batch-size", args.batch_size)
     _positive("--image-size", args.image_size)
@@ -255,7 +255,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (``python -m ddpm.cli_eval eval ...``) with the same one-line errors
+    """Stand-alone entry (``python -m ddpm.cli.evaluate eval ...``) with the same one-line errors
     as ``ddpm``; the normal route is ``ddpm eval`` / ``ddpm fid``."""
     parser = argparse.ArgumentParser(prog="ddpm", formatter_class=_Formatter)
     register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))

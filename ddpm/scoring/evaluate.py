@@ -13,7 +13,7 @@ The pieces, each usable alone:
 * :func:`fid_folders` - FID between two folders, like pytorch-fid's command.
 * :func:`sampler_sweep` - FID against network evaluations for every sampler, JSON and a plot.
 
-Reference images are decoded exactly as the training data is (:func:`ddpm.data.load_image`:
+Reference images are decoded exactly as the training data is (:func:`ddpm.files.images.load_image`:
 short side resized to the run's image size, centre crop), so generated and real images reach
 the Inception network through the same resize to 299x299.
 
@@ -39,16 +39,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, load_run
-from .distributed import Dist, from_rank_0
-from .errors import DDPMError
-from .generate import check_request, generate, generate_sharded
-from .inception import FeatureExtractor
-from .metrics import (LinearProbe, class_accuracy, fit_linear_probe, frechet_distance, gaussian_stats, kid,
+from ..run.checkpoint import latest_checkpoint, load_run
+from ..runtime.processes import Dist, from_rank_0
+from ..errors import DDPMError
+from ..sample.engine import check_request, generate, generate_sharded
+from ..scoring.inception import FeatureExtractor
+from ..scoring.metrics import (LinearProbe, class_accuracy, fit_linear_probe, frechet_distance, gaussian_stats, kid,
                       precision_recall)
-from .outputs import atomic_write_json, atomic_write_with, check_writable
-from .perf import resolve_device, resolve_runtime
-from .samplers import SAMPLER_NAMES, model_evaluations, resolve_steps
+from ..files.atomic import atomic_write_json, atomic_write_with, check_writable
+from ..runtime.policy import resolve_device, resolve_runtime
+from ..core.samplers import SAMPLER_NAMES, model_evaluations, resolve_steps
 
 __all__ = ["ReferenceDataError", "FeatureSet", "default_cache_dir", "reference_stats", "reference_probe",
            "evaluate_run", "fid_folders", "sampler_sweep", "sweep_steps", "DEFAULT_SWEEP_STEPS", "format_summary",
@@ -72,7 +72,7 @@ def default_cache_dir() -> Path:
 # ------------------------------------------------------------------------------ small helpers
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` to ``path`` as indented JSON in its own key order, atomically
-    (:func:`ddpm.outputs.atomic_write_json`, whose errors it raises)."""
+    (:func:`ddpm.files.atomic.atomic_write_json`, whose errors it raises)."""
     atomic_write_json(path, obj, sort_keys=False)
 
 
@@ -148,7 +148,7 @@ def _list_folder(root: Path) -> tuple[list[Path], np.ndarray | None, list[str] |
     """Image files under ``root`` (sorted, any depth, hidden files and folders skipped). If every
     image sits inside a top-level sub-folder, those sub-folders are classes (torchvision's
     ImageFolder convention)."""
-    from .data import IMAGE_EXTENSIONS, class_name, scan_images
+    from ..files.images import IMAGE_EXTENSIONS, class_name, scan_images
 
     if not root.exists():
         raise ReferenceDataError(f"reference folder {str(root)!r} does not exist")
@@ -171,17 +171,17 @@ def _list_folder(root: Path) -> tuple[list[Path], np.ndarray | None, list[str] |
 
 def _decode(path: Path, image_size: int | None) -> torch.Tensor:
     """uint8 [3, H, W]: through the training pipeline's decoder when ``image_size`` is set,
-    else at the file's own size (mode conversions as in :mod:`ddpm.data`)."""
+    else at the file's own size (mode conversions as in :mod:`ddpm.files.images`)."""
     from PIL import Image, ImageOps
 
-    from . import data
+    from ..files import images
 
     if image_size is not None:
-        arr = data.load_image(path, image_size)
+        arr = images.load_image(path, image_size)
     else:
         with Image.open(path) as img:
             img.load()
-            img = data.to_rgb(ImageOps.exif_transpose(img))  # the project's one RGB conversion
+            img = images.to_rgb(ImageOps.exif_transpose(img))  # the project's one RGB conversion
         arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
 
@@ -235,7 +235,7 @@ def _save_featureset(fs: FeatureSet, path: Path) -> None:
 def _load_featureset(path: Path, key: str | None = None) -> FeatureSet:
     """Read a cache file, or any ``.npz`` holding at least ``mu`` and ``sigma`` (pytorch-fid's
     statistics files). Raises ReferenceDataError naming the file when it can't be used."""
-    from .data import class_name
+    from ..files.images import class_name
 
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -271,7 +271,7 @@ def _subset(count: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def _cifar10_root(root: str | os.PathLike | None) -> Path:
-    # Same default as ddpm.data.load_cifar10, so a copy downloaded for training is found here too.
+    # Same default as ddpm.data.sets.load_cifar10, so a copy downloaded for training is found here too.
     if root:
         return Path(root).expanduser()
     return Path(os.environ.get("DDPM_CACHE") or Path.home() / ".cache" / "ddpm").expanduser() / "cifar10"
@@ -334,7 +334,7 @@ def reference_stats(
     if len(good) < 2:
         raise ReferenceDataError(f"only {len(good)} readable image(s) under {str(path)!r}; need at least 2 for statistics")
     if labels is not None:
-        from .data import remove_empty_classes
+        from ..data.sets import remove_empty_classes
 
         # A class with no readable image has no features to fit the probe on: leave it out, so a
         # run class of that name is reported as missing from the reference.
@@ -363,7 +363,7 @@ def _cifar_stats(split: str, image_size: int | None, max_images: int | None, bat
             return _load_featureset(cache_path, key)
         except ReferenceDataError as e:
             warnings.warn(f"ignoring unusable cache file ({e}); recomputing")
-    from .data import load_cifar10
+    from ..data.sets import load_cifar10
 
     try:
         ds = load_cifar10(root, image_size or 32, train=split == "train", conditional=True)
@@ -457,7 +457,7 @@ class ReferenceSettings:
     value of ``ddpm eval``, its sweep, ``ddpm fid``, the trainer's ``--eval-every`` and
     ``benchmarks/quality.py``.
 
-    ``inception``: a weights file (None: the pinned default, :mod:`ddpm.inception`);
+    ``inception``: a weights file (None: the pinned default, :mod:`ddpm.scoring.inception`);
     ``cache_dir`` / ``use_cache``: the statistics and probe cache (None: :func:`default_cache_dir`);
     ``max_images``: a fixed random subset (seed 0) of the reference, in images;
     ``cifar_root``: where torchvision's CIFAR-10 lives for ``cifar10`` references;
@@ -505,7 +505,7 @@ class Reference:
         generator's class names, in label order) is given and the reference has those labelled
         classes, the cached linear probe. A missing class is a warning and no class accuracy.
         Raises :class:`ReferenceDataError` for an unusable reference and
-        :class:`~ddpm.inception.InceptionWeightsError` for missing weights."""
+        :class:`~ddpm.scoring.inception.InceptionWeightsError` for missing weights."""
         dev = resolve_device(device)
         fs = reference_stats(ref, image_size=image_size, max_images=settings.max_images,
                              batch_size=settings.feature_batch_size, device=dev, inception=settings.inception,
@@ -638,7 +638,7 @@ def reference_images(ref: str | os.PathLike, image_size: int, *, max_images: int
                                  "(a folder or cifar10)")
     m = _CIFAR_REF.fullmatch(ref_s.lower())
     if m and not path.exists():
-        from .data import load_cifar10
+        from ..data.sets import load_cifar10
 
         split = m.group(1) or "test"
         try:
@@ -790,7 +790,7 @@ def evaluate_run(
 ) -> dict | None:
     """Sample ``n`` images from the run in ``run_dir`` and score them against ``ref``.
 
-    Sampling is :func:`ddpm.generate.generate` with ``sampler``, ``steps``, ``guidance``,
+    Sampling is :func:`ddpm.sample.engine.generate` with ``sampler``, ``steps``, ``guidance``,
     ``seed`` (per image), ``batch_size`` (images at once; speed only), ``precision`` and
     ``use_ema``; the reference is built and scored as ``settings`` says (:class:`Reference`).
     Conditional runs get ``n`` samples spread evenly over their classes (labels ``i % C``) and
@@ -799,8 +799,8 @@ def evaluate_run(
     ``n < 2``, ``steps`` above the run's T and an ``out`` that cannot be written are a
     :class:`DDPMError` before any sampling or reference statistics. ``checkpoint`` scores that
     checkpoint file of the run instead of its newest (for a curve of quality over training).
-    Under torchrun (``processes`` from :func:`ddpm.distributed.init_distributed`) every rank
-    samples its block of the ``n`` image indices (:func:`ddpm.generate.generate_sharded`: the
+    Under torchrun (``processes`` from :func:`ddpm.runtime.processes.init_distributed`) every rank
+    samples its block of the ``n`` image indices (:func:`ddpm.sample.engine.generate_sharded`: the
     same images as one process) and rank 0 alone builds the reference, scores, prints, writes
     and returns the result; the other ranks return None.
     """

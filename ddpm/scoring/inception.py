@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DDPMError
+from ..errors import DDPMError
 
 __all__ = ["InceptionWeightsError", "FEATURE_DIM", "INPUT_SIZE", "EXPECTED_SHA256", "weights_path",
            "verify_weights", "load_inception", "resize", "preprocess", "features", "FeatureExtractor"]
@@ -122,7 +122,7 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
     p = weights_path(path)
     if verify:
         verify_weights(p)
-    from .perf import resolve_device
+    from ..runtime.policy import resolve_device
 
     return _load(str(p.resolve()), str(resolve_device(device)))
 
@@ -157,7 +157,7 @@ class FeatureExtractor:
     """
 
     def __init__(self, path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> None:
-        from .perf import resolve_device  # local: perf is not needed to read features from a cache
+        from ..runtime.policy import resolve_device  # local: perf is not needed to read features from a cache
 
         self.device = resolve_device(device)
         self.path = weights_path(path)

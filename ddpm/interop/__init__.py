@@ -1,0 +1,1 @@
+"""Exchange with other tools: diffusers UNet2DModel / DDPMScheduler folders."""

@@ -1,0 +1,1 @@
+"""Scoring images: the Inception network, FID/KID/precision/recall, references, run evaluation and the memorisation check."""
