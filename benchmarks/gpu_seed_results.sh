@@ -79,8 +79,9 @@ train() {  # name config data minutes [extra flags...]
   [[ -f "$out/$name.trained" ]] && return 0
   [[ -f "$out/$name/config.json" ]] && resume=(--resume)
   # shellcheck disable=SC2086  # train_args is a list of flags on purpose
+  # Exit code 3 is a run stopped by its --time-limit: the budget this script gives it, so done.
   ddpm train --config "$here/configs/$config" --data "$data" --out "$out/$name" --time-limit "$mins" \
-    --device "$device" --no-progress "${resume[@]}" "$@" $train_args
+    --device "$device" --no-progress "${resume[@]}" "$@" $train_args || [[ $? == 3 ]]
   touch "$out/$name.trained"
 }
 

@@ -34,9 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import ddpm  # noqa: E402
-import ddpm.run.checkpoint  # noqa: E402
-import ddpm.sample.engine  # noqa: E402
-import ddpm.train.loop  # noqa: E402
+from ddpm.run.checkpoint import load_run  # noqa: E402
 from ddpm.data.sets import BatchStream, batches, load_image_folder, to_model_range, to_uint8  # noqa: E402
 from ddpm.core.ema import EMA  # noqa: E402
 from ddpm.files.atomic import atomic_write_text  # noqa: E402
@@ -196,11 +194,17 @@ def main() -> None:
     work = Path(args.work)
     cifar = unpack_cifar(work)
 
+    from ddpm.runtime.policy import resolve_runtime
+    from ddpm.train import TrainConfig, train
+    from ddpm.sample.engine import generate
+    from ddpm.sample.pictures import make_grid, save_png
+    from ddpm.sample.spec import SampleSpec
     from ddpm.scoring.evaluate import Reference, ReferenceSettings
 
     # Scored as 'ddpm eval' scores (ddpm.scoring.evaluate.Reference), at the data's own 32x32.
     classes = sorted(p.name for p in (cifar / "train").iterdir() if p.is_dir())
-    reference = Reference.build(cifar / "test", None, device="cpu", settings=ReferenceSettings(max_images=args.ref_n),
+    runtime = resolve_runtime("cpu", SAMPLING_PRECISION, progress=False)
+    reference = Reference.build(cifar / "test", None, runtime, settings=ReferenceSettings(max_images=args.ref_n),
                                 classes=classes)
 
     def score(images: torch.Tensor) -> dict:
@@ -222,12 +226,12 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(run_dir, ignore_errors=True)
-            cfg = ddpm.train.loop.TrainConfig(
+            cfg = TrainConfig(
                 data=str(cifar / "train"), out=str(run_dir), conditional=conditional, model=args.model, steps=10**9,
                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, time_limit=args.minutes, sample_every=0,
                 save_every=0, log_every=50, progress=False, tensorboard=False, device="cpu", **overrides)
-            ddpm.train.loop.train(cfg)
-            run = ddpm.run.checkpoint.load_run(run_dir)
+            train(cfg)
+            run = load_run(run_dir)
             steps_done, params = run.step, ddpm.count_parameters(run.model)
             train_s = time.perf_counter() - t0
             entry = {"settings": overrides, "conditional": conditional, "params": params, "steps": steps_done,
@@ -238,9 +242,8 @@ def main() -> None:
                 name, _, st = spec.partition(":")
                 n = args.n if spec == default_spec or args.also_n is None else args.also_n
                 t1 = time.perf_counter()
-                imgs = ddpm.sample.engine.generate(run, n, labels=labels[:n] if labels is not None else None, sampler=name,
-                                              steps=int(st) if st else None, guidance=0.0, seed=args.seed,
-                                              batch_size=100, precision=SAMPLING_PRECISION, progress=False)
+                spec = SampleSpec(name, int(st) if st else None, guidance=0.0, seed=args.seed, batch_size=100)
+                imgs = generate(run, n, spec, runtime, labels=labels[:n] if labels is not None else None)
                 sample_s = time.perf_counter() - t1
                 entry["samplers"][spec] = {**score(imgs), "sample_s": sample_s, "n": n}
                 if spec == default_spec:
@@ -252,12 +255,11 @@ def main() -> None:
             entry["guided"] = {}
             for g in args.guidance if conditional else []:
                 labels_g = torch.arange(args.n_guided) % 10
-                imgs = ddpm.sample.engine.generate(run, args.n_guided, labels=labels_g, sampler=args.sampler,
-                                              steps=args.sample_steps, guidance=g, seed=args.seed + 1, batch_size=100,
-                                              precision=SAMPLING_PRECISION, progress=False)
+                spec = SampleSpec(args.sampler, args.sample_steps, guidance=g, seed=args.seed + 1, batch_size=100)
+                imgs = generate(run, args.n_guided, spec, runtime, labels=labels_g)
                 acc = reference.score(imgs, labels_g)["class_accuracy"]
                 entry["guided"][str(g)] = {"class_accuracy": acc["overall"], "per_class": acc["per_class"]}
-                ddpm.sample.engine.save_png(ddpm.sample.engine.make_grid(imgs[:100], nrow=10), work / f"grid_{kind}_g{g:g}.png")
+                save_png(make_grid(imgs[:100], nrow=10), work / f"grid_{kind}_g{g:g}.png")
         else:
             model = lucidrains_model(64, (1, 2, 2)) if kind == "lucidrains" else diffusers_model((64, 128, 128))
             params = sum(p.numel() for p in model.parameters())
@@ -268,7 +270,7 @@ def main() -> None:
             entry = {"params": params, "steps": steps_done, "train_s": train_s,
                      "images_per_s": steps_done * args.batch_size / train_s, "sample_s": time.perf_counter() - t1}
             entry.update(score(images))
-        ddpm.sample.engine.save_png(ddpm.sample.engine.make_grid(images[:64], nrow=8), work / f"grid_{kind}.png")
+        save_png(make_grid(images[:64], nrow=8), work / f"grid_{kind}.png")
         results["trainers"][f"{kind}" if args.seed == 0 else f"{kind}@seed{args.seed}"] = entry
         print(json.dumps({kind: entry}, indent=1, default=float), flush=True)
         if args.out:

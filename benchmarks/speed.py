@@ -3,7 +3,7 @@
 For each suite (our DDPM-CIFAR preset at 32x32, our 64x64 preset) it measures, at the same batch
 size, threads and device:
 
-* training images/s: the optimiser step of ``ddpm train`` itself (``ddpm.train.loop.train_step`` with
+* training images/s: the optimiser step of ``ddpm train`` itself (``ddpm.train.train_step`` with
   the trainer's default recipe: sigmoid schedule, v target, lognormal timesteps, gradient
   clipping, AdamW, EDM's EMA), the same for every model;
 * sampling: seconds per model evaluation under ``torch.inference_mode`` (EMA weights, eval mode),
@@ -87,8 +87,8 @@ from ddpm.core import conv  # noqa: E402
 from ddpm.runtime import accounting  # noqa: E402
 from ddpm.errors import DDPMError  # noqa: E402
 from ddpm.files.atomic import atomic_write_text  # noqa: E402
-from ddpm.train.loop import TrainConfig, t_probabilities_for  # noqa: E402
-from ddpm.train.loop import train_step as trainer_step  # noqa: E402
+from ddpm.train import DiffusionLoss, StepSettings, TrainConfig, TrainState, t_probabilities_for  # noqa: E402
+from ddpm.train import train_step as trainer_step  # noqa: E402
 
 SUITES = ("ddpm-cifar10", "ddpm-64")
 PEERS = ("diffusers", "lucidrains")
@@ -399,13 +399,15 @@ def training_recipe() -> tuple[ddpm.Schedule, torch.Tensor | None]:
 
 def train_step(e: Entry, x0: torch.Tensor, schedule: ddpm.Schedule, t_probabilities: torch.Tensor | None,
                gen: torch.Generator, step: int = 0) -> float:
-    """One optimiser step of ``ddpm train`` (``ddpm.train.loop.train_step``) on ``x0`` (float [B, 3, H, W]
+    """One optimiser step of ``ddpm train`` (``ddpm.train.train_step``) on ``x0`` (float [B, 3, H, W]
     in [-1, 1]) in ``e.grad_accum`` micro-batches; returns its mean loss (a float: the host waits
     for the step, so its timing is complete)."""
     cfg = replace(RECIPE, grad_accum=e.grad_accum, batch_size=x0.shape[0])
-    loss, _, _ = trainer_step(e.train_fwd, e.model, e.opt, e.ema, schedule, x0, None, cfg, step=step, lr=RECIPE.lr,
-                              generator=gen, t_probabilities=t_probabilities,
-                              autocast=lambda: perf.autocast_context(x0.device, e.precision))
+    loss_fn = DiffusionLoss(schedule, prediction=cfg.prediction, weighting=cfg.loss_weighting,
+                            min_snr_gamma=cfg.min_snr_gamma, t_probabilities=t_probabilities, p_uncond=cfg.p_uncond)
+    settings = StepSettings.from_config(cfg, autocast=lambda: perf.autocast_context(x0.device, e.precision))
+    loss, _, _ = trainer_step(e.train_fwd, TrainState(e.model, e.ema, e.opt, step=step), loss_fn, x0, None,
+                              lr=RECIPE.lr, generator=gen, settings=settings)
     return float(loss)
 
 
@@ -510,15 +512,17 @@ def bench_generate(e: Entry, batch: int, size: int, device: torch.device, rounds
     evaluations of ``bench_sampling`` (what the sampler and seeding add on top of the network)."""
     from ddpm.run.checkpoint import Sampleable
     from ddpm.sample.engine import generate
+    from ddpm.sample.spec import SampleSpec
 
     schedule, _ = training_recipe()
     run = Sampleable(model=e.model, ema_model=e.ema.module, schedule=schedule, classes=None,
                      prediction=RECIPE.prediction, image_size=size)
-    generate(run, batch, steps=2, batch_size=batch, device=device, precision=e.precision, progress=False)  # warm-up
+    runtime = perf.resolve_runtime(device, e.precision, progress=False)
+    generate(run, batch, SampleSpec(steps=2, batch_size=batch), runtime)  # warm-up
     walls = []
     for _ in range(rounds):
         with Clock(device) as c:
-            generate(run, batch, batch_size=batch, device=device, precision=e.precision, progress=False)
+            generate(run, batch, SampleSpec(batch_size=batch), runtime)
         walls.append(c.wall / batch)
     per_image = statistics.median(walls)
     e.results.update(generate_s_per_image_20_steps=per_image, generate_s_per_image=walls,

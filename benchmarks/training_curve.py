@@ -16,7 +16,6 @@ included); ``--final-n`` scores the newest with more samples as well (its FID pr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 from ddpm.run.checkpoint import list_checkpoints  # noqa: E402
 from ddpm.errors import DDPMError  # noqa: E402
-from ddpm.scoring.evaluate import evaluate_run  # noqa: E402
+from ddpm.run.config import RunConfig  # noqa: E402
+from ddpm.run.folder import RunFolder  # noqa: E402
+from ddpm.runtime.policy import resolve_runtime  # noqa: E402
+from ddpm.sample.spec import SampleSpec  # noqa: E402
+from ddpm.scoring.evaluate import ReferenceSettings, evaluate_run, format_summary  # noqa: E402
 from ddpm.files.atomic import atomic_write_json, atomic_write_with  # noqa: E402
 
 
@@ -42,16 +45,16 @@ def pick(paths: list[Path], k: int) -> list[Path]:
 def curve(run: str, ref: str, *, n: int, guidance: float, k: int, device: str, seed: int,
           batch_size: int) -> list[dict[str, Any]]:
     """One row per chosen checkpoint: step, images seen, FID, KID and class accuracy (or None)."""
-    config = json.loads((Path(run) / "config.json").read_text())
-    batch = int(config["train"]["batch_size"])
+    batch = int(RunConfig.read(RunFolder(run)).train["batch_size"])
     paths = list_checkpoints(run)
     if not paths:
         raise DDPMError(f"run folder {run!r} has no checkpoints")
     rows = []
     for path in pick(paths, k):
         t0 = time.perf_counter()
-        r = evaluate_run(run, ref, n=n, guidance=guidance, checkpoint=path, device=device, seed=seed,
-                         batch_size=batch_size, compute_pr=False, progress=False, verbose=False)
+        r = evaluate_run(run, ref, n, SampleSpec(guidance=guidance, seed=seed, batch_size=batch_size),
+                         resolve_runtime(device, progress=False), settings=ReferenceSettings(precision_recall=False),
+                         checkpoint=path)
         acc = r.get("class_accuracy") or {}
         row = {"step": r["step"], "images_seen": r["step"] * batch, "checkpoint": str(path), "n": n,
                "fid": r["fid"], "kid": r.get("kid_mean"), "accuracy": acc.get("overall"),
@@ -120,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                      seed=args.seed, batch_size=args.batch_size)
         report: dict[str, Any] = {"run": args.run, "ref": args.ref, "guidance": args.guidance, "points": rows}
         if args.final_n:
-            final = evaluate_run(args.run, args.ref, n=args.final_n, guidance=args.guidance, device=args.device,
-                                 seed=args.seed, batch_size=args.batch_size, compute_pr=False, progress=False,
-                                 verbose=True)
+            final = evaluate_run(args.run, args.ref, args.final_n,
+                                 SampleSpec(guidance=args.guidance, seed=args.seed, batch_size=args.batch_size),
+                                 resolve_runtime(args.device, progress=False),
+                                 settings=ReferenceSettings(precision_recall=False))
+            print(format_summary(final))
             report["final"] = final
         title = args.title or f"{args.run}: {args.n} samples per point" + (
             f", guidance {args.guidance:g}" if rows[0]["accuracy"] is not None else "")

@@ -4,8 +4,14 @@ The command line prints a :class:`DDPMError` as one line and exits non-zero; any
 a bug and keeps its traceback.
 """
 
-__all__ = ["DDPMError"]
+__all__ = ["DDPMError", "StoppedEarly"]
 
 
 class DDPMError(Exception):
     """A one-line, user-facing error: it names what was wrong and what was expected."""
+
+
+class StoppedEarly(Exception):
+    """A command stopped before its work was done, on request (SIGTERM, ``--time-limit``), after
+    saving what it must; running it again continues. Not an error: the command line exits with
+    its own code (3) so that a script or a scheduler can tell it from a finished run."""

@@ -7,6 +7,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,3 +67,44 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Every cache (decoded data, FID statistics) in a folder of this test session: tests neither
+    read a user's ~/.cache/ddpm nor leave files in it. Subprocesses inherit it."""
+    before = os.environ.get("DDPM_CACHE")
+    os.environ["DDPM_CACHE"] = str(tmp_path_factory.mktemp("ddpm-cache"))
+    yield Path(os.environ["DDPM_CACHE"])
+    if before is None:
+        os.environ.pop("DDPM_CACHE", None)
+    else:
+        os.environ["DDPM_CACHE"] = before
+
+
+class FakeExtractor:
+    """Stands in for the Inception network (the one stand-in of the tests): 12-d features, the
+    2x2 average-pooled RGB of uint8 images [B, 3, H, W] (a list of mixed sizes is brought to
+    8x8 first), as float64 [B, 12]; ``calls`` counts the batches it has seen."""
+
+    calls = 0
+    sha256 = "0" * 64
+
+    def __init__(self, path=None, device=None) -> None:
+        self.device = torch.device("cpu")
+
+    def __call__(self, batch) -> np.ndarray:
+        FakeExtractor.calls += 1
+        if not isinstance(batch, torch.Tensor):
+            batch = torch.stack([torch.nn.functional.interpolate(b[None].float(), size=(8, 8))[0] for b in batch])
+        return torch.nn.functional.adaptive_avg_pool2d(batch.float(), 2).flatten(1).double().numpy()
+
+
+@pytest.fixture
+def fake_net(monkeypatch):
+    """Scoring (``ddpm.scoring.evaluate`` and what builds on it) runs with :class:`FakeExtractor`."""
+    from ddpm.scoring import evaluate
+
+    monkeypatch.setattr(evaluate, "FeatureExtractor", FakeExtractor)
+    FakeExtractor.calls = 0
+    return FakeExtractor

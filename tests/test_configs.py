@@ -9,7 +9,7 @@ import pytest
 
 from conftest import copy_subset
 from ddpm.cli.app import run_info
-from ddpm.train.loop import config_from_dict, train
+from ddpm.train import config_from_dict, train
 from ddpm.core.unet import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -98,7 +98,7 @@ def test_two_gloo_ranks_sample_and_score_the_images_of_one_process(tmp_path: Pat
     import json
 
     from ddpm.cli.app import main
-    from ddpm.train.loop import TrainConfig, train
+    from ddpm.train import TrainConfig, train
 
     data = _class_folders(tmp_path / "data", ["a", "b", "c"], 4)
     run = tmp_path / "run"

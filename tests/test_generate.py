@@ -23,7 +23,10 @@ from torch import nn
 
 from ddpm import samplers as S
 from ddpm.run.checkpoint import Run
-from ddpm.sample.engine import generate, guidance_sweep, starting_noise
+from ddpm.runtime.policy import Runtime, resolve_runtime
+from ddpm.sample.engine import Draw, generate, sample_draw, starting_noise
+from ddpm.sample.pictures import guidance_sweep
+from ddpm.sample.spec import SampleSpec
 from ddpm.core.schedule import Schedule
 from ddpm.core.unet import UNet, UNetConfig
 
@@ -91,19 +94,24 @@ SAMPLERS = [
     ("ddim-eta1", dict(sampler="ddim", steps=3, eta=1.0)),
     ("langevin", dict(sampler="langevin", steps=2)),
 ]
-FIXED = dict(precision="fp32", device="cpu", progress=False)
+FIXED = resolve_runtime("cpu", "fp32", progress=False)
+
+
+def _with_noise(run: Run, n: int, noise: torch.Tensor, spec: SampleSpec) -> torch.Tensor:
+    """``generate`` with the starting noise replaced (what ``generate(noise=...)`` was)."""
+    return sample_draw(run, Draw(n, noise=noise), spec.for_run(run.schedule.T), FIXED)
 
 
 @pytest.mark.parametrize("name,opts", SAMPLERS, ids=[s[0] for s in SAMPLERS])
 def test_the_same_seed_gives_the_same_images_at_any_batch_size(run: Run, name: str, opts: dict) -> None:
-    images = [generate(run, 9, seed=5, batch_size=b, **FIXED, **opts) for b in (1, 7, 64)]
+    images = [generate(run, 9, SampleSpec(seed=5, batch_size=b, **opts), FIXED) for b in (1, 7, 64)]
     assert images[0].dtype == torch.uint8 and images[0].shape == (9, 3, SIZE, SIZE)
     for other in images[1:]:
         assert torch.equal(other, images[0])
     # prefix stability: image i of n = 3 is image i of n = 9
-    assert torch.equal(generate(run, 3, seed=5, batch_size=2, **FIXED, **opts), images[0][:3])
+    assert torch.equal(generate(run, 3, SampleSpec(seed=5, batch_size=2, **opts), FIXED), images[0][:3])
     # another seed, other images; within a call, every image its own
-    other_seed = generate(run, 9, seed=6, batch_size=64, **FIXED, **opts)
+    other_seed = generate(run, 9, SampleSpec(seed=6, batch_size=64, **opts), FIXED)
     assert all(not torch.equal(a, b) for a, b in zip(other_seed, images[0]))
     assert all(not torch.equal(images[0][i], images[0][j]) for i in range(9) for j in range(i))
 
@@ -111,9 +119,9 @@ def test_the_same_seed_gives_the_same_images_at_any_batch_size(run: Run, name: s
 @pytest.mark.parametrize("name,opts", [SAMPLERS[0], SAMPLERS[2]], ids=["dpm-solver", "ancestral"])
 def test_a_unet_gives_the_same_images_at_any_batch_size_up_to_its_rounding(unet_run: Run, name: str,
                                                                            opts: dict) -> None:
-    images = [generate(unet_run, 9, seed=5, batch_size=b, **FIXED, **opts) for b in (1, 7, 64)]
-    prefix = generate(unet_run, 3, seed=5, **FIXED, **opts)  # image i of n = 3 is image i of n = 9
-    other_seed = generate(unet_run, 9, seed=6, **FIXED, **opts)
+    images = [generate(unet_run, 9, SampleSpec(seed=5, batch_size=b, **opts), FIXED) for b in (1, 7, 64)]
+    prefix = generate(unet_run, 3, SampleSpec(seed=5, **opts), FIXED)  # image i of n = 3 is image i of n = 9
+    other_seed = generate(unet_run, 9, SampleSpec(seed=6, **opts), FIXED)
     for other, same in [(images[1], images[0]), (images[2], images[0]), (prefix, images[0][:3])]:
         diff = (other.int() - same.int()).abs()
         assert diff.max() <= 1 and (diff > 0).sum() <= 10, (int(diff.max()), int((diff > 0).sum()))
@@ -123,19 +131,22 @@ def test_a_unet_gives_the_same_images_at_any_batch_size_up_to_its_rounding(unet_
 def test_stochastic_noise_comes_from_the_image_generator_too(run: Run) -> None:
     # The seed's own starting noise given as `noise`: the same images as without it, since each
     # image's generator still draws (and drops) its starting noise before the step noise.
-    opts = dict(sampler="ancestral", steps=3, **FIXED)
+    opts = dict(sampler="ancestral", steps=3)
     x_T = starting_noise(run, 5, seed=3)
-    plain = generate(run, 5, seed=3, **opts)
-    assert torch.equal(generate(run, 5, noise=x_T, seed=3, batch_size=2, **opts), plain)
+    plain = generate(run, 5, SampleSpec(seed=3, **opts), FIXED)
+    assert torch.equal(_with_noise(run, 5, x_T, SampleSpec(seed=3, batch_size=2, **opts)), plain)
     # ... and the same starting noise with another seed's step noise gives other images
-    assert not torch.equal(generate(run, 5, noise=x_T, seed=4, **opts), plain)
+    assert not torch.equal(_with_noise(run, 5, x_T, SampleSpec(seed=4, **opts)), plain)
 
 
 def test_starting_noise_depends_on_the_seed_and_the_image_alone(run: Run) -> None:
     x = starting_noise(run, 9, seed=2)
     assert x.dtype == torch.float32 and x.shape == (9, 3, SIZE, SIZE) and x.device.type == "cpu"
     assert torch.equal(starting_noise(run, 4, seed=2), x[:4])
-    assert torch.equal(starting_noise(run, 9, seed=2, batch_size=2), x)  # accepted, changes nothing
+    # what generate() draws at any batch size: given as the starting noise of a deterministic
+    # sampler at batch size 2, the images are those generate() draws itself in one batch
+    det = SampleSpec(seed=2, sampler="dpm-solver", steps=3)
+    assert torch.equal(_with_noise(run, 9, x, det.with_(batch_size=2)), generate(run, 9, det, FIXED))
     # image i: the first draw of a CPU generator seeded seed * 1_000_003 + i
     g = torch.Generator().manual_seed(2 * 1_000_003 + 7)
     assert torch.equal(x[7], torch.randn(3, SIZE, SIZE, generator=g))
@@ -146,14 +157,15 @@ def test_starting_noise_depends_on_the_seed_and_the_image_alone(run: Run) -> Non
 def test_guided_batches_draw_noise_once_per_image(cond_run: Run, guidance: float) -> None:
     # Guidance other than 0 and 1 doubles the network's batch; the noise stays one draw per image.
     labels = torch.tensor([0, 1, 1, 0, 1])
-    opts = dict(guidance=guidance, sampler="ancestral", steps=3, seed=1, **FIXED)
-    whole = generate(cond_run, 5, labels=labels, batch_size=64, **opts)
-    assert torch.equal(generate(cond_run, 5, labels=labels, batch_size=2, **opts), whole)
-    assert torch.equal(generate(cond_run, 2, labels=labels[:2], **opts), whole[:2])
-    sweep_opts = {k: v for k, v in opts.items() if k != "guidance"}
-    assert torch.equal(guidance_sweep(cond_run, [guidance], labels, batch_size=3, **sweep_opts), whole)
+    spec = SampleSpec(guidance=guidance, sampler="ancestral", steps=3, seed=1)
+    whole = generate(cond_run, 5, spec.with_(batch_size=64), FIXED, labels=labels)
+    assert torch.equal(generate(cond_run, 5, spec.with_(batch_size=2), FIXED, labels=labels), whole)
+    assert torch.equal(generate(cond_run, 2, spec, FIXED, labels=labels[:2]), whole[:2])
+    # the sweep ignores spec.guidance: its scales are the sweep's
+    assert torch.equal(guidance_sweep(cond_run, [guidance], labels, spec.with_(guidance=0.0, batch_size=3), FIXED),
+                       whole)
     if guidance != 1.0:  # guidance changes the images (the stand-in's labels shift its output)
-        assert not torch.equal(generate(cond_run, 5, labels=labels, **{**opts, "guidance": 1.0}), whole)
+        assert not torch.equal(generate(cond_run, 5, spec.with_(guidance=1.0), FIXED, labels=labels), whole)
 
 
 def test_image_generators_stack_one_draw_per_image() -> None:
@@ -203,14 +215,12 @@ def test_generate_leaves_the_callers_network_as_it_found_it() -> None:
     before = {k: v.clone() for k, v in net.state_dict().items()}
     run = Sampleable(model=net, ema_model=None, schedule=Schedule.linear(20), classes=["a", "b"], prediction="eps",
                      image_size=8)
-    images = generate(run, 3, labels=torch.tensor([0, 1, 1]), guidance=2.0, steps=3, progress=False,
-                      device="cpu", precision="fp32")
+    images = generate(run, 3, SampleSpec(guidance=2.0, steps=3), FIXED, labels=torch.tensor([0, 1, 1]))
     assert net.training, "generate() left the caller's network in eval mode"
     conv = next(p for p in net.parameters() if p.dim() == 4 and p.shape[-1] == 3)
     assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)  # not re-laid
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    again = generate(run, 3, labels=torch.tensor([0, 1, 1]), guidance=2.0, steps=3, progress=False,
-                     device="cpu", precision="fp32")
+    again = generate(run, 3, SampleSpec(guidance=2.0, steps=3), FIXED, labels=torch.tensor([0, 1, 1]))
     assert torch.equal(images, again)  # dropout was off while sampling: the same images twice
 
 
@@ -218,7 +228,6 @@ def test_the_sampling_copy_is_made_on_the_target_device_not_beside_the_weights(m
     """When generate() must copy the network (to move or re-lay it), no tensor is duplicated
     where the weights live: each goes straight to the target device (a GPU run sampled on the
     CPU would otherwise need twice its GPU memory for a moment)."""
-    from ddpm.sample.engine import _sampling_network
     from ddpm.core.unet import UNet, UNetConfig
 
     net = UNet(UNetConfig.preset("tiny", image_size=8))
@@ -229,8 +238,8 @@ def test_the_sampling_copy_is_made_on_the_target_device_not_beside_the_weights(m
 
     monkeypatch.setattr(torch.Tensor, "__deepcopy__", refuse)
     monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", refuse)
-    monkeypatch.setattr("ddpm.runtime.policy.default_channels_last", lambda device: True)  # force a re-laid copy
-    copy = _sampling_network(net, torch.device("cpu"))
+    runtime = Runtime(torch.device("cpu"), "fp32", channels_last=True)  # NCHW weights: force a re-laid copy
+    copy = runtime.sampling_network(net)
     assert copy is not net
     pairs = list(zip(net.state_dict().values(), copy.state_dict().values()))
     assert len(pairs) == len(net.state_dict()) and all(torch.equal(a, b) for a, b in pairs)

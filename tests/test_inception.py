@@ -130,7 +130,7 @@ def cifar(cifar10_dir, tmp_path_factory):
     test images per class of the shared CIFAR-10 JPEG subset."""
     from conftest import copy_subset
 
-    from ddpm.scoring.evaluate import reference_stats
+    from ddpm.scoring.evaluate import ReferenceSettings, reference_stats
 
     root = tmp_path_factory.mktemp("cifar-fid")
     classes = sorted(p.name for p in (cifar10_dir / "train").iterdir())
@@ -138,20 +138,21 @@ def cifar(cifar10_dir, tmp_path_factory):
     out = {}
     for split in ("train", "test"):
         folder = copy_subset(cifar10_dir / split, root / split, classes, PER_CLASS)
-        out[split] = reference_stats(folder, image_size=32, cache_dir=cache, batch_size=50, device="cpu",
-                                     progress=False)
+        out[split] = reference_stats(folder, image_size=32, device="cpu", progress=False,
+                                     settings=ReferenceSettings(cache_dir=cache, feature_batch_size=50))
     out["cache"] = cache
     out["folder_test"] = root / "test"
     return out
 
 
 def test_reference_set_labels_and_cache_hit(cifar):
-    from ddpm.scoring.evaluate import reference_stats
+    from ddpm.scoring.evaluate import ReferenceSettings, reference_stats
 
     test = cifar["test"]
     assert test.n == 10 * PER_CLASS and len(test.classes) == 10
     assert np.bincount(test.labels).tolist() == [PER_CLASS] * 10
-    again = reference_stats(cifar["folder_test"], image_size=32, cache_dir=cifar["cache"], progress=False)
+    again = reference_stats(cifar["folder_test"], image_size=32, settings=ReferenceSettings(cache_dir=cifar["cache"]),
+                            progress=False)
     assert again.cached and np.array_equal(again.features, test.features)
 
 

@@ -385,21 +385,20 @@ def test_missing_scheduler_and_unexportable_heads_and_existing_outputs(tmp_path,
 
 
 def test_a_failed_write_leaves_no_folder_behind(tmp_path, monkeypatch):
-    import ddpm.run.checkpoint
+    import ddpm.interop.diffusers
 
     src = save_pipeline(ddpm_architecture(), tmp_path / "hub")
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ddpm.run.checkpoint, "save_checkpoint", disk_full)
+    monkeypatch.setattr(ddpm.interop.diffusers, "save_checkpoint", disk_full)
     with pytest.raises(DDPMError, match="No space left on device"):
         import_diffusers(src, tmp_path / "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]  # no run, no temporary folder
 
 
 def test_an_unwritable_output_location_is_refused_before_weights_are_read(tmp_path, capsys, monkeypatch):
-    import ddpm.run.checkpoint
     import ddpm.interop.diffusers
 
     src = save_pipeline(ddpm_architecture(), tmp_path / "hub")
@@ -410,7 +409,7 @@ def test_an_unwritable_output_location_is_refused_before_weights_are_read(tmp_pa
     def never(*args, **kwargs):
         raise AssertionError("weights read before the output location was checked")
 
-    monkeypatch.setattr(ddpm.run.checkpoint, "load_run", never)
+    monkeypatch.setattr(ddpm.interop.diffusers, "load_run", never)
     monkeypatch.setattr(ddpm.interop.diffusers, "_read_weights", never)
     err = one_line_error(capsys, ["export", str(run), str(blocker / "export")])
     assert "a-file" in err and "not a folder" in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,10 @@ from PIL import Image
 from ddpm.scoring import evaluate
 from ddpm.scoring import metrics
 from ddpm.errors import DDPMError
+from ddpm.runtime.policy import resolve_runtime
+from ddpm.sample.spec import SampleSpec
 from ddpm.scoring.metrics import LinearProbe, class_accuracy, fit_linear_probe, frechet_distance, gaussian_stats, kid
+from conftest import FakeExtractor
 
 
 def _rand_spd(rng: np.random.Generator, d: int, rank: int | None = None) -> np.ndarray:
@@ -205,28 +209,7 @@ def test_class_accuracy_reports_missing_classes_as_none():
 
 
 # ------------------------------------------------------- reference cache with a stand-in net
-class FakeExtractor:
-    """Stands in for the Inception network: 12-d features (2x2 average-pooled RGB), counting calls."""
-
-    calls = 0
-    sha256 = "0" * 64
-
-    def __init__(self, path=None, device=None) -> None:
-        self.device = torch.device("cpu")
-
-    def __call__(self, batch) -> np.ndarray:
-        FakeExtractor.calls += 1
-        if not isinstance(batch, torch.Tensor):
-            batch = torch.stack([torch.nn.functional.interpolate(b[None].float(), size=(8, 8))[0] for b in batch])
-        f = torch.nn.functional.adaptive_avg_pool2d(batch.float(), 2).flatten(1)
-        return f.double().numpy()
-
-
-@pytest.fixture
-def fake_net(monkeypatch):
-    monkeypatch.setattr(evaluate, "FeatureExtractor", FakeExtractor)
-    FakeExtractor.calls = 0
-    return FakeExtractor
+QUIET = resolve_runtime("cpu", progress=False)
 
 
 COLOURS = {"blue": (30, 60, 200), "red": (200, 40, 30)}
@@ -245,14 +228,15 @@ def _make_class_folder(root: Path, per_class: int = 12, size: int = 8) -> Path:
 def test_reference_stats_labels_cache_hit_and_invalidation(tmp_path, fake_net):
     ref = _make_class_folder(tmp_path / "ref")
     cache = tmp_path / "cache"
-    fs = evaluate.reference_stats(ref, image_size=8, cache_dir=cache, batch_size=5, progress=False)
+    cached = evaluate.ReferenceSettings(cache_dir=cache)
+    fs = evaluate.reference_stats(ref, image_size=8, settings=replace(cached, feature_batch_size=5), progress=False)
     assert fs.n == 24 and fs.classes == ["blue", "red"] and not fs.cached
     assert fs.features.dtype == np.float32 and fs.mu.dtype == np.float64
     np.testing.assert_array_equal(fs.labels, np.repeat([0, 1], 12))
     files = list(cache.iterdir())
     assert len(files) == 1 and files[0].suffix == ".npz"  # no temp files left behind
     calls = fake_net.calls
-    hit = evaluate.reference_stats(ref, image_size=8, cache_dir=cache, progress=False)
+    hit = evaluate.reference_stats(ref, image_size=8, settings=cached, progress=False)
     assert hit.cached and fake_net.calls == calls  # the network did not run again
     np.testing.assert_array_equal(hit.features, fs.features)
     np.testing.assert_array_equal(hit.sigma, fs.sigma)
@@ -261,14 +245,15 @@ def test_reference_stats_labels_cache_hit_and_invalidation(tmp_path, fake_net):
         assert {"mu", "sigma", "features", "labels", "classes", "key"} <= set(z.files)
     # a changed file list is a different key; a different image size too
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(ref / "red" / "new.png")
-    assert not evaluate.reference_stats(ref, image_size=8, cache_dir=cache, progress=False).cached
-    assert not evaluate.reference_stats(ref, image_size=4, cache_dir=cache, progress=False).cached
+    assert not evaluate.reference_stats(ref, image_size=8, settings=cached, progress=False).cached
+    assert not evaluate.reference_stats(ref, image_size=4, settings=cached, progress=False).cached
     assert len(list(cache.iterdir())) == 3
 
 
 def test_reference_cache_write_is_atomic(tmp_path, fake_net, monkeypatch):
     ref = _make_class_folder(tmp_path / "ref", per_class=3)
     cache = tmp_path / "cache"
+    cached = evaluate.ReferenceSettings(cache_dir=cache)
 
     def broken_savez(f, **arrays):
         f.write(b"half a file")
@@ -277,21 +262,22 @@ def test_reference_cache_write_is_atomic(tmp_path, fake_net, monkeypatch):
     monkeypatch.setattr(evaluate.np, "savez", broken_savez)
     # The cache only saves time: a failed write is a warning, and the statistics still come back.
     with pytest.warns(UserWarning, match="disk full"):
-        fs = evaluate.reference_stats(ref, image_size=8, cache_dir=cache, progress=False)
+        fs = evaluate.reference_stats(ref, image_size=8, settings=cached, progress=False)
     assert fs.n == 6 and fs.cache_path is None
     assert list(cache.iterdir()) == []  # neither a partial cache file nor a temp file
     monkeypatch.undo()
     monkeypatch.setattr(evaluate, "FeatureExtractor", FakeExtractor)
-    assert not evaluate.reference_stats(ref, image_size=8, cache_dir=cache, progress=False).cached
+    assert not evaluate.reference_stats(ref, image_size=8, settings=cached, progress=False).cached
 
 
 def test_corrupt_cache_file_is_recomputed(tmp_path, fake_net):
     ref = _make_class_folder(tmp_path / "ref", per_class=3)
     cache = tmp_path / "cache"
-    fs = evaluate.reference_stats(ref, image_size=8, cache_dir=cache, progress=False)
+    cached = evaluate.ReferenceSettings(cache_dir=cache)
+    fs = evaluate.reference_stats(ref, image_size=8, settings=cached, progress=False)
     fs.cache_path.write_bytes(b"not a zip file")
     with pytest.warns(UserWarning, match="unusable cache"):
-        again = evaluate.reference_stats(ref, image_size=8, cache_dir=cache, progress=False)
+        again = evaluate.reference_stats(ref, image_size=8, settings=cached, progress=False)
     assert not again.cached
     np.testing.assert_array_equal(again.features, fs.features)
 
@@ -299,15 +285,15 @@ def test_corrupt_cache_file_is_recomputed(tmp_path, fake_net):
 def test_flat_folder_has_no_labels_and_npz_stats_are_accepted(tmp_path, fake_net):
     flat = tmp_path / "flat"
     flat.mkdir()
+    cached = evaluate.ReferenceSettings(cache_dir=tmp_path / "c")
     for i in range(5):
         Image.fromarray(np.full((6, 10, 3), 40 * i, np.uint8)).save(flat / f"{i}.jpg")
-    fs = evaluate.reference_stats(flat, cache_dir=tmp_path / "c", progress=False)  # native, non-square sizes
+    fs = evaluate.reference_stats(flat, settings=cached, progress=False)  # native, non-square sizes
     assert fs.labels is None and fs.classes is None and fs.n == 5
     np.savez(tmp_path / "stats.npz", mu=fs.mu, sigma=fs.sigma)  # pytorch-fid's statistics format
-    st = evaluate.reference_stats(tmp_path / "stats.npz", cache_dir=tmp_path / "c", progress=False)
+    st = evaluate.reference_stats(tmp_path / "stats.npz", settings=cached, progress=False)
     assert st.features is None and st.n == 0
-    r = evaluate.fid_folders(flat, tmp_path / "stats.npz", progress=False,
-                             settings=evaluate.ReferenceSettings(cache_dir=tmp_path / "c"))
+    r = evaluate.fid_folders(flat, tmp_path / "stats.npz", QUIET, settings=cached)
     assert abs(r["fid"]) < 1e-6 * np.trace(fs.sigma) and "kid_mean" not in r
 
 
@@ -319,8 +305,7 @@ def test_reference_scores_as_the_metrics_do_and_as_ddpm_fid_does(tmp_path, fake_
     rgb = torch.tensor([COLOURS["red"], COLOURS["blue"]] * 5, dtype=torch.float64)  # red, blue, red, ...
     images = (rgb[:, :, None, None] + torch.from_numpy(rng.normal(0, 25, (10, 3, 8, 8)))).clamp(0, 255).to(torch.uint8)
     settings = evaluate.ReferenceSettings(cache_dir=tmp_path / "cache", kid_subsets=5)
-    reference = evaluate.Reference.build(ref, 8, device="cpu", settings=settings, classes=["red", "blue"],
-                                         progress=False)
+    reference = evaluate.Reference.build(ref, 8, QUIET, settings=settings, classes=["red", "blue"])
     labels = torch.arange(10) % 2  # the generator's order: 0 = red, 1 = blue
     got = reference.score(images, labels, pr=True)
 
@@ -338,7 +323,7 @@ def test_reference_scores_as_the_metrics_do_and_as_ddpm_fid_does(tmp_path, fake_
     folder.mkdir()
     for i, im in enumerate(images):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")  # lossless: the same pixels
-    both = evaluate.fid_folders(folder, ref, settings=settings, progress=False)
+    both = evaluate.fid_folders(folder, ref, QUIET, settings=settings)
     assert both["fid"] == pytest.approx(got["fid"], rel=1e-9) and both["kid_mean"] == pytest.approx(got["kid_mean"])
     assert (both["n_a"], both["n_b"]) == (10, 24)
 
@@ -351,27 +336,28 @@ def _one_line(e: BaseException) -> str:
 
 
 def test_reference_errors_are_one_line(tmp_path, fake_net):
+    cached = evaluate.ReferenceSettings(cache_dir=tmp_path)
     with pytest.raises(evaluate.ReferenceDataError) as e:
-        evaluate.reference_stats(tmp_path / "nope", cache_dir=tmp_path, progress=False)
+        evaluate.reference_stats(tmp_path / "nope", settings=cached, progress=False)
     assert "does not exist" in _one_line(e.value)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     with pytest.raises(DDPMError) as e:
-        evaluate.reference_stats(tmp_path / "empty", cache_dir=tmp_path, progress=False)
+        evaluate.reference_stats(tmp_path / "empty", settings=cached, progress=False)
     assert "no images found" in _one_line(e.value)
     (tmp_path / "bad.npz").write_bytes(b"garbage")
     with pytest.raises(DDPMError) as e:
-        evaluate.reference_stats(tmp_path / "bad.npz", cache_dir=tmp_path, progress=False)
+        evaluate.reference_stats(tmp_path / "bad.npz", settings=cached, progress=False)
     assert "cannot read reference statistics" in _one_line(e.value)
     np.savez(tmp_path / "other.npz", features=np.zeros((3, 2)))
     with pytest.raises(DDPMError, match="expected at least 'mu' and 'sigma'"):
-        evaluate.reference_stats(tmp_path / "other.npz", cache_dir=tmp_path, progress=False)
+        evaluate.reference_stats(tmp_path / "other.npz", settings=cached, progress=False)
     broken = tmp_path / "broken"
     broken.mkdir()
     for i in range(3):
         (broken / f"{i}.png").write_bytes(b"\x89PNG truncated")
     with pytest.warns(UserWarning, match="skipped 3 unreadable"), pytest.raises(DDPMError) as e:
-        evaluate.reference_stats(broken, cache_dir=tmp_path, progress=False)
+        evaluate.reference_stats(broken, settings=cached, progress=False)
     assert "readable image" in _one_line(e.value)
 
 
@@ -421,12 +407,13 @@ def stub_run(tmp_path, monkeypatch, fake_net):
         assert Path(path) == run_dir
         return run
 
-    def generate(r, n, *, labels=None, sampler="dpm-solver", steps=None, guidance=1.0, seed=0, batch_size=64,
-                 use_ema=True, device=None, precision="auto", progress=True):
-        seen.update(n=n, labels=labels, sampler=sampler, steps=steps, guidance=guidance, precision=precision)
+    def generate(r, n, spec=None, runtime=None, processes=None, *, labels=None, callback=None):
+        spec = spec if spec is not None else SampleSpec()
+        seen.update(n=n, labels=labels, sampler=spec.sampler, steps=spec.steps, guidance=spec.guidance,
+                    precision=None if runtime is None else runtime.precision)
         pix = {name: torch.from_numpy(np.array(Image.open(sorted((ref / name).iterdir())[0]))).permute(2, 0, 1)
                for name in COLOURS}
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(spec.seed)
         out = torch.stack([pix.get(r.classes[int(c)], pix["red"]) for c in labels]).int()
         return (out + torch.randint(-20, 21, out.shape, generator=g)).clamp(0, 255).to(torch.uint8)
 
@@ -437,9 +424,10 @@ def stub_run(tmp_path, monkeypatch, fake_net):
 
 def test_evaluate_run_with_stand_in_modules(stub_run, tmp_path, capsys):
     out = tmp_path / "res" / "eval.json"
-    r = evaluate.evaluate_run(stub_run.run_dir, stub_run.ref, n=21, sampler="ddim", steps=5, guidance=2.0,
-                              out=out, progress=False,
+    spec = SampleSpec(sampler="ddim", steps=5, guidance=2.0)
+    r = evaluate.evaluate_run(stub_run.run_dir, stub_run.ref, n=21, spec=spec, runtime=QUIET,
                               settings=evaluate.ReferenceSettings(cache_dir=tmp_path / "cache", kid_subsets=5))
+    assert capsys.readouterr().out == ""  # the result is returned; the CLI prints and writes it
     labels = stub_run.seen["labels"]
     assert labels.dtype == torch.int64 and torch.bincount(labels).tolist() == [11, 10]  # spread evenly
     assert stub_run.seen["sampler"] == "ddim" and stub_run.seen["guidance"] == 2.0
@@ -448,16 +436,18 @@ def test_evaluate_run_with_stand_in_modules(stub_run, tmp_path, capsys):
     assert r["nfe"] == 5 and r["network_passes_per_sample"] == 10 and r["step"] == 7
     for k in ("fid", "kid_mean", "kid_std", "precision", "recall", "timings", "reference"):
         assert k in r
+    evaluate.write_json(out, r)  # as 'ddpm eval' writes it
     saved = json.loads(out.read_text())
     assert saved["fid"] == pytest.approx(r["fid"]) and saved["sampler"] == "ddim"
-    summary = capsys.readouterr().out
+    summary = evaluate.format_summary(r)  # what 'ddpm eval' prints
     assert "FID" in summary and "class acc" in summary and "red" in summary
 
 
 def test_sampler_sweep_writes_json_and_plot(stub_run, tmp_path):
     out = tmp_path / "sweep" / "sweep.json"
-    rep = evaluate.sampler_sweep(stub_run.run_dir, stub_run.ref, n=10, samplers=["ddim", "langevin"],
-                                 steps_list=[2, 4], guidances=[1.0, 3.0], out=out, progress=False, verbose=False,
+    rep = evaluate.sampler_sweep(stub_run.run_dir, stub_run.ref, n=10,
+                                 grid=evaluate.SweepGrid(["ddim", "langevin"], [2, 4], [1.0, 3.0]), runtime=QUIET,
+                                 out=out,
                                  settings=evaluate.ReferenceSettings(cache_dir=tmp_path / "cache", kid_subsets=3))
     assert len(rep["results"]) == 8
     nfes = {(r["sampler"], r["steps"]): r["nfe"] for r in rep["results"]}
@@ -471,6 +461,6 @@ def test_class_accuracy_skipped_when_classes_do_not_match(stub_run, tmp_path):
     run = evaluate.load_run(stub_run.run_dir)  # the stand-in
     run.classes = ["red", "green"]
     with pytest.warns(UserWarning, match="class accuracy skipped"):
-        r = evaluate.evaluate_run(stub_run.run_dir, stub_run.ref, n=6, progress=False, verbose=False,
+        r = evaluate.evaluate_run(stub_run.run_dir, stub_run.ref, n=6, runtime=QUIET,
                                   settings=evaluate.ReferenceSettings(cache_dir=tmp_path / "cache", kid_subsets=2))
     assert r["class_accuracy"] is None and "green" in r["class_accuracy_note"]

@@ -13,7 +13,7 @@ import torch
 
 from ddpm.run import checkpoint
 from ddpm.scoring import evaluate
-from ddpm.sample import engine as generate
+from ddpm.sample import pictures
 from ddpm.scoring import metrics
 from ddpm.files import atomic as outputs
 from ddpm.errors import DDPMError
@@ -41,7 +41,7 @@ def _leftovers(folder: Path) -> list[str]:
 
 def _every_kind_of_file(out: Path) -> list[Path]:
     """Write one file of each kind the package makes, through the package's own writers."""
-    from ddpm.train import loop as train
+    from ddpm.train import monitor as train
 
     written = [checkpoint.save_checkpoint(out / "run", 1, {"model": {}}, {"model": {"w": torch.ones(3)}, "step": 1})]
     atomic_write_json(out / "run" / "config.json", {"a": 1})
@@ -51,9 +51,9 @@ def _every_kind_of_file(out: Path) -> list[Path]:
     rows = [{"guidance": None, "sampler": s, "nfe": k, "fid": 10.0 / k} for s in ("ddim", "heun") for k in (2, 4)]
     evaluate.plot_sweep({"results": rows, "n": 8, "run": "run", "step": 1}, out / "eval" / "sweep.png")
     written.append(out / "eval" / "sweep.png")
-    generate.save_png(np.zeros((6, 6, 3), np.uint8), out / "grid.png")
+    pictures.save_png(np.zeros((6, 6, 3), np.uint8), out / "grid.png")
     written.append(out / "grid.png")
-    generate.save_gif([np.zeros((6, 6, 3), np.uint8), np.full((6, 6, 3), 255, np.uint8)], out / "chain.gif")
+    pictures.save_gif([np.zeros((6, 6, 3), np.uint8), np.full((6, 6, 3), 255, np.uint8)], out / "chain.gif")
     written.append(out / "chain.gif")
     fs = evaluate.FeatureSet(mu=np.zeros(4), sigma=np.eye(4), features=np.zeros((2, 4), np.float32), labels=None,
                              classes=None, source="test", key="k")
@@ -185,7 +185,7 @@ def test_data_is_fsynced_before_the_rename(tmp_path, monkeypatch):
     check(atomic_write_with(tmp_path / "a.npz", lambda f: np.savez(f, x=np.arange(3))))
     check(atomic_write_to(tmp_path / "named.bin", lambda tmp: tmp.write_bytes(b"by name")))
     check(checkpoint.save_checkpoint(tmp_path / "run", 1, {}, {"w": torch.ones(2)}))
-    generate.save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "g.png")
+    pictures.save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "g.png")
     check(tmp_path / "g.png")
 
 
@@ -222,7 +222,7 @@ def test_a_umask_without_the_owner_write_bit_still_writes_read_only_files(tmp_pa
     try:
         ckpt = checkpoint.save_checkpoint(tmp_path / "run", 1, {}, {"w": torch.ones(2)})
         png = tmp_path / "g.png"
-        generate.save_png(np.zeros((4, 4, 3), np.uint8), png)
+        pictures.save_png(np.zeros((4, 4, 3), np.uint8), png)
     finally:
         os.umask(old)
     assert _mode(ckpt) == 0o444 and _mode(png) == 0o444

@@ -17,8 +17,10 @@ from ddpm.runtime import policy as perf
 from ddpm.runtime import accounting
 from ddpm.run.checkpoint import load_run
 from ddpm.cli.app import main
-from ddpm.sample.engine import ChainRecorder, generate, guidance_sweep, interpolate, slerp, starting_noise
-from ddpm.train.loop import TrainConfig, train
+from ddpm.sample.engine import generate, starting_noise
+from ddpm.sample.pictures import ChainRecorder, guidance_sweep, interpolate, slerp
+from ddpm.sample.spec import SampleSpec
+from ddpm.train import TrainConfig, train
 from ddpm.core.unet import UNet, UNetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -197,13 +199,15 @@ def test_animate_writes_a_gif_of_x_t_beside_x0(cond_run: Path, tmp_path: Path, c
 
 def test_the_chain_ends_at_the_samples_and_costs_nothing_unrecorded(cond_run: Path) -> None:
     run = load_run(cond_run, "cpu")
+    quiet = perf.resolve_runtime("cpu", progress=False)
     for sampler in ("ddim", "dpm-solver"):
         rec = ChainRecorder(every=3, steps=7)
-        images = generate(run, 5, sampler=sampler, steps=7, batch_size=2, progress=False, callback=rec)
+        spec = SampleSpec(sampler=sampler, steps=7, batch_size=2)
+        images = generate(run, 5, spec, quiet, callback=rec)
         chain = rec.chain(images)
         assert chain.steps == [2, 5, 6] and chain.x_t.shape == chain.x0.shape == (3, 5, 3, SIZE, SIZE)
         assert torch.equal(chain.x_t[-1], images)  # the last x_t is the sample, batches in order
-        plain = generate(run, 5, sampler=sampler, steps=7, batch_size=2, progress=False)
+        plain = generate(run, 5, spec, quiet)
         assert torch.equal(plain, images)  # recording does not change what is sampled
 
 
@@ -221,11 +225,13 @@ def test_guidance_sweep_grid_has_a_row_per_class_and_a_column_per_scale(cond_run
 
     # Column j is exactly what plain sampling at scale j gives: each row keeps its starting noise.
     run = load_run(cond_run, "cpu")
+    quiet = perf.resolve_runtime("cpu", progress=False)
     labels = torch.tensor([0, 1])
     scales = [0.0, 2.0, 5.0]
-    grid = guidance_sweep(run, scales, labels, steps=3, seed=4, progress=False).view(2, 3, 3, SIZE, SIZE)
+    spec = SampleSpec(steps=3, seed=4)
+    grid = guidance_sweep(run, scales, labels, spec, quiet).view(2, 3, 3, SIZE, SIZE)
     for j, s in enumerate(scales):
-        assert torch.equal(grid[:, j], generate(run, 2, labels=labels, guidance=s, steps=3, seed=4, progress=False))
+        assert torch.equal(grid[:, j], generate(run, 2, spec.with_(guidance=s), quiet, labels=labels))
 
 
 def test_guidance_sweep_and_animation_refuse_what_they_cannot_do(cond_run: Path, uncond_run: Path, tmp_path: Path,
@@ -261,7 +267,10 @@ def test_seeds_out_of_range_and_image_counts_beyond_memory_are_one_line(cond_run
     _one_line_error(capsys, base + ["--seed", "-1"], "--seed must be from 0 to", str(MAX_SEED))
     _one_line_error(capsys, base + ["--seed", str(2**64)], "--seed", str(2**64))
     _one_line_error(capsys, base + ["--n", str(10**12), "--class", "a", "b"], "--n", "GiB", "ask for fewer")
-    monkeypatch.setattr(accounting, "host_memory_bytes", lambda: 4 * 2 * 3 * SIZE**2)  # room for four images
+    from ddpm.sample import engine
+
+    for where in (accounting, engine):  # room for four images (engine imports the function itself)
+        monkeypatch.setattr(where, "host_memory_bytes", lambda: 4 * 2 * 3 * SIZE**2)
     assert main(base + ["--n", "4", "--seed", str(MAX_SEED)]) == 0  # the largest seed samples
     capsys.readouterr()
     _one_line_error(capsys, base + ["--n", "5"], f"--n 5 images of {SIZE}x{SIZE} need 7.5 KiB", "has 6.0 KiB")
@@ -292,18 +301,19 @@ def test_interpolation_row_layout_and_its_ends_are_the_plain_samples(cond_run: P
     assert Image.open(out).size == (8 * TILE + 2, TILE + 2)  # the default --n of a row
 
     run = load_run(cond_run, "cpu")
+    quiet = perf.resolve_runtime("cpu", progress=False)
     assert torch.equal(starting_noise(run, 1, seed=2)[0], slerp(*(starting_noise(run, 1, seed=s)[0] for s in (2, 3)),
                                                                  [0.0])[0])
     for sampler in ("ddim", "dpm-solver"):
-        opts = dict(sampler=sampler, steps=3, progress=False)
-        ends = [generate(run, 1, seed=s, **opts)[0] for s in (2, 3)]
-        exact = interpolate(run, 5, seed=2, batch_size=1, **opts)  # each image alone: the same arithmetic
+        spec = SampleSpec(sampler=sampler, steps=3, seed=2)
+        ends = [generate(run, 1, spec.with_(seed=s), quiet)[0] for s in (2, 3)]
+        exact = interpolate(run, 5, spec.with_(batch_size=1), quiet)  # each image alone: the same arithmetic
         assert torch.equal(exact[0], ends[0]) and torch.equal(exact[-1], ends[1])
-        batched = interpolate(run, 5, seed=2, **opts)  # one batch may round a little differently
+        batched = interpolate(run, 5, spec, quiet)  # one batch may round a little differently
         for got, want in ((batched[0], ends[0]), (batched[-1], ends[1])):
             assert (got.int() - want.int()).abs().max() <= 1
     with pytest.warns(UserWarning, match="not a smooth path"):
-        interpolate(run, 2, seed=0, sampler="ancestral", steps=2, progress=False)
+        interpolate(run, 2, SampleSpec(seed=0, sampler="ancestral", steps=2), quiet)
 
 
 # ------------------------------------------------------------------------------- runtime policy
@@ -347,9 +357,10 @@ def test_train_sample_and_eval_use_one_precision_policy(uncond_run: Path, tmp_pa
     feats = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
     fs = evaluate.FeatureSet(*gaussian_stats(feats.astype(np.float64)), feats, None, None, str(ref), "stand-in")
     monkeypatch.setattr(evaluate, "reference_stats", lambda *a, **k: fs)
-    r = evaluate.evaluate_run(uncond_run, str(ref), n=3, steps=2, device="cpu", compute_pr=False, progress=False,
-                              verbose=False,
-                              settings=evaluate.ReferenceSettings(use_cache=False, kid_subset=2, kid_subsets=2))
+    r = evaluate.evaluate_run(uncond_run, str(ref), n=3, spec=SampleSpec(steps=2),
+                              runtime=perf.resolve_runtime("cpu", progress=False),
+                              settings=evaluate.ReferenceSettings(use_cache=False, kid_subset=2, kid_subsets=2,
+                                                                  precision_recall=False))
     assert r["sampling_precision"] == "bf16" and seen[-1] == "bf16"
     # the CLI's result file names the precision that ran, so a bf16 and an fp32 score never overwrite each other
     scoring = ["eval", "--run", str(uncond_run), "--ref", str(ref), "--n", "3", "--steps", "2", "--device", "cpu",

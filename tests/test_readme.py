@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import FakeExtractor
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,18 +59,7 @@ def test_readme_scoring_example_runs(tmp_path: Path, monkeypatch) -> None:
 
     from ddpm.scoring import evaluate
 
-    class Pooled:
-        sha256 = "0" * 64
-
-        def __init__(self, path=None, device=None) -> None:
-            pass
-
-        def __call__(self, batch) -> np.ndarray:
-            if not isinstance(batch, torch.Tensor):
-                batch = torch.stack(list(batch))
-            return torch.nn.functional.adaptive_avg_pool2d(batch.float(), 2).flatten(1).double().numpy()
-
-    monkeypatch.setattr(evaluate, "FeatureExtractor", Pooled)
+    monkeypatch.setattr(evaluate, "FeatureExtractor", FakeExtractor)
     rng = np.random.default_rng(0)
     for k, name in enumerate(["airplane", "ship"]):
         (tmp_path / "ref" / name).mkdir(parents=True)

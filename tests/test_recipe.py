@@ -16,7 +16,7 @@ from ddpm import Schedule
 from ddpm import samplers as S
 from ddpm.core.ema import edm_ema_decay
 from ddpm.core.losses import diffusion_loss, loss_weights, sample_timesteps, timestep_probabilities
-from ddpm.train.loop import TrainConfig, lr_at
+from ddpm.train import TrainConfig, lr_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import copy_subset
 
-from ddpm.train.loop import _Logger
+from ddpm.train.monitor import _Logger
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

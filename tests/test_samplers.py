@@ -476,9 +476,8 @@ def test_every_list_of_samplers_comes_from_the_registry():
 
     from ddpm import samplers
     from ddpm.cli import app as cli
-    from ddpm.cli import evaluate as cli_eval
-    from ddpm.scoring import evaluate
-    from ddpm.sample import engine as generate
+    from ddpm.sample.spec import SampleSpec
+    from ddpm.scoring.evaluate import SweepGrid
 
     names = tuple(samplers.SAMPLERS)
     assert set(samplers.DEFAULT_STEPS) == set(samplers.STOCHASTIC) == set(names) == set(samplers.SAMPLER_NAMES)
@@ -486,9 +485,9 @@ def test_every_list_of_samplers_comes_from_the_registry():
     for command in ("sample", "eval"):
         action = next(a for a in sub.choices[command]._actions if a.dest == "sampler")
         assert tuple(action.choices) == names
-    assert tuple(cli_eval.SAMPLER_CHOICES) == tuple(evaluate._SAMPLERS) == names
-    assert generate.STOCHASTIC_SAMPLERS == tuple(n for n in names if samplers.STOCHASTIC[n])
-    assert not hasattr(generate, "default_steps")
+    sweep = next(a for a in sub.choices["eval"]._actions if a.dest == "sweep_samplers")
+    assert tuple(sweep.choices) == tuple(sweep.default) == tuple(SweepGrid().samplers) == names
+    assert tuple(n for n in names if SampleSpec(n).stochastic) == tuple(n for n in names if samplers.STOCHASTIC[n])
 
 
 @pytest.mark.parametrize("name", S.SAMPLER_NAMES)

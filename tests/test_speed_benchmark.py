@@ -1,5 +1,5 @@
 """benchmarks/speed.py measures what a user runs: its training step is the trainer's own
-(``ddpm.train.loop.train_step`` with ``ddpm train``'s default recipe), checked here as the same loss
+(``ddpm.train.train_step`` with ``ddpm train``'s default recipe), checked here as the same loss
 and the same weights on the same batch. Timings are the benchmark's business, not a test's."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from ddpm.runtime import policy as perf
 from ddpm.core.ema import EMA
 from ddpm.core.schedule import Schedule
-from ddpm.train.loop import TrainConfig, t_probabilities_for, train_step
+from ddpm.train import DiffusionLoss, StepSettings, TrainConfig, TrainState, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,9 +50,10 @@ def test_speed_benchmark_steps_exactly_as_ddpm_train_does() -> None:
     x0 = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
 
     torch.manual_seed(11)  # dropout masks come from the global generator, as in the trainer's step
-    trainer_loss, _, _ = train_step(model, model, opt, ema, schedule, x0.contiguous(memory_format=torch.channels_last),
-                                    None, cfg, step=0, lr=cfg.lr, generator=torch.Generator().manual_seed(5),
-                                    t_probabilities=t_probabilities_for(cfg, schedule), autocast=runtime.autocast)
+    trainer_loss, _, _ = train_step(model, TrainState(model, ema, opt), DiffusionLoss.from_config(cfg, schedule, None),
+                                    x0.contiguous(memory_format=torch.channels_last), None, lr=cfg.lr,
+                                    generator=torch.Generator().manual_seed(5),
+                                    settings=StepSettings.from_config(cfg, runtime.autocast))
     bench_schedule, bench_t_probabilities = speed.training_recipe()
     torch.manual_seed(11)
     bench_loss = speed.train_step(entry, x0, bench_schedule, bench_t_probabilities, torch.Generator().manual_seed(5))

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import copy_subset
 from ddpm.cli.app import TRAIN_HELP, main, run_info
 from ddpm.errors import DDPMError
-from ddpm.train.loop import TrainConfig, train
+from ddpm.train import TrainConfig, train
 
 CLASSES = ["airplane", "ship", "cat"]
 
@@ -110,7 +110,7 @@ def test_keeps_last_k_checkpoints(cifar_small: Path, tmp_path: Path) -> None:
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cifar_small: Path, tmp_path: Path, monkeypatch) -> None:
-    import ddpm.train.loop as train_mod
+    import ddpm.train.loss as train_mod  # where the trainer's loss calls diffusion_loss
 
     run = tmp_path / "run"
     real = train_mod.diffusion_loss
@@ -276,7 +276,7 @@ def test_resume_is_bit_identical_with_every_recipe_option_on(cifar_small: Path, 
 def test_a_run_saved_before_the_recipe_options_resumes_with_its_own_recipe(cifar_small: Path, tmp_path: Path) -> None:
     """config.json of a run from before the options existed has none of their keys: resuming it
     must keep training as it was trained (LEGACY_RECIPE), whatever today's defaults are."""
-    from ddpm.train.loop import LEGACY_RECIPE
+    from ddpm.train import LEGACY_RECIPE
 
     run = tmp_path / "old"
     # trained as before the options existed, then its config stripped of their keys
@@ -404,22 +404,23 @@ def test_train_step_refuses_a_batch_that_does_not_split_into_its_micro_batches()
 
     from ddpm.core.ema import EMA
     from ddpm.core.schedule import Schedule
-    from ddpm.train.loop import train_step
+    from ddpm.train import DiffusionLoss, StepSettings, TrainState, train_step
     from ddpm.core.unet import UNet, UNetConfig
 
     net = UNet(UNetConfig.preset("tiny", image_size=8))
-    opt, ema = torch.optim.AdamW(net.parameters()), EMA(net)
+    state = TrainState(net, EMA(net), torch.optim.AdamW(net.parameters()))
+    loss_fn = DiffusionLoss(Schedule.linear(20))
     for batch, accum in ((3, 2), (1, 2)):
         with pytest.raises(ValueError, match=f"a batch of {batch} images does not split into {accum}"):
-            train_step(net, net, opt, ema, Schedule.linear(20), torch.zeros(batch, 3, 8, 8), None,
-                       TrainConfig(grad_accum=accum), step=0, lr=1e-3, generator=None)
+            train_step(net, state, loss_fn, torch.zeros(batch, 3, 8, 8), None, lr=1e-3, generator=None,
+                       settings=StepSettings.from_config(TrainConfig(grad_accum=accum)))
 
 
 def test_none_keeps_the_presets_value_and_old_spellings_still_mean_it(cifar_small: Path, tmp_path: Path) -> None:
     """--image-size, --base-channels, --dropout and --workers unset (None) keep the preset's value
     (auto for workers); a run saved when that was spelled 0 / -1 resumes, and a TOML file in the
     old spelling still means it."""
-    from ddpm.train.loop import config_from_dict
+    from ddpm.train import config_from_dict
 
     run = tmp_path / "run"
     train(_tiny(cifar_small, run, steps=2, image_size=None, workers=None))

@@ -16,24 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpm.runtime.policy import resolve_runtime
+from ddpm.sample.spec import SampleSpec
 from ddpm.scoring import evaluate
 from ddpm.scoring import memorisation as nearest
-from ddpm.train import loop as train_module
+from ddpm.train import monitor as train_module
 from ddpm.cli.app import main, run_info
 from ddpm.errors import DDPMError
-from ddpm.train.loop import TrainConfig, train
-
-
-class FakeExtractor:
-    """Stands in for the Inception network: 12-d features (2x2 average-pooled RGB)."""
-
-    sha256 = "e" * 64
-
-    def __init__(self, path=None, device=None) -> None:
-        self.device = torch.device("cpu")
-
-    def __call__(self, batch) -> np.ndarray:
-        return torch.nn.functional.adaptive_avg_pool2d(batch.float(), 2).flatten(1).double().numpy()
+from ddpm.train import TrainConfig, train
+from conftest import FakeExtractor
 
 
 @pytest.fixture(autouse=True)
@@ -41,11 +32,6 @@ def cache(tmp_path: Path, monkeypatch) -> Path:
     """Reference statistics are cached in a folder of the test's own."""
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "fid"
-
-
-@pytest.fixture
-def fake_net(monkeypatch):
-    monkeypatch.setattr(evaluate, "FeatureExtractor", FakeExtractor)
 
 
 def _images(folder: Path, n: int, size: int = 16, seed: int = 0) -> Path:
@@ -140,9 +126,10 @@ def test_in_training_fid_is_what_ddpm_eval_gives_for_that_checkpoint(data: Path,
     run = tmp_path / "run"
     train(_tiny(source, run, steps=3, eval_every=3, eval_n=6, seed=5, conditional=conditional, sample_guidance=2.0))
     logged = float(next(r for r in _rows(run) if r["fid"])["fid"])
-    scored = evaluate.evaluate_run(run, ref=str(source), n=6, seed=5, guidance=2.0 if conditional else 1.0,
-                                   batch_size=4, device="cpu", precision="fp32", compute_pr=False, progress=False,
-                                   verbose=False)
+    scored = evaluate.evaluate_run(run, ref=str(source), n=6,
+                                   spec=SampleSpec(seed=5, guidance=2.0 if conditional else 1.0, batch_size=4),
+                                   runtime=resolve_runtime("cpu", "fp32", progress=False),
+                                   settings=evaluate.ReferenceSettings(precision_recall=False))
     assert scored["step"] == 3 and logged == pytest.approx(scored["fid"], rel=1e-9, abs=1e-9)
 
 
@@ -369,8 +356,20 @@ def test_eval_n_defaults_to_1000_samples_for_nearest_and_10000_for_fid(data: Pat
                                                                         monkeypatch) -> None:
     run, seen = tmp_path / "run", {}
     train(_tiny(data, run, steps=1))
-    monkeypatch.setattr(nearest, "check_run", lambda *a, n, **k: seen.setdefault("nearest", n))
-    monkeypatch.setattr(evaluate, "evaluate_run", lambda run, ref, n, *a, **k: seen.setdefault("fid", n) and {})
+
+    # Stand-ins with the real signatures, less n's default (the CLI must pass it): the CLI prints
+    # check_run's "summary"; evaluate_run's None (what a torchrun rank other than 0 gets) leaves it
+    # nothing to write or print.
+    def check_run(run_dir, ref, n, spec=None, runtime=None, *, settings=None, options=None, out=None):
+        seen.setdefault("nearest", n)
+        return {"summary": ""}
+
+    def evaluate_run(run_dir, ref, n, spec=None, runtime=None, *, settings=None, processes=None,
+                     checkpoint=None):
+        seen.setdefault("fid", n)  # and returns None
+
+    monkeypatch.setattr(nearest, "check_run", check_run)
+    monkeypatch.setattr(evaluate, "evaluate_run", evaluate_run)
     ref = str(tmp_path / "heldout")
     _images(Path(ref), 2)
     assert main(["eval", "--run", str(run), "--ref", ref, "--nearest", "--device", "cpu", "--quiet"]) == 0
@@ -455,6 +454,7 @@ def test_training_curve_scores_kept_checkpoints_oldest_first(data: Path, tmp_pat
     assert [p["step"] for p in points] == [2, 6] and [p["images_seen"] for p in points] == [8, 24]
     assert all(p["fid"] > 0 for p in points) and points[0]["fid"] != points[1]["fid"]
     assert Image.open(out_png).size[0] > 100
-    single = evaluate.evaluate_run(run, str(data), n=4, checkpoint=points[0]["checkpoint"], device="cpu",
-                                   batch_size=4, compute_pr=False, progress=False, verbose=False)
+    single = evaluate.evaluate_run(run, str(data), n=4, spec=SampleSpec(batch_size=4),
+                                   runtime=resolve_runtime("cpu", progress=False), checkpoint=points[0]["checkpoint"],
+                                   settings=evaluate.ReferenceSettings(precision_recall=False))
     assert single["step"] == 2 and single["fid"] == points[0]["fid"]

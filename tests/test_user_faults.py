@@ -17,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ddpm.scoring import evaluate
+from ddpm.runtime.policy import resolve_runtime
 from ddpm.cli.app import main
 from ddpm.data.sets import load_image_folder
 from ddpm.errors import DDPMError
-from ddpm.train.loop import TrainConfig, train
+from ddpm.train import TrainConfig, train
+from conftest import FakeExtractor
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
@@ -100,20 +101,6 @@ def run20(cond_data: Path, tmp_path_factory) -> Path:
     return run
 
 
-class FakeExtractor:
-    """Stands in for the Inception network: 12-d features (2x2 average-pooled RGB)."""
-
-    sha256 = "f" * 64
-
-    def __init__(self, path=None, device=None) -> None:
-        self.device = torch.device("cpu")
-
-    def __call__(self, batch) -> np.ndarray:
-        if not isinstance(batch, torch.Tensor):
-            batch = torch.stack([torch.nn.functional.interpolate(b[None].float(), size=(8, 8))[0] for b in batch])
-        return torch.nn.functional.adaptive_avg_pool2d(batch.float(), 2).flatten(1).double().numpy()
-
-
 class NoReferenceWork:
     """An extractor whose creation means the reference statistics were started."""
 
@@ -178,7 +165,8 @@ def test_probe_and_statistics_caches_degrade_to_a_warning(tmp_path: Path, monkey
     _images(ref / "blue", 12, (30, 60, 200))
     blocked, _ = _unwritable(tmp_path, "file")
     with pytest.warns(UserWarning, match="cannot write the cache folder") as record:
-        fs = evaluate.reference_stats(ref, image_size=8, cache_dir=blocked / "cache", progress=False)
+        fs = evaluate.reference_stats(ref, image_size=8, progress=False,
+                                      settings=evaluate.ReferenceSettings(cache_dir=blocked / "cache"))
         probe = evaluate.reference_probe(fs, cache_dir=blocked / "cache")
     assert len([w for w in record if "cannot write the cache" in str(w.message)]) == 1  # once per folder
     assert fs.n == 24 and not fs.cached and fs.cache_path is None
@@ -230,11 +218,13 @@ def test_hidden_files_are_not_reference_images_or_classes(tmp_path: Path, monkey
     (ref / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fs = evaluate.reference_stats(ref, image_size=8, use_cache=False, progress=False)
+        fs = evaluate.reference_stats(ref, image_size=8, settings=evaluate.ReferenceSettings(use_cache=False),
+                                      progress=False)
     assert fs.n == 6 and fs.classes == ["blue", "red"]
     flat = _images(tmp_path / "flat", 3)
     _with_hidden_copies(flat)
-    r = evaluate.fid_folders(flat, flat, settings=evaluate.ReferenceSettings(use_cache=False), progress=False)
+    r = evaluate.fid_folders(flat, flat, resolve_runtime("cpu", progress=False),
+                             settings=evaluate.ReferenceSettings(use_cache=False))
     assert r["n_a"] == r["n_b"] == 3
 
 
@@ -270,7 +260,8 @@ def test_reference_class_with_no_readable_images_is_left_out(tmp_path: Path, mon
     _images(ref / "blue", 3, (30, 60, 200))
     _truncated(ref / "green", 2)
     with pytest.warns(UserWarning) as record:
-        fs = evaluate.reference_stats(ref, image_size=8, use_cache=False, progress=False)
+        fs = evaluate.reference_stats(ref, image_size=8, settings=evaluate.ReferenceSettings(use_cache=False),
+                                      progress=False)
     assert any("'green'" in str(w.message) for w in record)
     assert fs.classes == ["blue", "red"] and np.bincount(fs.labels).tolist() == [3, 3]
 
@@ -346,8 +337,8 @@ def test_default_sweep_drops_steps_above_T_and_says_so(run20: Path, cond_data: P
                                                        monkeypatch) -> None:
     monkeypatch.setattr(evaluate, "FeatureExtractor", FakeExtractor)
     with pytest.warns(UserWarning, match="sweep steps 50, 100 exceed this run's 20 diffusion steps"):
-        rep = evaluate.sampler_sweep(run20, cond_data, n=4, samplers=["ddim"], out=tmp_path / "sweep.json",
-                                     device="cpu", progress=False, verbose=False,
+        rep = evaluate.sampler_sweep(run20, cond_data, n=4, grid=evaluate.SweepGrid(samplers=["ddim"]),
+                                     runtime=resolve_runtime("cpu", progress=False), out=tmp_path / "sweep.json",
                                      settings=evaluate.ReferenceSettings(use_cache=False, kid_subsets=2))
     assert [r["steps"] for r in rep["results"]] == [10, 20]
     with pytest.warns(UserWarning, match="sweeping 5"):

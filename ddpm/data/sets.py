@@ -1,37 +1,70 @@
-"""Training data: image folders (flat or nested), class folders, CIFAR-10.
+"""Training data: image folders (flat or nested), class folders, .zip archives, Parquet files, CIFAR-10.
 
 Images are decoded once, converted to RGB whatever their mode, resized so the short side is
-the training size and cropped to a square. When the decoded set fits in memory (the usual case
-at 32-128 px: 50,000 images at 64 px are 600 MB) it is kept as one uint8 tensor and batches are
-plain indexing, which no worker pool can beat; larger sets are decoded lazily by DataLoader
-workers, once per epoch.
+the training size and cropped to a square (:mod:`ddpm.data.sources` lists the sources and
+decodes them, in a pool of processes when asked). Training normally maps them from the data
+cache (:mod:`ddpm.data.cache`: one uint8 file decoded once, shared by every process). Without
+it, when the decoded set fits in memory (the usual case at 32-128 px: 50,000 images at 64 px
+are 600 MB) it is kept as one uint8 array and batches are plain indexing, which no worker pool
+can beat; larger folders are decoded lazily by DataLoader workers, once per epoch.
 
 Batches come from :class:`BatchStream`, a pure function of ``(seed, step)``: the image order is
 a fixed sequence of per-epoch permutations, cut into global batches, each rank taking its slice.
 Resuming at step ``s`` (on any number of ranks) therefore sees exactly the images an
-uninterrupted run would have seen.
+uninterrupted run would have seen, whether the pixels come from memory or from the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
 
 from ..errors import DDPMError
-from ..files.images import IMAGE_EXTENSIONS, class_folders, is_hidden, load_image, scan_images
+from ..files.images import load_image
+from .sources import DecodeSpec, Listing, decode_items, list_folder, reason
 
-__all__ = ["ImageSet", "remove_empty_classes", "load_image_folder", "load_cifar10", "names_cifar10",
-           "load_dataset", "BatchStream", "batches"]
+__all__ = ["ImageSet", "data_identity", "RaggedRows", "DecodedRows", "remove_empty_classes", "load_image_folder", "load_cifar10",
+           "names_cifar10", "load_dataset", "decode_in_memory", "assemble_set", "listing_classes", "BatchStream",
+           "batches"]
 
 # Keep decoded data in memory up to this many bytes; above it, decode lazily in workers.
 MEMORY_BUDGET = int(os.environ.get("DDPM_DATA_MEMORY", 6 * 2**30))
+
+
+class RaggedRows:
+    """Images of different shapes stored back to back in one flat uint8 buffer (the data cache's
+    layout for ``--random-crop``, where each image keeps its resized long side).
+
+    ``flat`` is uint8 [sum of h*w*3] (usually a read-only memory map), ``shapes`` int64 [N, 2]
+    the (height, width) of each image in order. ``rows[i]`` is a view [h_i, w_i, 3]: nothing is
+    copied until a batch is cropped and stacked.
+    """
+
+    def __init__(self, flat: np.ndarray, shapes: np.ndarray) -> None:
+        self.flat = flat
+        self.shapes = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
+        sizes = self.shapes[:, 0] * self.shapes[:, 1] * 3
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        if self.offsets[-1] > len(flat):
+            raise ValueError(f"{len(self.shapes)} images need {self.offsets[-1]} bytes; the buffer has {len(flat)}")
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        i = int(index)
+        if i < 0:
+            i += len(self)
+        h, w = (int(v) for v in self.shapes[i])
+        start = int(self.offsets[i])
+        return self.flat[start : start + h * w * 3].reshape(h, w, 3)
 
 
 @dataclass
@@ -42,10 +75,12 @@ class ImageSet:
     labels: np.ndarray | None  # int64 [N] or None for unconditional data
     classes: list[str] | None
     image_size: int
-    # In-memory pixels: one array [N, H, W, 3], or with random_crop a list of [H', W', 3] arrays
-    # that keep the long side; None means decode from ``paths`` on demand.
-    images: np.ndarray | list[np.ndarray] | None = None
+    # Pixels: one array [N, H, W, 3] (in memory, or a read-only memory map of the data cache),
+    # or with random_crop a sequence of [H', W', 3] arrays that keep the long side (a list, or
+    # RaggedRows over the cache); None means decode from ``paths`` on demand.
+    images: np.ndarray | Sequence[np.ndarray] | None = None
     random_crop: bool = False
+    cache_file: str | None = None  # the data cache file the pixels are mapped from, if any
 
     def __len__(self) -> int:
         return len(self.paths) if self.images is None else len(self.images)
@@ -62,6 +97,105 @@ class ImageSet:
         return load_image(self.paths[index], self.image_size, self.random_crop)
 
 
+@dataclass
+class DecodedRows:
+    """Decoded images and what is known of the items they came from, before labels are made.
+
+    ``names[i]`` (relative to the source; shown as ``prefix + name``) and ``groups[i]`` (class name
+    or None) describe row ``i`` of ``images``. ``classes`` is the class order over every listed
+    item, readable or not, so a class whose images all failed can be named. ``skipped`` holds
+    ``(shown path, reason)`` of the unreadable items, ``listed`` the count of items tried.
+    """
+
+    names: list[str]
+    groups: list[str | None]
+    classes: list[str]
+    skipped: list[tuple[str, str]]
+    listed: int
+    prefix: str
+    where: str  # the source as messages name it
+    images: np.ndarray | Sequence[np.ndarray] | None
+    cache_file: str | None = None
+
+
+def listing_classes(listing: Listing) -> list[str]:
+    """A listing's classes in order: the source's own order when it has one, else the order in
+    which they first appear (class folders sorted by name)."""
+    if listing.class_order is not None:
+        return list(listing.class_order)
+    return list(dict.fromkeys(g for g in listing.groups if g is not None))
+
+
+def decode_in_memory(listing: Listing, spec: DecodeSpec) -> DecodedRows:
+    """Decode a listing into memory: one preallocated uint8 array [N, S, S, 3], a list of
+    [H, W, 3] arrays with ``random_crop``, or (a folder above ``DDPM_DATA_MEMORY``) nothing, to
+    be decoded again lazily. Raises :class:`DDPMError` at the first bad item when ``strict``."""
+    n, s = len(listing), spec.image_size
+    # Random crops keep the long side, so budget for up to twice the pixels.
+    fits = n * s * s * 3 * (2 if spec.random_crop else 1) <= MEMORY_BUDGET
+    if not fits and listing.kind != "folder":
+        warnings.warn(f"{n} decoded images of {str(listing.root)!r} are more than DDPM_DATA_MEMORY allows; they are "
+                      "kept in memory all the same (the data cache maps them from disk instead)", stacklevel=3)
+    keep = fits or listing.kind != "folder"  # only a folder's files can be decoded again lazily
+    # Decoded pixels go straight into one preallocated array (no list + stack at twice the memory).
+    pixels = np.empty((n, s, s, 3), np.uint8) if keep and not spec.random_crop else None
+    decoded: list[np.ndarray] = []
+    good: list[int] = []
+    bad: list[tuple[str, str]] = []
+    for i, arr in decode_items(listing, spec, bad):
+        if pixels is not None:
+            pixels[len(good)] = arr
+        elif keep:
+            decoded.append(arr)
+        good.append(i)
+    images: np.ndarray | list[np.ndarray] | None = None
+    if pixels is not None:
+        images = pixels[: len(good)]
+    elif keep:
+        images = decoded
+    return DecodedRows([listing.names[i] for i in good], [listing.groups[i] for i in good], listing_classes(listing),
+                       bad, n, listing.prefix, str(listing.root), images)
+
+
+def assemble_set(rows: DecodedRows, image_size: int, *, conditional: bool = False, random_crop: bool = False,
+                 strict: bool = False, drop_empty_classes: bool = False) -> ImageSet:
+    """The :class:`ImageSet` of decoded rows: warns once about skipped items (with ``strict``,
+    the first is an error), makes labels from the groups with ``conditional``, and leaves out
+    (``drop_empty_classes``, warned) or refuses classes none of whose images could be read.
+    The one ending of every way a set is loaded, so each says the same things the same way."""
+    if rows.skipped:
+        if strict:
+            raise DDPMError(f"cannot read image {rows.skipped[0][0]!r} ({rows.skipped[0][1]}); --strict stops at the "
+                            "first bad file")
+        names = ", ".join(f"{p} ({r})" for p, r in rows.skipped[:3])
+        warnings.warn(f"skipped {len(rows.skipped)} unreadable image file(s) of {rows.listed}: {names}"
+                      f"{' ...' if len(rows.skipped) > 3 else ''}; use --strict to make this an error", stacklevel=3)
+    if not rows.names:
+        raise DDPMError(f"none of the {rows.listed} image files under {rows.where!r} could be read")
+    paths = [rows.prefix + n for n in rows.names]
+    labels: np.ndarray | None = None
+    classes: list[str] | None = None
+    if conditional:
+        outside = sum(g is None for g in rows.groups)
+        if outside:
+            raise DDPMError(f"{outside} of the {len(rows.names)} images in {rows.where!r} are in no class (it was "
+                            "prepared without --conditional); prepare it again with --conditional, or drop --conditional")
+        index = {c: i for i, c in enumerate(rows.classes)}
+        # A class whose images all failed to decode would still be offered for sampling, from
+        # an embedding that never saw an image.
+        classes, labels, empty = remove_empty_classes(
+            rows.classes, np.fromiter((index[g] for g in rows.groups), np.int64, len(rows.groups)))
+        if empty and not drop_empty_classes:
+            raise DDPMError(f"class folder(s) {_names(empty)} under {rows.where!r} have no readable images; fix "
+                            "or remove them, or pass --drop-empty-classes to train without them")
+        if empty:
+            warnings.warn(f"dropped {len(empty)} class(es) with no readable images: {_names(empty)}", stacklevel=3)
+        if len(classes) < 2:
+            warnings.warn(f"only one class folder ({classes[0]!r}) under {rows.where}; guidance needs at least two",
+                          stacklevel=3)
+    return ImageSet(paths, labels, classes, image_size, rows.images, random_crop, rows.cache_file)
+
+
 def load_image_folder(
     root: str | Path,
     image_size: int,
@@ -71,90 +205,39 @@ def load_image_folder(
     random_crop: bool = False,
     progress: bool = True,
     drop_empty_classes: bool = False,
+    workers: int | None = 1,
 ) -> ImageSet:
     """Every image under ``root`` (any depth); with ``conditional``, ``root/<class>/...`` labels.
 
-    Hidden files and folders (names starting with '.') are skipped. Unreadable files (truncated,
-    zero bytes, not an image) are skipped with one warning that counts them and names the first
-    few; with ``strict`` the first one is an error. A class whose images are all unreadable is a
-    :class:`DDPMError`, or with ``drop_empty_classes`` a warning and the class left out.
+    Hidden files and folders (names starting with '.') are skipped; linked sub-folders are
+    followed (except link loops). Unreadable files (truncated, zero bytes, not an image) are
+    skipped with one warning that counts them and names the first few; with ``strict`` the first
+    one is an error. A class whose images are all unreadable is a :class:`DDPMError`, or with
+    ``drop_empty_classes`` a warning and the class left out. ``workers`` decoding processes
+    (None: every core for large folders). Decodes into memory; see :mod:`ddpm.data.cache` for
+    the cached way.
     """
     root = Path(root).expanduser()
     if not root.exists():
         raise DDPMError(f"data path {str(root)!r} does not exist; expected a folder of images or 'cifar10'")
     if not root.is_dir():
         raise DDPMError(f"data path {str(root)!r} is a file; expected a folder of images or 'cifar10'")
-    if conditional:
-        class_dirs = class_folders(root)
-        per_class = [(name, scan_images(d)) for name, d in class_dirs]
-        per_class = [(name, files) for name, files in per_class if files]
-        if not per_class:
-            loose = len(scan_images(root))
-            raise DDPMError(
-                f"--conditional needs class sub-folders (root/<class>/*.jpg) but {str(root)!r} has "
-                f"{len(class_dirs)} sub-folders with images and {loose} images in all; drop --conditional "
-                "to train unconditionally"
-            )
-        classes = [name for name, _ in per_class]
-        files = [f for _, fs in per_class for f in fs]
-        labels = np.array([i for i, (_, fs) in enumerate(per_class) for _ in fs], dtype=np.int64)
-    else:
-        files = scan_images(root)
-        classes, labels = None, None
-    if not files:
-        raise DDPMError(
-            f"no images found under {str(root)!r}; expected files ending in {', '.join(IMAGE_EXTENSIONS)}"
-        )
+    listing = list_folder(root, conditional)
+    rows = decode_in_memory(listing, DecodeSpec(image_size, random_crop, strict, workers, progress))
+    return assemble_set(rows, image_size, conditional=conditional, random_crop=random_crop, strict=strict,
+                        drop_empty_classes=drop_empty_classes)
 
-    # Random crops keep the long side, so budget for up to twice the pixels.
-    keep_in_memory = len(files) * image_size * image_size * 3 * (2 if random_crop else 1) <= MEMORY_BUDGET
-    # Decoded pixels go straight into one preallocated array (no list + stack at twice the memory).
-    pixels = np.empty((len(files), image_size, image_size, 3), np.uint8) if keep_in_memory and not random_crop else None
-    decoded: list[np.ndarray] = []
-    good: list[int] = []
-    bad: list[tuple[Path, str]] = []
-    it = _progress(files, progress, "decoding images")
-    for i, f in enumerate(it):
-        try:
-            arr = load_image(f, image_size, random_crop)
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-            if strict:
-                raise DDPMError(f"cannot read image {str(f)!r} ({_reason(e)}); --strict stops at the first bad file")
-            bad.append((f, _reason(e)))
-            continue
-        if pixels is not None:
-            pixels[len(good)] = arr
-        elif keep_in_memory:
-            decoded.append(arr)
-        good.append(i)
-    if bad:
-        names = ", ".join(f"{p} ({r})" for p, r in bad[:3])
-        warnings.warn(
-            f"skipped {len(bad)} unreadable image file(s) of {len(files)}: {names}"
-            f"{' ...' if len(bad) > 3 else ''}; use --strict to make this an error",
-            stacklevel=2,
-        )
-    if not good:
-        raise DDPMError(f"none of the {len(files)} image files under {str(root)!r} could be read")
-    paths = [str(files[i]) for i in good]
-    if labels is not None:
-        # A class whose images all failed to decode would still be offered for sampling, from
-        # an embedding that never saw an image.
-        classes, labels, empty = remove_empty_classes(classes, labels[good])
-        if empty and not drop_empty_classes:
-            raise DDPMError(f"class folder(s) {_names(empty)} under {str(root)!r} have no readable images; fix "
-                            "or remove them, or pass --drop-empty-classes to train without them")
-        if empty:
-            warnings.warn(f"dropped {len(empty)} class(es) with no readable images: {_names(empty)}", stacklevel=2)
-        if len(classes) < 2:
-            warnings.warn(f"only one class folder ({classes[0]!r}) under {root}; guidance needs at least two",
-                          stacklevel=2)
-    images: np.ndarray | list[np.ndarray] | None = None
-    if pixels is not None:
-        images = pixels[: len(good)]
-    elif keep_in_memory:
-        images = decoded
-    return ImageSet(paths, labels, classes, image_size, images, random_crop)
+
+def data_identity(source: str, data: ImageSet) -> dict[str, Any]:
+    """What identifies a training set, recorded in a run and checked when it resumes: ``path``
+    (``source`` made absolute; ``cifar10`` as it is), ``images`` (the count) and ``names_sha256``
+    (a digest of each image's file name and the folder holding it, in the set's order: the same
+    set moved elsewhere keeps it, another set of as many images does not)."""
+    path = source if names_cifar10(source) else str(Path(source).expanduser().resolve())
+    h = hashlib.sha256()
+    for p in data.paths:
+        h.update("/".join(p.replace(os.sep, "/").rsplit("/", 2)[-2:]).encode("utf-8", "surrogateescape") + b"\n")
+    return {"path": path, "images": len(data), "names_sha256": h.hexdigest()}
 
 
 def remove_empty_classes(classes: list[str], labels: np.ndarray) -> tuple[list[str], np.ndarray, list[str]]:
@@ -175,16 +258,7 @@ def _names(items: Sequence[str], limit: int = 5) -> str:
 
 
 def _reason(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return msg[:120]
-
-
-def _progress(items: Sequence, enabled: bool, desc: str):
-    if not enabled or len(items) < 200:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+    return reason(e)
 
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -237,11 +311,17 @@ def load_dataset(
     progress: bool = True,
     drop_empty_classes: bool = False,
 ) -> ImageSet:
-    """``data`` is a folder path or ``"cifar10"`` (torchvision's copy under ``data_root``)."""
+    """``data`` is a folder, a ``.zip`` of images, Parquet files, a file written by ``ddpm
+    prepare-data`` (mapped, not decoded), or ``"cifar10"`` (torchvision's copy under
+    ``data_root``). Decodes into memory without the data cache, in this process;
+    :func:`ddpm.data.cache.open_training_set` is the cached, parallel way."""
     if names_cifar10(data):
         return load_cifar10(data_root, image_size, train=True, conditional=conditional)
-    return load_image_folder(data, image_size, conditional=conditional, strict=strict, random_crop=random_crop,
-                             progress=progress, drop_empty_classes=drop_empty_classes)
+    from .cache import CacheSettings, open_training_set  # local: a cycle, the cache module builds on this one
+
+    return open_training_set(data, image_size, conditional=conditional, random_crop=random_crop, strict=strict,
+                             drop_empty_classes=drop_empty_classes, cache=CacheSettings(enabled=False, workers=1),
+                             progress=progress)
 
 
 # ------------------------------------------------------------------------------------ batches
@@ -316,14 +396,23 @@ def _crop(arr: np.ndarray, size: int, pos: float) -> np.ndarray:
 
 
 def _collate(data: ImageSet, idx: list[int], flips: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(data.images, np.ndarray):
-        x = torch.from_numpy(data.images[np.asarray(idx)])  # [b, H, W, 3]
-    else:
-        x = torch.from_numpy(np.stack([_crop(data.get(i), data.image_size, float(p)) for i, p in zip(idx, pos)]))
-    x = x.permute(0, 3, 1, 2)  # [b, 3, H, W] uint8
-    x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    """uint8 images [b, 3, S, S] and labels [b] (or None) of the examples ``idx``: each cropped
+    at ``pos`` (random-crop sets), flipped where ``flips`` says, and moved to channels-first.
+
+    One pass per image straight into the batch (gather, crop, flip and transpose in a single
+    strided copy of 12 KB at 64 px): four times the throughput of gathering first and flipping
+    the whole batch with torch, and the same bytes.
+    """
+    size = data.image_size
+    out = np.empty((len(idx), 3, size, size), np.uint8)
+    fixed = isinstance(data.images, np.ndarray)  # in memory or memory-mapped, already square
+    # A plain view of a memory map: indexing an np.memmap costs twice as much per row.
+    images = np.asarray(data.images) if fixed else None
+    for k, (i, flip, p) in enumerate(zip(idx, flips.tolist(), pos.tolist())):
+        row = images[i] if images is not None else _crop(data.get(i), size, p)
+        out[k] = (row[:, ::-1] if flip else row).transpose(2, 0, 1)
     y = torch.from_numpy(data.labels[np.asarray(idx)]) if data.labels is not None else None
-    return x.contiguous(), y
+    return torch.from_numpy(out), y
 
 
 class _LazyBatches(torch.utils.data.Dataset):

@@ -66,6 +66,10 @@ from ..errors import DDPMError
 from ..files.atomic import atomic_write_json, check_writable, process_umask
 from ..core.schedule import Schedule, _reshape_abar
 from ..core.unet import UNet, UNetConfig
+from ..run.checkpoint import load_run, save_checkpoint, save_safetensors
+from ..run.config import RunConfig
+from ..run.folder import RunFolder
+from ..train.config import IMPORTED, TrainConfig
 
 __all__ = ["export_diffusers", "import_diffusers", "unet_config_to_diffusers", "unet_config_from_diffusers",
            "state_dict_to_diffusers", "state_dict_from_diffusers", "scheduler_config_to_diffusers",
@@ -195,9 +199,30 @@ def unet_config_from_diffusers(config: dict[str, Any], *, null_class: bool = Fal
     head widths that differ between blocks, class embeddings without a null class, and so on.
     """
     c = {**_UNET2D_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-    name = config.get("_class_name", "UNet2DModel")
-    if name != "UNet2DModel":
-        raise _unmappable("_class_name", name, "only UNet2DModel folders import")
+    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise _unmappable("_class_name", config.get("_class_name"), "only UNet2DModel folders import")
+    _check_fixed_fields(c)
+    chans, attn = _block_layout(c)
+    base = chans[0]
+    groups = _check_layer_fields(c, attn, base)
+    size = _sample_size(c)
+    heads = _attention_heads(c, chans, attn)
+    num_classes = _num_classes(c, null_class)
+    try:
+        return UNetConfig(
+            image_size=size, in_channels=c["in_channels"], out_channels=c["out_channels"], base_channels=base,
+            channel_mults=tuple(x // base for x in chans), num_res_blocks=c["layers_per_block"],
+            attention_resolutions=tuple(size // 2 ** i for i, a in enumerate(attn) if a), num_heads=heads,
+            dropout=float(c["dropout"]), norm_groups=groups, num_classes=num_classes, norm_eps=float(c["norm_eps"]),
+            time_freq_shift=float(c["freq_shift"]), downsample_padding=c["downsample_padding"])
+    except (ValueError, TypeError) as e:
+        raise DDPMError(f"UNet2DModel config does not map onto ddpm's UNet: {e}") from None
+
+
+
+
+def _check_fixed_fields(c: dict[str, Any]) -> None:
+    """The fields whose value ddpm's architecture fixes."""
     fixed = [("center_input_sample", False, "ddpm models take inputs in [-1, 1] as they are"),
              ("time_embedding_type", "positional", "ddpm uses the sinusoidal (positional) time embedding"),
              ("mid_block_type", "UNetMidBlock2D", "the middle block is residual-attention-residual"),
@@ -211,6 +236,10 @@ def unet_config_from_diffusers(config: dict[str, Any], *, null_class: bool = Fal
         raise _unmappable("act_fn", c["act_fn"], "ddpm's UNet uses SiLU")
     if c["mid_block_scale_factor"] != 1:
         raise _unmappable("mid_block_scale_factor", c["mid_block_scale_factor"], "ddpm's middle block does not rescale")
+
+
+def _block_layout(c: dict[str, Any]) -> tuple[list[int], list[bool]]:
+    """``(block widths, whether each level attends)`` of mirrored (Attn)Down/UpBlock2D stacks."""
     chans = c["block_out_channels"]
     down = [t[7:] if t.startswith("UNetRes") else t for t in c["down_block_types"]]
     up = [t[7:] if t.startswith("UNetRes") else t for t in c["up_block_types"]]
@@ -235,6 +264,11 @@ def unet_config_from_diffusers(config: dict[str, Any], *, null_class: bool = Fal
         if (t == "AttnUpBlock2D") != attn[len(chans) - 1 - i]:
             raise _unmappable("up_block_types", c["up_block_types"],
                               f"ddpm's UNet attends at the same resolutions on both sides (down: {c['down_block_types']})")
+    return chans, attn
+
+
+def _check_layer_fields(c: dict[str, Any], attn: list[bool], base: int) -> int:
+    """Resampling, embedding, normalisation and output fields; returns the norm groups."""
     if any(attn[:-1]) and c["downsample_type"] != "conv":
         raise _unmappable("downsample_type", c["downsample_type"], "ddpm downsamples with a strided convolution")
     if any(attn[1:]) and c["upsample_type"] != "conv":
@@ -253,11 +287,21 @@ def unet_config_from_diffusers(config: dict[str, Any], *, null_class: bool = Fal
         why = ("the network also predicts variances (learned-variance models)" if c["out_channels"] == 2 * c["in_channels"]
                else "the prediction must have the input's shape")
         raise _unmappable("out_channels", c["out_channels"], f"{why}; ddpm expects out_channels == in_channels")
+    return groups
+
+
+def _sample_size(c: dict[str, Any]) -> int:
+    """The square training resolution in pixels."""
     size = c["sample_size"]
     if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
     if not isinstance(size, int):
         raise _unmappable("sample_size", c["sample_size"], "expected the square training resolution in pixels")
+    return size
+
+
+def _attention_heads(c: dict[str, Any], chans: list[int], attn: list[bool]) -> int:
+    """Heads per attention block (the same at every block)."""
     # Heads per attention block: diffusers splits C channels into C // attention_head_dim heads.
     head_dim = c["attention_head_dim"]
     sites = [x for x, a in zip(chans, attn) if a] + [chans[-1]]
@@ -271,6 +315,11 @@ def unet_config_from_diffusers(config: dict[str, Any], *, null_class: bool = Fal
                               f"ddpm needs the same number of heads, each head_dim wide, at every attention block "
                               f"(widths {sorted(set(sites))})")
         heads = sites[0] // head_dim
+    return heads
+
+
+def _num_classes(c: dict[str, Any], null_class: bool) -> int | None:
+    """Classes of a conditional network (its last embedding is the null class), else None."""
     num_classes = None
     if c["num_class_embeds"] is not None:
         n = c["num_class_embeds"]
@@ -281,15 +330,7 @@ def unet_config_from_diffusers(config: dict[str, Any], *, null_class: bool = Fal
         if not isinstance(n, int) or n < 2:
             raise _unmappable("num_class_embeds", n, "expected at least one class plus the null class")
         num_classes = n - 1
-    try:
-        return UNetConfig(
-            image_size=size, in_channels=c["in_channels"], out_channels=c["out_channels"], base_channels=base,
-            channel_mults=tuple(x // base for x in chans), num_res_blocks=c["layers_per_block"],
-            attention_resolutions=tuple(size // 2 ** i for i, a in enumerate(attn) if a), num_heads=heads,
-            dropout=float(c["dropout"]), norm_groups=groups, num_classes=num_classes, norm_eps=float(c["norm_eps"]),
-            time_freq_shift=float(c["freq_shift"]), downsample_padding=c["downsample_padding"])
-    except (ValueError, TypeError) as e:
-        raise DDPMError(f"UNet2DModel config does not map onto ddpm's UNet: {e}") from None
+    return num_classes
 
 
 # -------------------------------------------------------------------------------- weights
@@ -586,8 +627,6 @@ def export_diffusers(run_dir: str | Path, out_dir: str | Path, *, use_ema: bool 
     Raises :class:`DDPMError` for an unreadable run, an unexportable attention layout, or an
     unwritable ``out_dir``.
     """
-    from ..run.checkpoint import load_run, save_safetensors
-
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DDPMError(f"export folder {str(out_dir)!r} already exists; choose a new folder (or remove it)")
@@ -699,10 +738,6 @@ def import_diffusers(src: str | Path, out_dir: str | Path, *, scheduler: str | P
     Raises :class:`DDPMError` for a missing or unmappable config (naming the field and value),
     unreadable or mismatched weights, or an ``out_dir`` that exists and is not empty.
     """
-    from .. import __version__
-    from ..run.checkpoint import save_checkpoint
-    from ..train.loop import IMPORTED, TrainConfig
-
     src, out_dir = Path(src), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DDPMError(f"--out {str(out_dir)!r} already exists; choose a new run folder")
@@ -741,22 +776,15 @@ def import_diffusers(src: str | Path, out_dir: str | Path, *, scheduler: str | P
         base_channels=cfg.base_channels, dropout=cfg.dropout, schedule=schedule.kind,
         logsnr_shift=float(p.get("logsnr_shift", 0.0)), zero_terminal_snr=schedule.zero_terminal_snr,
         timesteps=schedule.T, prediction=prediction)
-    run_config = {
-        "ddpm_version": __version__,
-        "model": cfg.to_dict(),
-        "schedule": schedule.to_dict(),
-        "prediction": prediction,
-        "classes": list(classes) if cfg.conditional else None,
-        "image_size": cfg.image_size,
-        "num_images": None,
-        "train": asdict(train),
-        "imported": {"from": str(src.absolute()), "format": "diffusers UNet2DModel",
-                     "diffusers_version": config.get("_diffusers_version"), "scheduler": str(sched_path.absolute())},
-    }
+    run_config = RunConfig(
+        model=cfg, schedule=schedule, prediction=prediction, classes=list(classes) if cfg.conditional else None,
+        num_images=None, train=asdict(train),
+        imported={"from": str(src.absolute()), "format": "diffusers UNet2DModel",
+                  "diffusers_version": config.get("_diffusers_version"), "scheduler": str(sched_path.absolute())})
     # No optimiser state and no EMA settings: the first training session starts them afresh
     # from its own options.
     ckpt_state = {"model": state, "ema": {"weights": state, "num_updates": 0}, "train_seconds": 0.0}
     with _new_folder(out_dir, "--out") as tmp:
-        atomic_write_json(tmp / "config.json", run_config)
+        run_config.write(RunFolder(tmp))
         save_checkpoint(tmp, 0, run_config, ckpt_state, keep=1)
     return out_dir

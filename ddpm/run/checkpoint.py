@@ -9,6 +9,7 @@ Loading therefore never executes code, and a single ``os.replace`` makes a write
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,13 +23,15 @@ from safetensors.torch import save_file
 
 from ..errors import DDPMError
 from ..files.atomic import atomic_write_to, remove_temp_files
+from ..files.images import class_name
+from .config import RunConfig
+from .folder import RunFolder, latest_checkpoint, list_checkpoints
 from ..core.schedule import Schedule
-from ..core.unet import UNet, UNetConfig
+from ..core.unet import UNet
 
-__all__ = ["Run", "Sampleable", "save_checkpoint", "save_safetensors", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
-           "load_run", "weights_sha256"]
+__all__ = ["Run", "Sampleable", "save_checkpoint", "save_safetensors", "load_checkpoint", "list_checkpoints",
+           "latest_checkpoint", "load_run", "weights_sha256", "run_info"]
 
-CKPT_RE = re.compile(r"^ckpt_(\d+)\.safetensors$")
 _TENSOR_REF = "__tensor__"
 
 
@@ -72,7 +75,7 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # ------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], state: dict[str, Any],
+def save_checkpoint(run_dir: str | Path, step: int, config: RunConfig | dict[str, Any], state: dict[str, Any],
                     keep: int = 3) -> Path:
     """Write ``checkpoints/ckpt_<step>.safetensors`` atomically, then prune to the newest ``keep``.
 
@@ -82,13 +85,15 @@ def save_checkpoint(run_dir: str | Path, step: int, config: dict[str, Any], stat
     cannot be written (a full disk: errno ENOSPC or EFBIG); the earlier checkpoints are then
     untouched and no temporary file is left.
     """
-    ckpt_dir = Path(run_dir) / "checkpoints"
+    folder = RunFolder(run_dir)
+    ckpt_dir = folder.checkpoints_dir
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "", tensors)
-    metadata = {"format": "ddpm-checkpoint-1", "step": str(step), "config": json.dumps(config, sort_keys=True),
+    config_dict = config.to_dict() if isinstance(config, RunConfig) else config
+    metadata = {"format": "ddpm-checkpoint-1", "step": str(step), "config": json.dumps(config_dict, sort_keys=True),
                 "state": json.dumps(skeleton)}
-    path = save_safetensors(ckpt_dir / f"ckpt_{step:09d}.safetensors", tensors, metadata)
+    path = save_safetensors(folder.checkpoint_path(step), tensors, metadata)
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             old.unlink(missing_ok=True)
@@ -117,21 +122,6 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadat
 
     # By name: the Rust writer opens the file itself, and streams it instead of building a copy in memory.
     return atomic_write_to(path, write)
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint files of a run, oldest first (temporary files of interrupted writes ignored)."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if not ckpt_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := CKPT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint of a run, or None."""
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
@@ -187,8 +177,6 @@ class Sampleable:
         """Index of class ``name``; an unknown name is an error listing the valid ones."""
         if not self.classes:
             raise self._unconditional_error()
-        from ..files.images import class_name
-
         # Class names are folder names with non-UTF-8 bytes escaped; the raw bytes (typed or
         # pasted from a listing) name the same class.
         name = class_name(name)
@@ -203,11 +191,11 @@ class Sampleable:
 class Run(Sampleable):
     """A trained model ready to sample from, rebuilt from a run folder without any flags: a
     :class:`Sampleable` with where it came from (``run_dir``, the ``checkpoint`` file, its
-    ``step``) and the run's saved ``config``."""
+    ``step``) and the run's saved :class:`~ddpm.run.config.RunConfig` (``config``)."""
 
     run_dir: Path
     step: int
-    config: dict[str, Any]
+    config: RunConfig
     checkpoint: Path
 
     def _unconditional_error(self) -> DDPMError:
@@ -226,24 +214,23 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if path is None:
         raise DDPMError(f"run folder {str(run_dir)!r} has no checkpoints/ckpt_*.safetensors yet")
-    step, config, state = load_checkpoint(path, "cpu", only=("model", "ema"))
-    model_cfg = UNetConfig.from_dict(config["model"])
-    model = UNet(model_cfg)
+    step, saved, state = load_checkpoint(path, "cpu", only=("model", "ema"))
+    config = RunConfig.from_dict(saved, f"checkpoint {str(path)!r}")
+    model = UNet(config.model)
     model.load_state_dict(state["model"])
     ema_model = None
     if "ema" in state:
-        ema_model = UNet(model_cfg)
+        ema_model = UNet(config.model)
         ema_model.load_state_dict(state["ema"]["weights"])
         ema_model.to(device).eval().requires_grad_(False)
     model.to(device).eval().requires_grad_(False)
-    return Run(model=model, ema_model=ema_model, schedule=Schedule.from_dict(config["schedule"]),
-               classes=config.get("classes"), prediction=config.get("prediction", "eps"),
-               image_size=int(model_cfg.image_size), run_dir=run_dir, step=step, config=config, checkpoint=path)
+    return Run(model=model, ema_model=ema_model, schedule=config.schedule, classes=config.classes,
+               prediction=config.prediction, image_size=config.image_size, run_dir=run_dir, step=step, config=config,
+               checkpoint=path)
 
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     """A digest of a state dict's names, dtypes, shapes and exact bytes (order independent)."""
-    import hashlib
 
     h = hashlib.sha256()
     for name in sorted(state_dict):
@@ -251,3 +238,32 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def run_info(run_dir: str | Path) -> dict[str, Any]:
+    """Facts about a run from its newest checkpoint, without building its network: step,
+    parameters (counted from the saved weights), classes, image size, target, schedule, sha256 of
+    the model and EMA weights, EMA updates and the whole config. Raises :class:`DDPMError` for a
+    missing folder or one without checkpoints."""
+    if not Path(run_dir).exists():
+        raise DDPMError(f"run folder {str(run_dir)!r} does not exist")
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise DDPMError(f"run folder {str(run_dir)!r} has no checkpoints yet")
+    step, saved, state = load_checkpoint(path, "cpu", only=("model", "ema"))
+    config = RunConfig.from_dict(saved, f"checkpoint {str(path)!r}")
+    return {
+        "run": str(run_dir),
+        "checkpoint": str(path),
+        "step": step,
+        # every entry of a UNet's state dict is a parameter (it registers no buffers)
+        "params": sum(t.numel() for t in state["model"].values()),
+        "classes": config.classes,
+        "image_size": config.image_size,
+        "prediction": config.prediction,
+        "schedule": saved.get("schedule"),
+        "model_sha256": weights_sha256(state["model"]),
+        "ema_sha256": weights_sha256(state["ema"]["weights"]) if "ema" in state else None,
+        "ema_updates": state["ema"]["num_updates"] if "ema" in state else None,
+        "config": saved,
+    }

@@ -21,22 +21,113 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import time
 import warnings
 from pathlib import Path
+from dataclasses import dataclass
 from typing import ContextManager, Iterator
 
 from ..errors import DDPMError
+from ..files.atomic import check_writable, remove_temp_files
 
 try:
     import fcntl
 except ImportError:  # Windows: no POSIX locks; run folders go unguarded there
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "lock_run_folder", "lock_if_inside", "run_write_errors", "write_failure_message"]
+__all__ = ["LOCK_NAME", "RunFolder", "lock_run_folder", "lock_if_inside", "run_write_errors", "write_failure_message",
+           "list_checkpoints", "latest_checkpoint"]
 
 LOCK_NAME = ".lock"
+CKPT_RE = re.compile(r"^ckpt_(\d+)\.safetensors$")
 _HELD: set[str] = set()  # run folders this process holds (record locks never conflict within one)
+
+
+# The fixed paths of a run folder, by RunFolder attribute.
+_RUN_PATHS = {"config_path": "config.json", "checkpoints_dir": "checkpoints", "samples_dir": "samples",
+              "eval_dir": "eval", "metrics_path": "metrics.csv", "tensorboard_dir": "tensorboard",
+              "fid_floor_path": "fid_floor.json"}
+
+
+@dataclass(frozen=True, init=False)
+class RunFolder:
+    """Every path of a run folder, its lock and its write errors, in one place.
+
+    A run folder holds ``config.json`` (:class:`ddpm.run.config.RunConfig`), ``checkpoints/``
+    (``ckpt_<step>.safetensors``), ``samples/`` (a grid per ``--sample-every``), ``eval/``
+    (``ddpm eval``'s results), ``metrics.csv``, ``tensorboard/``, the curves ``loss.png`` and
+    ``fid.png``, ``fid_floor.json`` and the lock file ``.lock``.
+    """
+
+    path: Path
+    config_path: Path
+    checkpoints_dir: Path
+    samples_dir: Path
+    eval_dir: Path
+    metrics_path: Path
+    tensorboard_dir: Path
+    fid_floor_path: Path
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        root = Path(path)
+        object.__setattr__(self, "path", root)
+        for name, relative in _RUN_PATHS.items():
+            object.__setattr__(self, name, root / relative)
+
+    def curve_path(self, name: str) -> Path:
+        """A curve the trainer draws: ``loss`` or ``fid`` -> ``RUN/loss.png``, ``RUN/fid.png``."""
+        return self.path / f"{name}.png"
+
+    def grid_path(self, step: int) -> Path:
+        """The sample grid of training step ``step``."""
+        return self.samples_dir / f"step_{step:09d}.png"
+
+    def checkpoint_path(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` is written."""
+        return self.checkpoints_dir / f"ckpt_{step:09d}.safetensors"
+
+    def checkpoints(self) -> list[Path]:
+        """The run's checkpoint files, oldest first."""
+        return list_checkpoints(self.path)
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint, or None."""
+        return latest_checkpoint(self.path)
+
+    def check_writable(self, what: str = "--out") -> None:
+        """Raise a one-line :class:`DDPMError` naming ``what`` unless the folder, its checkpoints
+        and its samples can be written (checked before minutes of work)."""
+        for folder in (self.path, self.checkpoints_dir, self.samples_dir):
+            check_writable(folder, what)
+
+    def remove_temp_files(self) -> None:
+        """Remove the temporary files of writes a killed process left behind."""
+        remove_temp_files(self.path, self.checkpoints_dir, self.samples_dir)
+
+    def lock(self, *, create: bool = True, advice: str = "wait for it to finish or choose another --out"
+             ) -> ContextManager[None]:
+        """:func:`lock_run_folder` of this folder."""
+        return lock_run_folder(self.path, create=create, advice=advice)
+
+    def write_errors(self, what: str) -> ContextManager[None]:
+        """:func:`run_write_errors` for a write of ``what`` into this folder."""
+        return run_write_errors(self.path, what)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint files of a run, oldest first (temporary files of interrupted writes ignored)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run, or None."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
 
 
 def _holder_pid(fd: int, wait_s: float = 1.0) -> str:
@@ -160,8 +251,6 @@ def write_failure_message(run_dir: str | Path, what: str, error: OSError) -> str
     """The one line for a failed write of ``what`` into ``run_dir``: the cause, the newest
     intact checkpoint (checkpoints are written atomically, so every listed one is whole), and
     how to continue."""
-    from ..run.checkpoint import latest_checkpoint
-
     run_dir = Path(run_dir)
     reason = error.strerror or str(error) or type(error).__name__
     try:

@@ -31,13 +31,13 @@ behind the defaults are in ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
-import re
 import shutil
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ContextManager, Iterable
 
 import torch
@@ -50,6 +50,7 @@ __all__ = [
     "Runtime",
     "resolve_device",
     "resolve_runtime",
+    "runtime_of",
     "bf16_supported",
     "default_precision",
     "resolve_precision",
@@ -118,14 +119,21 @@ def resolve_device(device: str | torch.device | None = "auto", *, local_rank: in
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how a command runs, decided once (:func:`resolve_runtime`) and passed on.
+    """Where and how a command runs, decided once (:func:`resolve_runtime`) and passed on: the
+    one value that training, sampling, scoring, the memorisation check and the benchmarks take
+    instead of loose device and precision strings.
 
-    ``precision`` is what really runs ("fp32" or "bf16" autocast), never "auto".
+    ``precision`` is what really runs ("fp32" or "bf16" autocast), never "auto";
+    ``channels_last`` the activations' memory layout; ``compile`` whether the training network
+    is wrapped in ``torch.compile``; ``progress`` whether this command shows progress bars (on
+    torchrun's rank 0 only: callers pass their processes).
     """
 
     device: torch.device
     precision: str
     channels_last: bool
+    compile: bool = False
+    progress: bool = True
 
     def autocast(self) -> ContextManager[Any]:
         """The forward pass's autocast context for this runtime (see :func:`autocast_context`)."""
@@ -135,9 +143,47 @@ class Runtime:
         """One line for the log, e.g. ``bf16 autocast on cpu``."""
         return f"{'bf16 autocast' if self.precision == 'bf16' else 'fp32'} on {self.device}"
 
+    def quiet(self) -> "Runtime":
+        """This runtime without progress bars (the trainer's grids, nested steps)."""
+        return replace(self, progress=False)
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` onto the device in this runtime's layout, in place, and return it
+        (:func:`prepare_model`; compiled when ``compile``)."""
+        return prepare_model(model, self.device, channels_last=self.channels_last, compile=self.compile)
+
+    def sampling_network(self, net: nn.Module) -> nn.Module:
+        """``net`` itself when it already sits on this device in the layout sampling uses here,
+        else a copy placed so: sampling never moves or re-lays the caller's weights (the
+        trainer's EMA network, a run loaded on another device)."""
+        device = self.device
+        if device.type == "cuda" and device.index is None:  # "cuda" is the current GPU, not any GPU
+            device = torch.device("cuda", torch.cuda.current_device())
+        params = list(net.parameters())
+        here = all(p.device.type == device.type and (device.index is None or p.device.index == device.index)
+                   for p in params)
+        laid_out = not self.channels_last or all(
+            p.dim() != 4 or p.is_contiguous(memory_format=torch.channels_last) for p in params)
+        if here and laid_out:
+            return net
+        # Copy each tensor straight onto the target device: a plain deepcopy would first duplicate
+        # the weights where they are (a GPU run sampled on the CPU would briefly need twice its GPU memory).
+        memo: dict[int, Any] = {}
+        for p in params:
+            memo[id(p)] = torch.nn.Parameter(p.detach().to(device, copy=True), requires_grad=p.requires_grad)
+        for b in net.buffers():
+            memo[id(b)] = b.detach().to(device, copy=True)
+        return prepare_model(copy.deepcopy(net, memo), device, channels_last=self.channels_last)
+
+    def sampling_call(self, net: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``net`` wrapped for the samplers (:func:`inference_model`): autocast and layout inside,
+        float32 NCHW out."""
+        return inference_model(net, self.device, self.precision, channels_last=self.channels_last)
+
 
 def resolve_runtime(device: str | torch.device | None = "auto", precision: str = "auto", *, local_rank: int = 0,
-                    world: int = 1, channels_last: bool | None = None) -> Runtime:
+                    world: int = 1, channels_last: bool | None = None, compile: bool = False,
+                    progress: bool = True) -> Runtime:
     """The :class:`Runtime` of ``--device`` and ``--precision`` (``auto``, ``fp32`` or ``bf16``):
     the device by :func:`resolve_device`, the precision by :func:`resolve_precision` (``bf16`` on a
     device without fast bf16 warns and runs fp32, and the runtime says fp32), channels_last by
@@ -147,7 +193,14 @@ def resolve_runtime(device: str | torch.device | None = "auto", precision: str =
     if precision != "auto" and precision not in PRECISIONS:
         raise DDPMError(f"unknown precision {precision!r}; expected auto, {' or '.join(PRECISIONS)}")
     prec = resolve_precision(dev, precision)
-    return Runtime(dev, prec, default_channels_last(dev) if channels_last is None else channels_last)
+    return Runtime(dev, prec, default_channels_last(dev) if channels_last is None else channels_last,
+                   compile=compile, progress=progress)
+
+
+def runtime_of(net: nn.Module, precision: str = "auto", *, progress: bool = True) -> Runtime:
+    """The :class:`Runtime` of the device ``net``'s weights are on (for library callers that
+    sample a network where it is): ``precision`` resolved there, the default layout."""
+    return resolve_runtime(next(net.parameters()).device, precision, progress=progress)
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,12 +15,17 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "init_distributed", "process_group", "any_rank", "from_rank_0", "shard", "gather_images"]
+from ..errors import DDPMError
+from .policy import resolve_device
+
+T = TypeVar("T")
+
+__all__ = ["Dist", "init_distributed", "process_group", "any_rank", "from_rank_0", "on_rank_0", "shard", "gather_images"]
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,6 @@ def init_distributed(device_pref: str | None) -> Dist:
     if world <= 1:
         return Dist()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    from ..runtime.policy import resolve_device
-
     device = resolve_device(device_pref, local_rank=local_rank, world=world)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -100,6 +103,30 @@ def from_rank_0(value: Any, d: Dist) -> Any:
     box = [value if d.main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_rank_0(d: Dist, device: torch.device, fn: Callable[[], T], what: str) -> T | None:
+    """The rank-0 protocol, written once: rank 0 runs ``fn`` (the other ranks do not), and every
+    rank learns whether it failed, so that all stop together instead of waiting at the next
+    collective for a rank that has gone.
+
+    Returns ``fn()``'s result on rank 0 and None on the others. A :class:`DDPMError` raised by
+    ``fn`` is raised again on rank 0; every other rank raises ``DDPMError("rank 0 could not
+    {what} (its message says why)")``. Other exceptions are bugs and propagate on rank 0 alone.
+    With one process it is ``fn()``.
+    """
+    if d.world == 1:
+        return fn()
+    result: T | None = None
+    failed: DDPMError | None = None
+    if d.main:
+        try:
+            result = fn()
+        except DDPMError as e:
+            failed = e
+    if any_rank(failed is not None, d, device):
+        raise failed or DDPMError(f"rank 0 could not {what} (its message says why)")
+    return result
 
 
 def shard(n: int, d: Dist) -> range:

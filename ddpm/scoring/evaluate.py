@@ -34,29 +34,32 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from ..run.checkpoint import latest_checkpoint, load_run
-from ..runtime.processes import Dist, from_rank_0
-from ..errors import DDPMError
-from ..sample.engine import check_request, generate, generate_sharded
-from ..scoring.inception import FeatureExtractor
-from ..scoring.metrics import (LinearProbe, class_accuracy, fit_linear_probe, frechet_distance, gaussian_stats, kid,
-                      precision_recall)
-from ..files.atomic import atomic_write_json, atomic_write_with, check_writable
-from ..runtime.policy import resolve_device, resolve_runtime
 from ..core.samplers import SAMPLER_NAMES, model_evaluations, resolve_steps
+from ..data.cache import CacheSettings, ReferenceImages, open_reference_images
+from ..data.sets import load_cifar10, remove_empty_classes
+from ..errors import DDPMError
+from ..files.atomic import atomic_write_json, atomic_write_with, check_writable
+from ..files.images import IMAGE_EXTENSIONS, class_name, load_image, scan_images, to_rgb
+from ..run.checkpoint import latest_checkpoint, load_run
+from ..runtime.policy import Runtime, resolve_runtime
+from ..runtime.processes import Dist, from_rank_0
+from ..sample.engine import check_request, generate
+from ..sample.spec import SampleSpec
+from .inception import FeatureExtractor
+from .metrics import (LinearProbe, class_accuracy, fit_linear_probe, frechet_distance, gaussian_stats, kid,
+                      precision_recall)
 
 __all__ = ["ReferenceDataError", "FeatureSet", "default_cache_dir", "reference_stats", "reference_probe",
-           "evaluate_run", "fid_folders", "sampler_sweep", "sweep_steps", "DEFAULT_SWEEP_STEPS", "format_summary",
+           "evaluate_run", "fid_folders", "sampler_sweep", "SweepGrid", "sweep_steps", "DEFAULT_SWEEP_STEPS", "format_summary",
            "write_json", "check_reference", "fid_floor", "floor_is_lower_bound", "score_features", "ReferenceSettings",
            "Reference", "spread_labels", "reference_images"]
 
 _CACHE_VERSION = 1
-_SAMPLERS = SAMPLER_NAMES  # the sweep's default: every sampler
 
 
 class ReferenceDataError(DDPMError):
@@ -144,12 +147,41 @@ class FeatureSet:
         return 0 if self.features is None else int(self.features.shape[0])
 
 
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """How a reference set is built and how samples are scored against it: the one settings
+    value of ``ddpm eval``, its sweep, ``ddpm fid``, the trainer's ``--eval-every`` and
+    ``benchmarks/quality.py``.
+
+    ``inception``: a weights file (None: the pinned default, :mod:`ddpm.scoring.inception`);
+    ``cache_dir`` / ``use_cache``: the statistics and probe cache (None: :func:`default_cache_dir`);
+    ``max_images``: a fixed random subset (seed 0) of the reference, in images;
+    ``cifar_root``: where torchvision's CIFAR-10 lives for ``cifar10`` references;
+    ``feature_batch_size``: images per Inception pass (speed and memory only);
+    ``kid_subset`` / ``kid_subsets``: KID's subset size (images) and count;
+    ``probe_l2``: the L2 penalty of the linear class probe;
+    ``precision_recall``: also compute improved precision and recall (Kynkaanniemi et al. 2019);
+    ``data_cache``: where a reference folder's decoded pixels are kept (the same file a training
+    run on that folder maps: :mod:`ddpm.data.cache`; None: the default place).
+    """
+
+    inception: str | os.PathLike | None = None
+    cache_dir: str | os.PathLike | None = None
+    use_cache: bool = True
+    max_images: int | None = None
+    cifar_root: str | os.PathLike | None = None
+    feature_batch_size: int = 50
+    kid_subset: int = 1000
+    kid_subsets: int = 100
+    probe_l2: float = 1e-2
+    precision_recall: bool = True
+    data_cache: CacheSettings | None = None
+
+
 def _list_folder(root: Path) -> tuple[list[Path], np.ndarray | None, list[str] | None]:
     """Image files under ``root`` (sorted, any depth, hidden files and folders skipped). If every
     image sits inside a top-level sub-folder, those sub-folders are classes (torchvision's
     ImageFolder convention)."""
-    from ..files.images import IMAGE_EXTENSIONS, class_name, scan_images
-
     if not root.exists():
         raise ReferenceDataError(f"reference folder {str(root)!r} does not exist")
     if not root.is_dir():
@@ -174,14 +206,12 @@ def _decode(path: Path, image_size: int | None) -> torch.Tensor:
     else at the file's own size (mode conversions as in :mod:`ddpm.files.images`)."""
     from PIL import Image, ImageOps
 
-    from ..files import images
-
     if image_size is not None:
-        arr = images.load_image(path, image_size)
+        arr = load_image(path, image_size)
     else:
         with Image.open(path) as img:
             img.load()
-            img = images.to_rgb(ImageOps.exif_transpose(img))  # the project's one RGB conversion
+            img = to_rgb(ImageOps.exif_transpose(img))  # the project's one RGB conversion
         arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
 
@@ -203,6 +233,37 @@ def _folder_batches(files: Sequence[Path], image_size: int | None, batch_size: i
         if batch:
             same = all(b.shape == batch[0].shape for b in batch)
             yield torch.stack(batch) if same else batch
+
+
+def _cached_batches(ref: ReferenceImages, files: Sequence[Path], batch_size: int, bad: list[tuple[Path, str]],
+                    good: list[int]) -> Iterator[torch.Tensor]:
+    """:func:`_folder_batches` from the decoded-data cache: the same batches, and the same
+    ``bad`` and ``good`` lists, without decoding a file."""
+    rows, reasons, pixels = ref.rows_for(files), dict(ref.skipped), np.asarray(ref.images)
+    for start in range(0, len(files), batch_size):
+        take = []
+        for i in range(start, min(start + batch_size, len(files))):
+            if rows[i] < 0:
+                bad.append((files[i], reasons[str(files[i])]))
+            else:
+                good.append(i)
+                take.append(rows[i])
+        if take:
+            yield torch.from_numpy(pixels[np.asarray(take)]).permute(0, 3, 1, 2).contiguous()
+
+
+def _pixel_batches(path: Path, files: Sequence[Path], image_size: int | None, settings: ReferenceSettings,
+                   progress: bool, bad: list[tuple[Path, str]], good: list[int]) -> Iterator[torch.Tensor | list[torch.Tensor]]:
+    """The reference's images a batch at a time: from the decoded-data cache where it holds (or
+    can build) the folder at ``image_size``, else decoded file by file. A subset (``max_images``)
+    maps an existing cache but does not build one: decoding a few images beats the whole folder."""
+    cached = None
+    if image_size is not None:
+        cached = open_reference_images(path, image_size, cache=settings.data_cache, progress=progress,
+                                       build=settings.max_images is None)
+    if cached is not None:
+        return _cached_batches(cached, files, settings.feature_batch_size, bad, good)
+    return _folder_batches(files, image_size, settings.feature_batch_size, bad, good)
 
 
 def _warn_skipped(bad: list[tuple[Path, str]], total: int) -> None:
@@ -235,8 +296,6 @@ def _save_featureset(fs: FeatureSet, path: Path) -> None:
 def _load_featureset(path: Path, key: str | None = None) -> FeatureSet:
     """Read a cache file, or any ``.npz`` holding at least ``mu`` and ``sigma`` (pytorch-fid's
     statistics files). Raises ReferenceDataError naming the file when it can't be used."""
-    from ..files.images import class_name
-
     try:
         with np.load(path, allow_pickle=False) as z:
             names = set(z.files)
@@ -281,13 +340,8 @@ def reference_stats(
     ref: str | os.PathLike,
     *,
     image_size: int | None = None,
-    max_images: int | None = None,
-    batch_size: int = 50,
     device: str | torch.device | None = None,
-    inception: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    use_cache: bool = True,
-    cifar_root: str | os.PathLike | None = None,
+    settings: ReferenceSettings = ReferenceSettings(),
     progress: bool = True,
 ) -> FeatureSet:
     """Features and statistics of a reference set, from the cache when possible.
@@ -296,18 +350,20 @@ def reference_stats(
     with ``mu`` and ``sigma`` (used as is, FID only), ``"cifar10"`` / ``"cifar10:test"`` (torchvision's
     test split under ``cifar_root``) or ``"cifar10:train"``. Images are brought to
     ``image_size`` (short side + centre crop, as in training) when given, else used at their own
-    size. ``max_images`` takes a fixed random subset (seed 0) of the sorted file list.
+    size. ``settings`` gives the Inception weights, the cache, ``max_images`` (a fixed random
+    subset, seed 0, of the sorted file list), where CIFAR-10 lives and the images per Inception
+    batch. Features run on ``device`` (None: the default device).
     """
+    max_images, use_cache = settings.max_images, settings.use_cache
     ref_s = str(ref)
     path = Path(ref_s).expanduser()
     if path.is_file() and path.suffix.lower() == ".npz":
         return _load_featureset(path)  # precomputed statistics need no network
-    extractor = FeatureExtractor(inception, device)  # verifies the weights; loads the net on first use
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    extractor = FeatureExtractor(settings.inception, device)  # verifies the weights; loads the net on first use
+    cache = Path(settings.cache_dir).expanduser() if settings.cache_dir is not None else default_cache_dir()
     m = _CIFAR_REF.fullmatch(ref_s.lower())
     if m and not path.exists():
-        return _cifar_stats(m.group(1) or "test", image_size, max_images, batch_size, extractor, cache, use_cache,
-                            cifar_root, progress)
+        return _cifar_stats(m.group(1) or "test", image_size, settings, extractor, progress)
     files, labels, classes = _list_folder(path)
     if max_images is not None and max_images < len(files):
         keep = _subset(len(files), max_images)
@@ -327,15 +383,13 @@ def reference_stats(
             warnings.warn(f"ignoring unusable cache file ({e}); recomputing")
     bad: list[tuple[Path, str]] = []
     good: list[int] = []
-    feats = _extract(_folder_batches(files, image_size, batch_size, bad, good), len(files), extractor, progress,
-                     f"reference {path.name}")
+    feats = _extract(_pixel_batches(path, files, image_size, settings, progress, bad, good), len(files), extractor,
+                     progress, f"reference {path.name}")
     if bad:
         _warn_skipped(bad, len(files))
     if len(good) < 2:
         raise ReferenceDataError(f"only {len(good)} readable image(s) under {str(path)!r}; need at least 2 for statistics")
     if labels is not None:
-        from ..data.sets import remove_empty_classes
-
         # A class with no readable image has no features to fit the probe on: leave it out, so a
         # run class of that name is reported as missing from the reference.
         classes, labels, empty = remove_empty_classes(classes, labels[good])
@@ -349,9 +403,11 @@ def reference_stats(
     return fs
 
 
-def _cifar_stats(split: str, image_size: int | None, max_images: int | None, batch_size: int,
-                 extractor: FeatureExtractor, cache: Path, use_cache: bool, cifar_root, progress: bool) -> FeatureSet:
-    root = _cifar10_root(cifar_root)
+def _cifar_stats(split: str, image_size: int | None, settings: ReferenceSettings, extractor: FeatureExtractor,
+                 progress: bool) -> FeatureSet:
+    max_images, batch_size, use_cache = settings.max_images, settings.feature_batch_size, settings.use_cache
+    cache = Path(settings.cache_dir).expanduser() if settings.cache_dir is not None else default_cache_dir()
+    root = _cifar10_root(settings.cifar_root)
     batch_dir = root / "cifar-10-batches-py"
     listing = ([[p.name, (st := p.stat()).st_size, st.st_mtime_ns] for p in sorted(batch_dir.iterdir())]
                if batch_dir.is_dir() else None)
@@ -363,8 +419,6 @@ def _cifar_stats(split: str, image_size: int | None, max_images: int | None, bat
             return _load_featureset(cache_path, key)
         except ReferenceDataError as e:
             warnings.warn(f"ignoring unusable cache file ({e}); recomputing")
-    from ..data.sets import load_cifar10
-
     try:
         ds = load_cifar10(root, image_size or 32, train=split == "train", conditional=True)
     except DDPMError:
@@ -377,7 +431,7 @@ def _cifar_stats(split: str, image_size: int | None, max_images: int | None, bat
         keep = _subset(len(images), max_images)
         images, labels = images[torch.from_numpy(keep)], labels[keep]
     if listing is None:  # just downloaded: key it by the files now present
-        return _cifar_stats(split, image_size, max_images, batch_size, extractor, cache, use_cache, cifar_root, progress)
+        return _cifar_stats(split, image_size, settings, extractor, progress)
     batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
     feats = _extract(batches, len(images), extractor, progress, f"reference cifar10:{split}")
     mu, sigma = gaussian_stats(feats)
@@ -451,32 +505,6 @@ def score_features(gen: np.ndarray | FeatureSet, ref: FeatureSet, *, kid_subset:
     return out
 
 
-@dataclass(frozen=True)
-class ReferenceSettings:
-    """How a reference set is built and how samples are scored against it: the one settings
-    value of ``ddpm eval``, its sweep, ``ddpm fid``, the trainer's ``--eval-every`` and
-    ``benchmarks/quality.py``.
-
-    ``inception``: a weights file (None: the pinned default, :mod:`ddpm.scoring.inception`);
-    ``cache_dir`` / ``use_cache``: the statistics and probe cache (None: :func:`default_cache_dir`);
-    ``max_images``: a fixed random subset (seed 0) of the reference, in images;
-    ``cifar_root``: where torchvision's CIFAR-10 lives for ``cifar10`` references;
-    ``feature_batch_size``: images per Inception pass (speed and memory only);
-    ``kid_subset`` / ``kid_subsets``: KID's subset size (images) and count;
-    ``probe_l2``: the L2 penalty of the linear class probe.
-    """
-
-    inception: str | os.PathLike | None = None
-    cache_dir: str | os.PathLike | None = None
-    use_cache: bool = True
-    max_images: int | None = None
-    cifar_root: str | os.PathLike | None = None
-    feature_batch_size: int = 50
-    kid_subset: int = 1000
-    kid_subsets: int = 100
-    probe_l2: float = 1e-2
-
-
 @dataclass
 class Reference:
     """A reference set built once and the means to score images against it: its Inception
@@ -497,20 +525,17 @@ class Reference:
     probe_note: str | None = None
 
     @classmethod
-    def build(cls, ref: str | os.PathLike, image_size: int | None, *, device: str | torch.device | None = None,
-              settings: ReferenceSettings = ReferenceSettings(), classes: Sequence[str] | None = None,
-              progress: bool = True) -> "Reference":
+    def build(cls, ref: str | os.PathLike, image_size: int | None, runtime: Runtime | None = None, *,
+              settings: ReferenceSettings = ReferenceSettings(), classes: Sequence[str] | None = None) -> "Reference":
         """The reference ``ref`` (as for :func:`reference_stats`) at ``image_size`` pixels (None:
-        the images' own size), with the extractor on ``device`` and, when ``classes`` (the
-        generator's class names, in label order) is given and the reference has those labelled
-        classes, the cached linear probe. A missing class is a warning and no class accuracy.
-        Raises :class:`ReferenceDataError` for an unusable reference and
-        :class:`~ddpm.scoring.inception.InceptionWeightsError` for missing weights."""
-        dev = resolve_device(device)
-        fs = reference_stats(ref, image_size=image_size, max_images=settings.max_images,
-                             batch_size=settings.feature_batch_size, device=dev, inception=settings.inception,
-                             cache_dir=settings.cache_dir, use_cache=settings.use_cache, cifar_root=settings.cifar_root,
-                             progress=progress)
+        the images' own size), with the extractor on ``runtime``'s device (None: the default
+        device) and, when ``classes`` (the generator's class names, in label order) is given and
+        the reference has those labelled classes, the cached linear probe. A missing class is a
+        warning and no class accuracy. Raises :class:`ReferenceDataError` for an unusable
+        reference and :class:`~ddpm.scoring.inception.InceptionWeightsError` for missing weights."""
+        runtime = runtime if runtime is not None else resolve_runtime()
+        dev = runtime.device
+        fs = reference_stats(ref, image_size=image_size, device=dev, settings=settings, progress=runtime.progress)
         out = cls(fs, FeatureExtractor(settings.inception, dev), settings, list(classes) if classes else None)
         if out.classes:
             missing = [c for c in out.classes if c not in (fs.classes or [])]
@@ -621,42 +646,42 @@ def spread_labels(n: int, classes: Sequence[str] | None) -> torch.Tensor | None:
     return torch.arange(n, dtype=torch.long) % len(classes) if classes else None
 
 
-def reference_images(ref: str | os.PathLike, image_size: int, *, max_images: int | None = None,
-                     cifar_root: str | os.PathLike | None = None, batch_size: int = 256) -> torch.Tensor:
+def reference_images(ref: str | os.PathLike, image_size: int, *, settings: ReferenceSettings = ReferenceSettings(),
+                     progress: bool = True) -> torch.Tensor:
     """The pixels of a reference set as uint8 [N, 3, image_size, image_size], decoded as the
-    training data is (short side resized, centre crop).
+    training data is (short side resized, centre crop), from the decoded-data cache where it
+    holds the folder.
 
-    ``ref`` is a folder or ``cifar10[:train|:test]`` as for :func:`reference_stats`; ``max_images``
-    takes the same fixed random subset (seed 0) that ``reference_stats(max_images=...)`` does.
+    ``ref`` is a folder or ``cifar10[:train|:test]`` as for :func:`reference_stats`;
+    ``settings.max_images`` takes the same fixed random subset (seed 0) that
+    :func:`reference_stats` does, and ``settings.cifar_root`` says where CIFAR-10 lives.
     Unreadable files are skipped with one warning. Raises :class:`ReferenceDataError` for a
     statistics-only ``.npz`` (it has no images), a missing folder, or fewer than 2 readable images.
     """
-    ref_s = str(ref)
+    ref_s, max_images = str(ref), settings.max_images
     path = Path(ref_s).expanduser()
     if path.is_file():
         raise ReferenceDataError(f"reference {ref_s!r} is a file of statistics; this needs the images themselves "
                                  "(a folder or cifar10)")
     m = _CIFAR_REF.fullmatch(ref_s.lower())
     if m and not path.exists():
-        from ..data.sets import load_cifar10
-
-        split = m.group(1) or "test"
+        split, root = m.group(1) or "test", _cifar10_root(settings.cifar_root)
         try:
-            ds = load_cifar10(_cifar10_root(cifar_root), image_size, train=split == "train", conditional=False)
+            ds = load_cifar10(root, image_size, train=split == "train", conditional=False)
         except DDPMError:
-            raise ReferenceDataError(f"reference {ref_s}: torchvision's CIFAR-10 is not in "
-                                     f"{str(_cifar10_root(cifar_root))!r} and could not be downloaded") from None
-        images = torch.from_numpy(np.asarray(ds.images)).permute(0, 3, 1, 2)
-        if max_images is not None and max_images < len(images):
-            images = images[torch.from_numpy(_subset(len(images), max_images))]
-        return images.contiguous()
+            raise ReferenceDataError(f"reference {ref_s}: torchvision's CIFAR-10 is not in {str(root)!r} and could "
+                                     "not be downloaded") from None
+        pixels = torch.from_numpy(np.asarray(ds.images)).permute(0, 3, 1, 2)
+        if max_images is not None and max_images < len(pixels):
+            pixels = pixels[torch.from_numpy(_subset(len(pixels), max_images))]
+        return pixels.contiguous()
     files, _, _ = _list_folder(path)
     if max_images is not None and max_images < len(files):
         files = [files[i] for i in _subset(len(files), max_images)]
     bad: list[tuple[Path, str]] = []
     good: list[int] = []
     parts = [b if isinstance(b, torch.Tensor) else torch.stack(b)
-             for b in _folder_batches(files, image_size, batch_size, bad, good)]
+             for b in _pixel_batches(path, files, image_size, settings, progress, bad, good)]
     if bad:
         _warn_skipped(bad, len(files))
     if len(good) < 2:
@@ -693,57 +718,52 @@ class _Context:
 
     run: Any
     reference: Reference | None  # None on torchrun ranks other than 0, which only sample
-    device: torch.device
-    precision: str  # the sampling precision that runs: fp32 or bf16
+    runtime: Runtime
+    processes: Dist
     timings: dict[str, float]
 
 
-def _prepare(run_dir, ref, *, device, precision, settings: ReferenceSettings, progress, check_run=None,
-             processes: Dist = Dist(), checkpoint=None) -> _Context:
+def _prepare(run_dir: str | os.PathLike, ref: str | os.PathLike, runtime: Runtime, settings: ReferenceSettings,
+             processes: Dist, checkpoint: str | os.PathLike | None, check_run: Callable[[Any], None]) -> _Context:
+    """Load the run (rank 0's newest checkpoint on every rank, or ``checkpoint``), check the
+    settings that depend on it (``check_run``, before the reference work), and on rank 0 build
+    the reference."""
     t0 = time.perf_counter()
-    runtime = resolve_runtime(device, precision, local_rank=processes.local_rank, world=processes.world)
-    dev = runtime.device
     if checkpoint is None and processes.world > 1:  # every rank scores rank 0's newest checkpoint
         checkpoint = from_rank_0(latest_checkpoint(run_dir), processes)
-    run = load_run(run_dir, device=dev, checkpoint=checkpoint)
-    if check_run is not None:
-        check_run(run)  # settings that depend on the run (steps <= T) fail before the reference work
+    run = load_run(run_dir, device=runtime.device, checkpoint=checkpoint)
+    check_run(run)
     if not processes.main:  # under torchrun the other ranks only sample; rank 0 scores
-        return _Context(run, None, dev, runtime.precision, {"load_run_s": time.perf_counter() - t0})
+        return _Context(run, None, runtime, processes, {"load_run_s": time.perf_counter() - t0})
     t1 = time.perf_counter()
-    reference = Reference.build(ref, run.image_size, device=dev, settings=settings, classes=run.classes,
-                                progress=progress)
-    return _Context(run, reference, dev, runtime.precision, {"load_run_s": t1 - t0, "reference_s": time.perf_counter() - t1})
+    reference = Reference.build(ref, run.image_size, runtime, settings=settings, classes=run.classes)
+    return _Context(run, reference, runtime, processes, {"load_run_s": t1 - t0, "reference_s": time.perf_counter() - t1})
 
 
-def _evaluate(ctx: _Context, *, n: int, sampler: str, steps: int | None, guidance: float, batch_size: int, seed: int,
-              use_ema: bool, pr: bool, progress: bool, processes: Dist = Dist()) -> dict | None:
+def _evaluate(ctx: _Context, n: int, spec: SampleSpec, pr: bool) -> dict | None:
+    """Sample ``n`` images as ``spec`` says and score them (rank 0; the other ranks return None)."""
     run = ctx.run
-    steps_used = resolve_steps(sampler, steps, run.schedule.T)
+    spec = spec.for_run(run.schedule.T)
     conditional = bool(run.classes)
     labels = spread_labels(n, run.classes)
     t0 = time.perf_counter()
-    options = dict(labels=labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-                   use_ema=use_ema, device=ctx.device, precision=ctx.precision, progress=progress)
-    if processes.world == 1:
-        images = generate(run, n, **options)
-    else:  # each rank draws its block of image indices; rank 0 gathers them and scores
-        images = generate_sharded(run, n, processes, **options)
-        if images is None:
-            return None
+    # under torchrun each rank draws its block of image indices; rank 0 gathers them and scores
+    images = generate(run, n, spec, ctx.runtime, ctx.processes, labels=labels)
+    if images is None:
+        return None
     t1 = time.perf_counter()
-    gen = ctx.reference.features(images, progress=progress)
+    gen = ctx.reference.features(images, progress=ctx.runtime.progress)
     t2 = time.perf_counter()
-    scores = ctx.reference.score_features(gen, labels, pr=pr, seed=seed)
+    scores = ctx.reference.score_features(gen, labels, pr=pr, seed=spec.seed)
     t3 = time.perf_counter()
-    nfe = model_evaluations(sampler, steps_used)
-    guided_batch = conditional and guidance not in (0.0, 1.0)
+    nfe = model_evaluations(spec.sampler, spec.steps)
+    guided_batch = conditional and spec.guidance not in (0.0, 1.0)
     return {
-        "sampler": sampler, "steps": steps_used, "nfe": nfe,
+        "sampler": spec.sampler, "steps": spec.steps, "nfe": nfe,
         # classifier-free guidance runs cond and uncond passes as one doubled batch
         "network_passes_per_sample": nfe * (2 if guided_batch else 1),
-        "guidance": float(guidance) if conditional else None, "n": n, "seed": seed, "use_ema": use_ema,
-        **scores,
+        "guidance": float(spec.guidance) if conditional else None, "n": n, "seed": spec.seed,
+        "use_ema": spec.use_ema, **scores,
         "timings": {"generate_s": t1 - t0, "features_s": t2 - t1, "metrics_s": t3 - t2,
                     "images_per_s": n / max(t1 - t0, 1e-9)},
     }
@@ -757,8 +777,8 @@ def _header(ctx: _Context, ref: str | os.PathLike) -> dict:
         "classes": run.classes, "prediction": run.prediction,
         "reference": {"ref": str(ref), "source": fs.source, "n": fs.n, "cache": str(fs.cache_path) if fs.cache_path else None,
                       "cached": fs.cached, "key": fs.key[:20]},
-        "inception_sha256": ctx.reference.extractor.sha256, "device": str(ctx.device),
-        "sampling_precision": ctx.precision, "torch": torch.__version__,
+        "inception_sha256": ctx.reference.extractor.sha256, "device": str(ctx.runtime.device),
+        "sampling_precision": ctx.runtime.precision, "torch": torch.__version__,
     }
 
 
@@ -769,62 +789,40 @@ def run_dir_of(run: Any) -> str:
 
 def evaluate_run(
     run_dir: str | os.PathLike,
-    ref: str | os.PathLike = "cifar10",
+    ref: str | os.PathLike,
     n: int = 10_000,
-    sampler: str = "dpm-solver",
-    steps: int | None = None,
-    guidance: float = 1.0,
-    batch_size: int = 64,
-    seed: int = 0,
-    device: str | torch.device | None = None,
+    spec: SampleSpec = SampleSpec(),
+    runtime: Runtime | None = None,
     *,
-    precision: str = "auto",
-    use_ema: bool = True,
     settings: ReferenceSettings = ReferenceSettings(),
-    compute_pr: bool = True,
-    out: str | os.PathLike | None = None,
-    progress: bool = True,
-    verbose: bool = True,
     processes: Dist = Dist(),
     checkpoint: str | os.PathLike | None = None,
 ) -> dict | None:
-    """Sample ``n`` images from the run in ``run_dir`` and score them against ``ref``.
+    """Sample ``n`` images from the run in ``run_dir`` as ``spec`` says and score them against ``ref``.
 
-    Sampling is :func:`ddpm.sample.engine.generate` with ``sampler``, ``steps``, ``guidance``,
-    ``seed`` (per image), ``batch_size`` (images at once; speed only), ``precision`` and
-    ``use_ema``; the reference is built and scored as ``settings`` says (:class:`Reference`).
+    Sampling is :func:`ddpm.sample.engine.generate` on ``runtime`` (None: the default device and
+    precision); the reference is built and scored as ``settings`` says (:class:`Reference`).
     Conditional runs get ``n`` samples spread evenly over their classes (labels ``i % C``) and
     a class accuracy from the reference's linear probe, per class and overall. Returns a dict of
-    settings, metrics and timings; prints a summary when ``verbose``; writes JSON to ``out``.
-    ``n < 2``, ``steps`` above the run's T and an ``out`` that cannot be written are a
-    :class:`DDPMError` before any sampling or reference statistics. ``checkpoint`` scores that
-    checkpoint file of the run instead of its newest (for a curve of quality over training).
-    Under torchrun (``processes`` from :func:`ddpm.runtime.processes.init_distributed`) every rank
-    samples its block of the ``n`` image indices (:func:`ddpm.sample.engine.generate_sharded`: the
-    same images as one process) and rank 0 alone builds the reference, scores, prints, writes
-    and returns the result; the other ranks return None.
+    settings, metrics and timings (:func:`format_summary` prints it, :func:`write_json` saves it).
+    ``n < 2`` and steps above the run's T are a :class:`DDPMError` before any sampling or
+    reference statistics. ``checkpoint`` scores that checkpoint file of the run instead of its
+    newest (for a curve of quality over training). Under torchrun (``processes`` from
+    :func:`ddpm.runtime.processes.init_distributed`) every rank samples its block of the ``n``
+    image indices (the same images as one process) and rank 0 alone builds the reference,
+    scores and returns the result; the other ranks return None.
     """
     if n < 2:
         raise DDPMError(f"--n must be at least 2 for FID statistics, got {n}")
-    if out is not None:
-        check_writable(out, "--out", is_file=True)
+    runtime = runtime if runtime is not None else resolve_runtime(local_rank=processes.local_rank, world=processes.world)
     t0 = time.perf_counter()
-    ctx = _prepare(run_dir, ref, device=device, precision=precision, settings=settings,
-                   progress=progress and processes.main,
-                   check_run=lambda run: (resolve_steps(sampler, steps, run.schedule.T), check_request(run, n, seed)),
-                   processes=processes,
-                   checkpoint=checkpoint)
-    res = _evaluate(ctx, n=n, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size, seed=seed,
-                    use_ema=use_ema, pr=compute_pr, progress=progress and processes.main, processes=processes)
+    ctx = _prepare(run_dir, ref, runtime if processes.main else runtime.quiet(), settings, processes, checkpoint,
+                   lambda run: (spec.for_run(run.schedule.T), check_request(run, n, spec.seed)))
+    res = _evaluate(ctx, n, spec, settings.precision_recall)
     if res is None:
         return None
     result = {**_header(ctx, ref), **res}
     result["timings"] = {**ctx.timings, **res["timings"], "total_s": time.perf_counter() - t0}
-    if out is not None:
-        write_json(out, result)
-        result["out"] = str(out)
-    if verbose:
-        print(format_summary(result))
     return result
 
 
@@ -864,23 +862,20 @@ def format_summary(r: dict) -> str:
 def fid_folders(
     dir_a: str | os.PathLike,
     dir_b: str | os.PathLike,
+    runtime: Runtime | None = None,
     *,
     settings: ReferenceSettings = ReferenceSettings(),
-    device: str | torch.device | None = None,
     image_size: int | None = None,
-    progress: bool = True,
 ) -> dict:
     """FID (and KID when both sides have features) between two folders of images, or a folder
     and a ``.npz`` of statistics, like ``python -m pytorch_fid A B``: :func:`score_features` of
     one set's statistics against the other's. Images are used at their own sizes unless
     ``image_size`` (pixels) is given; ``settings`` as for :class:`Reference` (``max_images``
-    applies to both sides). Returns ``{"fid", "n_a", "n_b"}`` plus ``"kid_mean"``,
-    ``"kid_std"``. Raises :class:`ReferenceDataError` for an unusable folder or mismatched
-    feature dimensions."""
-    dev = resolve_device(device)
-    kw = dict(image_size=image_size, max_images=settings.max_images, batch_size=settings.feature_batch_size,
-              device=dev, inception=settings.inception, cache_dir=settings.cache_dir, use_cache=settings.use_cache,
-              cifar_root=settings.cifar_root, progress=progress)
+    applies to both sides); features run on ``runtime``'s device (None: the default device).
+    Returns ``{"fid", "n_a", "n_b"}`` plus ``"kid_mean"``, ``"kid_std"``. Raises
+    :class:`ReferenceDataError` for an unusable folder or mismatched feature dimensions."""
+    runtime = runtime if runtime is not None else resolve_runtime()
+    kw = dict(image_size=image_size, device=runtime.device, settings=settings, progress=runtime.progress)
     a, b = reference_stats(dir_a, **kw), reference_stats(dir_b, **kw)
     if a.mu.shape != b.mu.shape:
         raise ReferenceDataError(f"feature dimensions differ: {a.mu.shape[0]} ({dir_a}) vs {b.mu.shape[0]} ({dir_b})")
@@ -890,61 +885,67 @@ def fid_folders(
 
 
 # ----------------------------------------------------------------------------------- sweep
+@dataclass(frozen=True)
+class SweepGrid:
+    """The configurations of :func:`sampler_sweep`: every sampler x step count x guidance scale.
+    ``steps=None`` sweeps :data:`DEFAULT_SWEEP_STEPS`, leaving out (with a warning) those above a
+    run's T; an explicit count above T is a :class:`DDPMError`."""
+
+    samplers: Sequence[str] = SAMPLER_NAMES
+    steps: Sequence[int] | None = None
+    guidances: Sequence[float] = (1.0,)
+
+    def specs(self, base: SampleSpec, T: int, conditional: bool) -> list[SampleSpec]:
+        """One :class:`SampleSpec` per configuration, ``base`` giving seed, EMA and batch size;
+        guidance is swept for conditional runs only."""
+        steps = sweep_steps(self.steps, T)
+        guidances = self.guidances if conditional else [1.0]
+        return [base.with_(sampler=s, steps=k, guidance=float(g)) for g in guidances for s in self.samplers for k in steps]
+
+
 def sampler_sweep(
     run_dir: str | os.PathLike,
-    ref: str | os.PathLike = "cifar10",
+    ref: str | os.PathLike,
     n: int = 2000,
+    grid: SweepGrid = SweepGrid(),
+    base: SampleSpec = SampleSpec(),
+    runtime: Runtime | None = None,
     *,
-    samplers: Sequence[str] = _SAMPLERS,
-    steps_list: Sequence[int] | None = None,
-    guidances: Sequence[float] = (1.0,),
-    batch_size: int = 64,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    precision: str = "auto",
-    use_ema: bool = True,
     settings: ReferenceSettings = ReferenceSettings(),
     out: str | os.PathLike = "sweep.json",
-    progress: bool = True,
-    verbose: bool = True,
 ) -> dict:
-    """FID against network evaluations for each sampler, step count and guidance scale.
+    """FID against network evaluations for each configuration of ``grid`` (sampler, step count,
+    guidance scale), the other sampling settings from ``base``.
 
     Every configuration starts from the same seed (common random numbers make the comparison
     less noisy); the reference is built once, as ``settings`` says (:class:`Reference`). Writes
-    ``out`` (JSON, rewritten after each configuration so an interrupted
-    sweep keeps its results) and a plot next to it with the suffix ``.png``. ``steps_list=None``
-    sweeps 10, 20, 50 and 100 steps, leaving out (with a warning) those above the run's T; an
-    explicit count above T is a :class:`DDPMError`, raised, like an unwritable ``out``, before
-    any work.
+    ``out`` (JSON, rewritten after each configuration so an interrupted sweep keeps its results)
+    and a plot next to it with the suffix ``.png``; prints a line per configuration when
+    ``runtime.progress``. Steps above the run's T and an unwritable ``out`` are a
+    :class:`DDPMError` before any work.
     """
     if n < 2:
         raise DDPMError(f"--n must be at least 2 for FID statistics, got {n}")
     out = Path(out)
     check_writable(out, "--out", is_file=True)
     check_writable(out.with_suffix(".png"), "the sweep plot", is_file=True)
-    steps_used: list[int] = []
+    runtime = runtime if runtime is not None else resolve_runtime()
+    specs: list[SampleSpec] = []
 
     def check_run(run: Any) -> None:
-        steps_used[:] = sweep_steps(steps_list, run.schedule.T)
-        check_request(run, n, seed)
+        specs[:] = grid.specs(base, run.schedule.T, bool(run.classes))
+        check_request(run, n, base.seed)
 
-    ctx = _prepare(run_dir, ref, device=device, precision=precision, settings=settings, progress=progress,
-                   check_run=check_run)
-    if not ctx.run.classes:
-        guidances = [1.0]  # unconditional: guidance does not apply
-    report = {**_header(ctx, ref), "n": n, "seed": seed, "use_ema": use_ema, "results": []}
-    for g in guidances:
-        for s in samplers:
-            for k in steps_used:
-                r = _evaluate(ctx, n=n, sampler=s, steps=k, guidance=g, batch_size=batch_size, seed=seed,
-                              use_ema=use_ema, pr=False, progress=progress)
-                report["results"].append(r)
-                write_json(out, report)
-                if verbose:
-                    acc = r.get("class_accuracy")
-                    print(f"{s:>10} steps {k:>4} NFE {r['nfe']:>4} guidance {g:g}: FID {r['fid']:.3f}"
-                          + (f", class acc {acc['overall']:.3f}" if acc else ""), flush=True)
+    ctx = _prepare(run_dir, ref, runtime, settings, Dist(), None, check_run)
+    report = {**_header(ctx, ref), "n": n, "seed": base.seed, "use_ema": base.use_ema, "results": []}
+    for spec in specs:
+        r = _evaluate(ctx, n, spec, False)
+        report["results"].append(r)
+        write_json(out, report)
+        if runtime.progress:
+            acc = r.get("class_accuracy")
+            print(f"{spec.sampler:>10} steps {spec.steps:>4} NFE {r['nfe']:>4} guidance {spec.guidance:g}: "
+                  f"FID {r['fid']:.3f}" + (f", class acc {acc['overall']:.3f}" if acc else ""), flush=True)
     report["plot"] = str(out.with_suffix(".png"))
     write_json(out, report)
     plot_sweep(report, out.with_suffix(".png"))

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DDPMError
+from ..runtime.policy import resolve_device
 
 __all__ = ["InceptionWeightsError", "FEATURE_DIM", "INPUT_SIZE", "EXPECTED_SHA256", "weights_path",
            "verify_weights", "load_inception", "resize", "preprocess", "features", "FeatureExtractor"]
@@ -122,8 +123,6 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
     p = weights_path(path)
     if verify:
         verify_weights(p)
-    from ..runtime.policy import resolve_device
-
     return _load(str(p.resolve()), str(resolve_device(device)))
 
 
@@ -157,8 +156,6 @@ class FeatureExtractor:
     """
 
     def __init__(self, path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> None:
-        from ..runtime.policy import resolve_device  # local: perf is not needed to read features from a cache
-
         self.device = resolve_device(device)
         self.path = weights_path(path)
         self.sha256 = verify_weights(self.path)  # identifies the extractor in cache keys

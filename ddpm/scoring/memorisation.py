@@ -36,19 +36,28 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from ..data.cache import open_training_set
+from ..data.sets import load_dataset, names_cifar10
 from ..errors import DDPMError
-from ..runtime.policy import resolve_runtime
+from ..files.atomic import check_writable
+from ..run.checkpoint import load_run
+from ..runtime.policy import Runtime, resolve_runtime
+from ..sample.engine import generate
+from ..sample.pictures import make_grid, save_png
+from ..sample.spec import SampleSpec
+from . import evaluate
+from .evaluate import ReferenceSettings
 
 __all__ = ["NEAR_COPY_FACTOR", "HELDOUT_PERCENTILE", "HELDOUT_MAX", "SAME_IMAGE_RMS", "RULE", "nearest_neighbours",
            "near_copy_thresholds", "MemorisationReport", "memorisation_check", "nearest_grid", "format_report",
-           "check_run"]
+           "NearestOptions", "check_run"]
 
 NEAR_COPY_FACTOR = 0.5
 HELDOUT_PERCENTILE = 1.0
@@ -296,8 +305,6 @@ def nearest_grid(report: MemorisationReport, generated: torch.Tensor, train: Any
     found through the mirror image are shown mirrored, as they match. Images are enlarged
     (nearest-neighbour, a whole factor) to at least ``min_size`` pixels.
     """
-    from ..sample.engine import make_grid
-
     if not len(report.shown):
         raise ValueError("the report shows no samples (memorisation_check(show=0))")
     c, h, w = generated.shape[1:]
@@ -346,46 +353,83 @@ def format_report(report: MemorisationReport, header: Sequence[str] = ()) -> str
 
 
 # ------------------------------------------------------------------------------ a trained run
-def check_run(run_dir: str | os.PathLike, ref: str, *, n: int = 1000, sampler: str = "dpm-solver",
-              steps: int | None = None, guidance: float = 1.0, seed: int = 0, batch_size: int = 64,
-              device: str | torch.device | None = None, use_ema: bool = True, k: int = 3, show: int = 8,
-              heldout_max: int | None = None, train_data: str | None = None,
-              inception: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-              use_cache: bool = True, cifar_root: str | os.PathLike | None = None,
-              out: str | os.PathLike | None = None, progress: bool = True, verbose: bool = True,
-              precision: str = "auto") -> dict:
-    """The memorisation check of a run: ``n`` samples against the run's training images, held-out
-    real images from ``ref`` (a folder or ``cifar10[:test]`` that holds no training images;
-    ``heldout_max``, default :data:`HELDOUT_MAX`, of them).
+@dataclass(frozen=True)
+class NearestOptions:
+    """What the memorisation check of a run shows: ``k`` training neighbours per sample and space,
+    ``show`` samples in the grid (near-copies first), and ``train_data``, the run's training images
+    when they are no longer where the run's config says (None: the run's ``--data``)."""
 
-    The training images are the run's ``--data`` (or ``train_data``), decoded at the run's size
-    as training did (centre crops); their Inception features come from
-    :func:`ddpm.scoring.evaluate.reference_stats`, so they share its cache with ``ddpm eval`` and with
-    ``ddpm train --eval-every``. Writes ``out`` (JSON) and the grid beside it (``.png``) when
-    given; returns the JSON dict (with ``"grid"``). Raises :class:`DDPMError` before any sampling
-    when the training data is not there, ``ref`` is the training data, or ``out`` can't be written.
+    k: int = 3
+    show: int = 8
+    train_data: str | None = None
+
+
+def check_run(run_dir: str | os.PathLike, ref: str, n: int = 1000, spec: SampleSpec = SampleSpec(),
+              runtime: Runtime | None = None, *, settings: ReferenceSettings = ReferenceSettings(),
+              options: NearestOptions = NearestOptions(), out: str | os.PathLike | None = None) -> dict:
+    """The memorisation check of a run: ``n`` samples (drawn as ``spec`` says, on ``runtime``)
+    against the run's training images and held-out real images from ``ref`` (a folder or
+    ``cifar10[:test]`` that holds no training images; ``settings.max_images``, default
+    :data:`HELDOUT_MAX`, of them).
+
+    The training images are the run's ``--data`` (or ``options.train_data``), decoded at the run's
+    size as training did (centre crops); their Inception features come from
+    :func:`ddpm.scoring.evaluate.reference_stats` with ``settings``, so they share its cache with
+    ``ddpm eval`` and ``ddpm train --eval-every``. Writes ``out`` (JSON) and the grid beside it
+    (``.png``) when given; returns the JSON dict, with ``"summary"``, the report as text (and
+    ``"grid"``). Raises :class:`DDPMError` before any sampling when the training data is not
+    there, ``ref`` is the training data, or ``out`` can't be written.
     """
-    from ..scoring import evaluate
-    from ..run.checkpoint import load_run
-    from ..data.sets import load_dataset, names_cifar10
-    from ..sample.engine import generate, save_png
-    from ..files.atomic import check_writable
-    from ..core.samplers import resolve_steps
-
     if n < 2:
         raise DDPMError(f"--n must be at least 2, got {n}")
-    grid_path = None
+    grid_path = None if out is None else Path(out).with_suffix(".png")
     if out is not None:
         check_writable(out, "--out", is_file=True)
-        grid_path = Path(out).with_suffix(".png")
         check_writable(grid_path, "the nearest-neighbour grid", is_file=True)
-    runtime = resolve_runtime(device, precision)
-    dev = runtime.device
-    run = load_run(run_dir, device=dev)
-    steps_used = resolve_steps(sampler, steps, run.schedule.T)
-    train_cfg = run.config.get("train", {})
-    data = train_data or train_cfg.get("data") or ""
-    data_root = train_cfg.get("data_root") or None
+    runtime = runtime if runtime is not None else resolve_runtime()
+    run = load_run(run_dir, device=runtime.device)
+    spec = spec.for_run(run.schedule.T)
+    data, train_ref = _training_data(run, ref, options)
+    size = run.image_size
+    heldout = evaluate.reference_images(ref, size, settings=replace(settings, max_images=settings.max_images or HELDOUT_MAX),
+                                        progress=runtime.progress)
+    data_root = run.config.train.get("data_root") or None
+    # the run's own decoded-data cache when it has one: the pixels training saw, not decoded again
+    train = (load_dataset(data, size, conditional=False, data_root=data_root, progress=runtime.progress)
+             if names_cifar10(data) else
+             open_training_set(data, size, cache=settings.data_cache, progress=runtime.progress))
+    train_fs = evaluate.reference_stats(train_ref, image_size=size, device=runtime.device, progress=runtime.progress,
+                                        settings=replace(settings, max_images=None, cifar_root=data_root))
+    if train_fs.features is None or len(train_fs.features) != len(train):
+        raise DDPMError(f"the training images changed while they were read ({len(train)} images, "
+                        f"{train_fs.n} feature vectors); run the check again")
+    extractor = evaluate.FeatureExtractor(settings.inception, runtime.device)
+    images = generate(run, n, spec, runtime, labels=evaluate.spread_labels(n, run.classes))
+    mirrored = bool(run.config.train.get("hflip", True))
+    report = memorisation_check(images, train, heldout, extractor, train_features=train_fs.features, k=options.k,
+                                mirrored=mirrored, show=options.show)
+    result = {"run": str(run_dir), "step": int(run.step), "reference": ref, "train_data": data,
+              "sampler": spec.sampler, "steps": spec.steps, "guidance": float(spec.guidance) if run.classes else None,
+              "seed": spec.seed, "use_ema": spec.use_ema, **report.to_dict()}
+    header = [f"run        {run_dir} (step {run.step}, {'EMA' if spec.use_ema else 'raw'} weights); {n} samples, "
+              f"{spec.sampler} {spec.steps} steps",
+              f"training   {data} ({len(train)} images{', and their mirror images' if mirrored else ''})",
+              f"held-out   {ref} ({report.n_heldout} images)"]
+    summary = format_report(report, header)
+    if out is not None and grid_path is not None:
+        save_png(nearest_grid(report, images, train), grid_path)
+        evaluate.write_json(out, result)
+        result["out"], result["grid"] = str(out), str(grid_path)
+        summary += (f"\nwrote {out} and {grid_path} (rows: {len(report.shown)} samples, near-copies first, each beside "
+                    f"its {options.k} nearest training images in Inception features, then in pixels)")
+    result["summary"] = summary
+    return result
+
+
+def _training_data(run: Any, ref: str, options: NearestOptions) -> tuple[str, str]:
+    """The run's training images (a folder or ``cifar10``) and their reference name; raises
+    :class:`DDPMError` when they are not there or ``ref`` names them."""
+    data = options.train_data or run.config.train.get("data") or ""
     if not data or not (names_cifar10(data) or Path(data).expanduser().is_dir()):
         raise DDPMError(f"the run's training images {data!r} are not there; pass --train-data with the folder it was "
                         "trained on")
@@ -396,36 +440,4 @@ def check_run(run_dir: str | os.PathLike, ref: str, *, n: int = 1000, sampler: s
     if same:
         raise DDPMError(f"--ref {ref!r} is the run's training data; the check needs held-out real images the model "
                         "never saw (for a CIFAR-10 run: --ref cifar10, the test split)")
-    size = run.image_size
-    heldout = evaluate.reference_images(ref, size, max_images=heldout_max or HELDOUT_MAX, cifar_root=cifar_root)
-    train = load_dataset(data, size, conditional=False, data_root=data_root, progress=progress)
-    train_fs = evaluate.reference_stats(train_ref, image_size=size, device=dev, inception=inception,
-                                        cache_dir=cache_dir, use_cache=use_cache, cifar_root=data_root,
-                                        progress=progress)
-    if train_fs.features is None or len(train_fs.features) != len(train):
-        raise DDPMError(f"the training images changed while they were read ({len(train)} images, "
-                        f"{train_fs.n} feature vectors); run the check again")
-    extractor = evaluate.FeatureExtractor(inception, dev)
-    images = generate(run, n, labels=evaluate.spread_labels(n, run.classes), sampler=sampler, steps=steps_used,
-                      guidance=guidance, seed=seed, batch_size=batch_size, use_ema=use_ema, device=dev,
-                      precision=runtime.precision, progress=progress)
-    mirrored = bool(train_cfg.get("hflip", True))
-    report = memorisation_check(images, train, heldout, extractor, train_features=train_fs.features, k=k,
-                                mirrored=mirrored, show=show)
-    result = {"run": str(run_dir), "step": int(run.step), "reference": ref, "train_data": data,
-              "sampler": sampler, "steps": steps_used, "guidance": float(guidance) if run.classes else None,
-              "seed": seed, "use_ema": use_ema, **report.to_dict()}
-    if out is not None and grid_path is not None:
-        save_png(nearest_grid(report, images, train), grid_path)
-        evaluate.write_json(out, result)
-        result["out"], result["grid"] = str(out), str(grid_path)
-    if verbose:
-        header = [f"run        {run_dir} (step {run.step}, {'EMA' if use_ema else 'raw'} weights); {n} samples, "
-                  f"{sampler} {steps_used} steps",
-                  f"training   {data} ({len(train)} images{', and their mirror images' if mirrored else ''})",
-                  f"held-out   {ref} ({report.n_heldout} images)"]
-        print(format_report(report, header))
-        if grid_path is not None:
-            print(f"wrote {out} and {grid_path} (rows: {len(report.shown)} samples, near-copies first, each beside "
-                  f"its {k} nearest training images in Inception features, then in pixels)")
-    return result
+    return data, train_ref
