@@ -18,7 +18,7 @@ from ..data.cache import CacheSettings
 from ..errors import DDPMError
 from ..files.atomic import check_writable
 from ..run.checkpoint import latest_checkpoint, load_checkpoint
-from ..run.folder import lock_if_inside
+from ..run.folder import RunFolder, lock_if_inside
 from ..runtime.processes import Dist, on_rank_0, process_group
 from ..scoring import evaluate
 from ..scoring import memorisation
@@ -137,7 +137,7 @@ def _eval(args: argparse.Namespace, d: Dist) -> int:
         inception=args.inception, cache_dir=args.cache_dir, use_cache=not args.no_cache, max_images=args.ref_max,
         cifar_root=args.cifar_root, feature_batch_size=args.feature_batch_size, kid_subset=args.kid_subset,
         kid_subsets=args.kid_subsets, precision_recall=not args.no_pr, data_cache=_data_cache(args))
-    eval_dir = Path(args.run) / "eval"
+    eval_dir = RunFolder(args.run).eval_dir
     what = "--out" if args.out else "the result file (pass --out to choose another)"
     if args.nearest:
         out = args.out or eval_dir / f"nearest-n{args.n}-seed{args.seed}-{runtime.precision}.json"

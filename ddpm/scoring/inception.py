@@ -18,7 +18,7 @@ clips to [0, 255] and does not quantise. We do the same arithmetic with
 ``F.interpolate(mode="bicubic", antialias=True)`` on float32, whose antialiased kernel is PIL's
 (a = -0.5): it runs batched on any device. Measured against clean-fid's PIL float resize on
 CIFAR-10 (32->299), landscape (64->299) and 512->299 images: mean absolute difference 1.4e-5 to
-2.5e-5 grey levels, max < 1e-3 (tests/test_inception.py checks this). PIL's uint8 bicubic, by
+2.5e-5 grey levels, max < 1e-3 (tests/scoring/test_inception.py checks this). PIL's uint8 bicubic, by
 contrast, differs by 0.3 grey levels on average (up to 12): quantisation, which clean-fid avoids.
 """
 

@@ -34,7 +34,7 @@ from ..core.unet import UNet, UNetConfig
 from ..data.sets import BatchStream
 from ..files.atomic import atomic_write_json, atomic_write_text, atomic_write_with
 from ..run.checkpoint import Sampleable
-from ..run.folder import run_write_errors
+from ..run.folder import RunFolder, run_write_errors
 from ..runtime import accounting
 from ..runtime.policy import Runtime
 from ..runtime.processes import Dist, any_rank, on_rank_0
@@ -73,7 +73,7 @@ class _Logger:
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int) -> None:
         """Keep the rows of ``run_dir/metrics.csv`` up to ``resume_step`` (0 for a new run) and
         drop the rest. Raises :class:`DDPMError` when the file cannot be written."""
-        self.path = run_dir / "metrics.csv"
+        self.path = RunFolder(run_dir).metrics_path
         self.rows: list[dict[str, float]] = []
         self.fid_floor: float | None = None  # drawn as a line on fid.png when known
         with run_write_errors(run_dir, "metrics.csv"):
@@ -94,7 +94,7 @@ class _Logger:
                 # killed after its last checkpoint), at step 0 too: a new run over a killed one.
                 # Events of the resumed step itself stay: they were written with the weights of
                 # its checkpoint, and the step's grid and evaluation are not redone.
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+                self.tb = SummaryWriter(str(RunFolder(run_dir).tensorboard_dir), purge_step=resume_step + 1)
             except Exception:  # tensorboard not installed: CSV and PNG still work
                 self.tb = None
 
@@ -164,11 +164,11 @@ class _Logger:
         run_dir = self.path.parent
         losses = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
         if losses:
-            _plot_curve(run_dir / "loss.png", losses, "loss (mean over log interval)")
+            _plot_curve(RunFolder(run_dir).curve_path("loss"), losses, "loss (mean over log interval)")
         fids = [(r["step"], r["fid"]) for r in self.rows if "fid" in r]
         if fids:
             floor = None if self.fid_floor is None else (self.fid_floor, "floor: as many real images")
-            _plot_curve(run_dir / "fid.png", fids, "FID of EMA samples", marker="o", line=floor)
+            _plot_curve(RunFolder(run_dir).curve_path("fid"), fids, "FID of EMA samples", marker="o", line=floor)
 
     def close(self) -> None:
         self.flush()
@@ -179,7 +179,7 @@ def final_eval_logged(run_dir: Path, step: int) -> bool:
     """Whether RUN/metrics.csv has an evaluation row of ``step`` (an unreadable file counts as
     one: the logger reports it when the run goes on)."""
     try:
-        return any(r["step"] == step and "fid" in r for r in _Logger.read_rows(run_dir / "metrics.csv", step))
+        return any(r["step"] == step and "fid" in r for r in _Logger.read_rows(RunFolder(run_dir).metrics_path, step))
     except FileNotFoundError:
         return False
     except OSError:
@@ -302,7 +302,7 @@ class _TrainingEval:
                   "reference's statistics: a lower bound, the reference has fewer than 2n images"
                   if self.floor_lower_bound else
                   f"FID of a fixed subset of {n} reference images (seed 0) against the statistics of the others")
-        path = run_dir / self.FLOOR_FILE
+        path = RunFolder(run_dir).fid_floor_path
         # The method is part of the key: a floor kept by an older version, made another way, is redone.
         key = {"reference_key": self.ref.key, "n": n, "method": method}
         try:
@@ -573,7 +573,7 @@ class Monitor:
 
     def _draw_grid(self, step: int) -> None:
         with run_write_errors(self.run_dir, "a sample grid"):
-            grid = _sample_grid(self.sampleable, self.cfg, self.runtime, self.run_dir / "samples" / f"step_{step:09d}.png")
+            grid = _sample_grid(self.sampleable, self.cfg, self.runtime, RunFolder(self.run_dir).grid_path(step))
         if self.logger is not None:
             self.logger.image(step, grid)
 

@@ -12,7 +12,7 @@ from ddpm.cli.app import run_info
 from ddpm.train import config_from_dict, train
 from ddpm.core.unet import PRESETS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
 CPU_CONFIGS = [c for c in CONFIGS if c.stem.endswith("-cpu")]
 

@@ -31,7 +31,7 @@ from ddpm.data.sources import DecodeSpec
 from ddpm.errors import DDPMError
 from ddpm.files.images import scan_images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 8
 
 

@@ -2,7 +2,7 @@
 targets (eps, v, x0), loss weightings, noise-level densities, learning-rate and EMA schedules.
 
 Closed forms are written out here independently of the library; the Gaussian tests use data
-x0 ~ N(mu, sigma^2), whose optimal denoiser is known exactly (see tests/test_samplers.py).
+x0 ~ N(mu, sigma^2), whose optimal denoiser is known exactly (see tests/core/test_samplers.py).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def test_zero_terminal_snr_samplers_reproduce_gaussian_data(prediction, name, sa
     assert torch.isfinite(x).all()
     mean, std = x.double().mean().item(), x.double().std().item()
     # 384,000 values: standard errors 0.0008 (mean) and 0.0006 (std); the rest is each sampler's
-    # discretisation bias, under 2% of sigma at these step counts (see tests/test_samplers.py).
+    # discretisation bias, under 2% of sigma at these step counts (see tests/core/test_samplers.py).
     assert abs(mean - MU) < 0.004 and abs(std / SIGMA - 1) < 0.02, (mean, std)
 
 

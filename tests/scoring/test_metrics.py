@@ -2,7 +2,7 @@
 (reference-statistics cache, one-line errors, evaluate_run / sweep with stand-in modules).
 
 Nothing here runs the Inception network: a tiny deterministic stand-in extractor replaces it,
-so these tests are fast and need no weights; tests/test_inception.py covers the real network.
+so these tests are fast and need no weights; tests/scoring/test_inception.py covers the real network.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """FID during training (``ddpm train --eval-every``) and the memorisation check (``ddpm eval --nearest``).
 
 Most tests stand a 12-d feature extractor (2x2 average-pooled RGB) in for the Inception network,
-as tests/test_metrics.py does, so they run in seconds; the last one goes through the real
+as tests/scoring/test_metrics.py does, so they run in seconds; the last one goes through the real
 network end to end on a handful of images.
 """
 
@@ -438,7 +438,7 @@ def test_training_curve_scores_kept_checkpoints_oldest_first(data: Path, tmp_pat
     are each scored as 'ddpm eval --checkpoint' scores them, and drawn against images seen."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("training_curve", Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("training_curve", Path(__file__).resolve().parents[2]
                                                   / "benchmarks" / "training_curve.py")
     curve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(curve)

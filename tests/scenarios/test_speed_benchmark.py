@@ -16,7 +16,7 @@ from ddpm.core.ema import EMA
 from ddpm.core.schedule import Schedule
 from ddpm.train import DiffusionLoss, StepSettings, TrainConfig, TrainState, train_step
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _speed_module():
