@@ -37,12 +37,18 @@ def load_image(path: str | Path | BinaryIO, size: int, random_crop: bool = False
     cut per batch; see :func:`crop`. Raises ``OSError``/``ValueError`` for unreadable files.
     """
     ImageFile.LOAD_TRUNCATED_IMAGES = False
-    with Image.open(path) as img:
-        # JPEG can decode at 1/2, 1/4, 1/8 scale almost for free; ask for no less than 2x the target.
-        img.draft("RGB", (2 * size, 2 * size))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        img = to_rgb(img)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Image.open(path) as img:
+            # JPEG can decode at 1/2, 1/4, 1/8 scale almost for free; ask for no less than 2x the target.
+            img.draft("RGB", (2 * size, 2 * size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = to_rgb(img)
+    for w in caught:  # Pillow's warnings do not say which file they are about: ours do
+        name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "an image")
+        warnings.warn(f"{name}: {w.message}" if issubclass(w.category, Image.DecompressionBombWarning) else w.message,
+                      w.category, stacklevel=2)
     w, h = img.size
     if w < 1 or h < 1:
         raise ValueError("image has no pixels")

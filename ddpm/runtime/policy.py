@@ -34,6 +34,7 @@ import contextlib
 import copy
 import functools
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -51,6 +52,8 @@ __all__ = [
     "resolve_device",
     "resolve_runtime",
     "runtime_of",
+    "is_out_of_memory",
+    "out_of_memory_error",
     "bf16_supported",
     "default_precision",
     "resolve_precision",
@@ -447,3 +450,26 @@ def _torch_at_least(major: int, minor: int) -> bool:
         return (int(v[0]), int(v[1])) >= (major, minor)
     except (ValueError, IndexError):  # pragma: no cover - exotic version strings
         return True
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocator running out of memory: CUDA's ``OutOfMemoryError``, the
+    CPU allocator's ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory") or ``MemoryError``."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def out_of_memory_error(error: BaseException, doing: str, remedies: str) -> DDPMError:
+    """The one line for an allocator that ran out of memory while ``doing`` (e.g. "a training step
+    of 64 images of 64x64"): how much it asked for, when the allocator said, and ``remedies``."""
+    m = re.search(r"(?:tried to allocate|Tried to allocate) ([0-9.]+ ?[KMGT]?i?B|\d+ bytes)", str(error))
+    asked = m.group(1) if m else None
+    if asked is not None and asked.endswith(" bytes"):
+        n = int(asked.split()[0])
+        asked = next((f"{n / s:.1f} {u}" for u, s in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)) if n >= s),
+                     asked)
+    where = "the GPU" if type(error).__name__ == "OutOfMemoryError" else "this machine"
+    return DDPMError(f"out of memory on {where} in {doing}" + (f" (it asked for {asked} more)" if asked else "")
+                     + f"; {remedies}")

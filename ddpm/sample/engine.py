@@ -21,7 +21,7 @@ from ..data.sets import to_uint8
 from ..errors import DDPMError
 from ..run.checkpoint import Sampleable
 from ..runtime.accounting import host_memory_bytes
-from ..runtime.policy import Runtime, runtime_of
+from ..runtime.policy import Runtime, is_out_of_memory, out_of_memory_error, runtime_of
 from ..runtime.processes import Dist, gather_images, shard
 from .spec import SampleSpec
 
@@ -142,8 +142,14 @@ def sample_draw(run: Sampleable, draw: Draw, spec: SampleSpec, runtime: Runtime,
     net.eval()
     try:
         call = runtime.sampling_call(net)
-        out = [_sample_batch(run, call, draw, k, spec, runtime, callback)
-               for k in _batches(math.ceil(draw.n / spec.batch_size), spec.sampler, runtime.progress)]
+        try:
+            out = [_sample_batch(run, call, draw, k, spec, runtime, callback)
+                   for k in _batches(math.ceil(draw.n / spec.batch_size), spec.sampler, runtime.progress)]
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise out_of_memory_error(e, f"sampling a batch of {min(spec.batch_size, draw.n)} images of {size}x{size}",
+                                      "lower --batch-size (the images do not depend on it)") from None
     finally:
         net.train(was_training)
     return torch.cat(out)

@@ -228,14 +228,15 @@ def _image_chunks(train: Any, chunk: int = _CHUNK) -> Iterator[torch.Tensor]:
             block = train.images[start:stop]
         else:
             block = np.stack([train.get(i) for i in range(start, stop)])
-        yield torch.from_numpy(np.ascontiguousarray(block)).permute(0, 3, 1, 2)
+        # a copy: the rows of a mapped cache file are read-only, which torch tensors must not be
+        yield torch.from_numpy(np.array(block)).permute(0, 3, 1, 2)
 
 
 def _train_image(train: Any, index: int) -> torch.Tensor:
     """uint8 [3, H, W]: training image ``index``."""
     if isinstance(train, torch.Tensor):
         return train[index]
-    return torch.from_numpy(np.ascontiguousarray(train.get(index))).permute(2, 0, 1)
+    return torch.from_numpy(np.array(train.get(index))).permute(2, 0, 1)  # a writable copy (see above)
 
 
 def memorisation_check(generated: torch.Tensor, train: Any, heldout: torch.Tensor, extractor: Extractor, *,

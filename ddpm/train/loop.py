@@ -41,7 +41,7 @@ from ..errors import DDPMError
 from ..run.checkpoint import Sampleable, weights_sha256
 from ..run.config import RunConfig
 from ..run.folder import RunFolder
-from ..runtime.policy import Runtime, resolve_runtime
+from ..runtime.policy import Runtime, is_out_of_memory, out_of_memory_error, resolve_runtime
 from ..runtime.processes import Dist, any_rank, on_rank_0, process_group
 from .config import IMPORTED, TrainConfig, lr_at, validate
 from .loss import DiffusionLoss
@@ -161,7 +161,12 @@ def _loop(cfg: TrainConfig, d: Dist, runtime: Runtime, state: TrainState, loss_f
             t0 = time.perf_counter()
             x, y = _to_device(next(it), device, cfg.channels_last)
             data_wait = time.perf_counter() - t0  # the host waiting for a batch (decoding, copying)
-            result = train_step(net, state, loss_fn, x, y, lr=lr, generator=gen, settings=settings)
+            try:
+                result = train_step(net, state, loss_fn, x, y, lr=lr, generator=gen, settings=settings)
+            except (RuntimeError, MemoryError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                raise _oom(e, cfg, x) from None
             state.step += 1
             monitor.after_step(state, lr, result, data_wait)
 
@@ -187,6 +192,16 @@ def _loop(cfg: TrainConfig, d: Dist, runtime: Runtime, state: TrainState, loss_f
         say(f"checkpoint: {state.last_checkpoint}")
     last = state.last_checkpoint if state.last_checkpoint is not None else run_dir
     return TrainOutcome(last, state.step, stopped_by is None, stopped_by)
+
+
+def _oom(error: BaseException, cfg: TrainConfig, x: torch.Tensor) -> DDPMError:
+    """The one line for a training step that ran out of memory (nothing was saved by it)."""
+    micro = x.shape[0] // max(cfg.grad_accum, 1)
+    return out_of_memory_error(
+        error, f"a training step ({x.shape[0]} images of {x.shape[-1]}x{x.shape[-2]} per process, forward passes "
+               f"of {micro})",
+        "lower --batch-size, raise --grad-accum (same batch, smaller passes), or pass --grad-checkpoint; the run "
+        "folder is as it was, so the same command with --resume continues it")
 
 
 # ------------------------------------------------------------------------------- set-up

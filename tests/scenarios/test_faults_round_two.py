@@ -132,3 +132,71 @@ def test_non_finite_guidance_or_eta_is_refused(run: Path, tmp_path: Path, value:
         res = _ddpm("sample", "--run", str(run), "--n", "1", "--out", str(tmp_path / "g.png"), f"{flag}={value}")
         _one_line(res, EXIT_USER_ERROR, flag, "finite")
     assert not (tmp_path / "g.png").exists()
+
+
+# ------------------------------------------------ 2. out of memory: one line with the remedies
+def test_out_of_memory_in_training_is_one_line_and_loses_nothing(run: Path, monkeypatch, capsys) -> None:
+    import ddpm.train.loop
+    from ddpm.cli.app import main
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 85899345920 bytes. "
+                           "Error code 12 (Cannot allocate memory)")
+
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    monkeypatch.setattr(ddpm.train.loop, "train_step", no_memory)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "50", "--no-progress"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out of memory on this machine" in err and "80.0 GiB" in err
+    assert "--batch-size" in err and "--grad-accum" in err and "--grad-checkpoint" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_out_of_memory_on_a_gpu_while_sampling_names_the_batch(run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import torch
+
+    import ddpm.sample.engine
+    from ddpm.cli.app import main
+
+    def no_gpu_memory(*args, **kwargs):  # what CUDA's allocator raises
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+
+    monkeypatch.setattr(ddpm.sample.engine, "_sample_batch", no_gpu_memory)
+    out = tmp_path / "oom.png"
+    assert main(["sample", "--run", str(run), "--n", "8", "--batch-size", "8", "--out", str(out)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out of memory on the GPU" in err and "2.00 GiB" in err
+    assert "a batch of 8 images of 16x16" in err and "--batch-size" in err and not out.exists()
+
+
+# ------------------------------------------------- 7. messages that name the real cause
+def test_a_decompression_bomb_warning_names_its_file(tmp_path: Path) -> None:
+    import warnings
+
+    from PIL import Image as PILImage
+
+    from ddpm.files.images import load_image
+
+    path = tmp_path / "huge.png"
+    PILImage.new("RGB", (64, 64)).save(path)
+    limit = PILImage.MAX_IMAGE_PIXELS
+    PILImage.MAX_IMAGE_PIXELS = 64 * 64 - 1  # this small image now counts as a (mild) bomb
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_image(path, 8)
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = limit
+    bombs = [w for w in caught if issubclass(w.category, PILImage.DecompressionBombWarning)]
+    assert bombs and all(str(path) in str(w.message) for w in bombs)
+
+
+def test_renamed_class_folders_are_named_on_resume(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for name in ("cat", "dog"):
+        _images(data / name, 4, seed=len(name))
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--conditional", *TINY]
+    assert _ddpm(*args, "--steps", "1").returncode == 0
+    (data / "dog").rename(data / "puppy")
+    res = _ddpm(*args, "--steps", "2", "--resume")
+    _one_line(res, EXIT_USER_ERROR, "gone: dog", "new: puppy")
