@@ -139,7 +139,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | No
 def _loop(cfg: TrainConfig, d: Dist, runtime: Runtime, state: TrainState, loss_fn: DiffusionLoss,
           it: Iterator[tuple[torch.Tensor, torch.Tensor | None]], monitor: Monitor, run_config: RunConfig) -> TrainOutcome:
     """Train ``state`` from its step to ``cfg.steps`` (or a stop) on the batches ``it``, reporting
-    through ``monitor``; returns the last checkpoint (or the run folder when none was written)."""
+    through ``monitor``; returns how it ended (:class:`TrainOutcome`)."""
     device, say, run_dir = runtime.device, print if d.main else _silent, Path(cfg.out)
     stopped_by: str | None = None
     net = _training_net(state.model, d, device, runtime.compile)

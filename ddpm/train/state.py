@@ -243,9 +243,12 @@ def _check_same_run(path: Path, saved: RunConfig) -> None:
         own = RunConfig.read(folder)
     except DDPMError:
         return  # an unreadable config.json is rewritten at this start; the checkpoint decides
-    keys = ("model", "schedule", "classes", "data")
+    # The data's images, not its path: a resume with the data moved rewrites config.json's path
+    # before its first checkpoint, and a session that dies then must still resume.
     mine, theirs = own.to_dict(), saved.to_dict()
-    if own.data is not None and saved.data is not None and any(mine.get(k) != theirs.get(k) for k in keys):
+    same = all(mine.get(k) == theirs.get(k) for k in ("model", "schedule", "classes"))
+    if own.data is not None and saved.data is not None and (
+            not same or own.data.get("names_sha256") != saved.data.get("names_sha256")):
         raise DDPMError(f"the newest checkpoint {str(path)!r} was written by another run (its network, schedule or data "
                         f"differ from {str(folder.config_path)!r}); move it out of the folder, or resume the run it "
                         "came from")
@@ -268,6 +271,10 @@ def _check_same_data(saved: RunConfig, cfg: TrainConfig, data: ImageSet) -> None
     permutation of the indices) would continue over other pictures. Runs that recorded their
     data's identity are checked by it; older ones by the image count."""
     if saved.data is not None and saved.data.get("names_sha256") != data_identity(cfg.data, data)["names_sha256"]:
+        if saved.data.get("path") == data_identity(cfg.data, data)["path"]:
+            raise DDPMError(f"the images under --data {cfg.data!r} changed since this run began ({saved.data.get('images')} "
+                            f"-> {len(data)} images, or files renamed, added or unreadable); restore them or start a "
+                            "new --out")
         raise DDPMError(f"--data {cfg.data!r} is not the data this run began with ({saved.data.get('path')!r}, "
                         f"{saved.data.get('images')} images): its images are not those this run began with; pass "
                         f"--data {saved.data.get('path')!r} or start a new --out")

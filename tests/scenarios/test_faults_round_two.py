@@ -113,11 +113,15 @@ def test_time_limit_stop_exits_with_the_resumable_code(tmp_path: Path) -> None:
 
 
 def test_sigterm_stops_training_and_the_demo_without_sampling(tmp_path: Path) -> None:
+    from ddpm.cli.demo import write_digits
+
+    write_digits(tmp_path / "demo" / "digits")  # written here, so the demo reaches training at once
     proc = subprocess.Popen([sys.executable, "-m", "ddpm", "demo", "--out", str(tmp_path / "demo"), "--steps", "100000",
                              "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 240
+    deadline = time.time() + 600  # a loaded CI machine is slow to start torch and map the data
     while not list((tmp_path / "demo" / "run").glob("metrics.csv")) and time.time() < deadline:
         time.sleep(0.5)  # training has begun once its log exists
+    assert (tmp_path / "demo" / "run" / "metrics.csv").exists(), "the demo did not start training in 10 minutes"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == EXIT_STOPPED, (out, err)
