@@ -119,9 +119,12 @@ def test_sigterm_stops_training_and_the_demo_without_sampling(tmp_path: Path) ->
     proc = subprocess.Popen([sys.executable, "-m", "ddpm", "demo", "--out", str(tmp_path / "demo"), "--steps", "100000",
                              "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 600  # a loaded CI machine is slow to start torch and map the data
-    while not list((tmp_path / "demo" / "run").glob("metrics.csv")) and time.time() < deadline:
-        time.sleep(0.5)  # training has begun once its log exists
-    assert (tmp_path / "demo" / "run" / "metrics.csv").exists(), "the demo did not start training in 10 minutes"
+    log = tmp_path / "demo" / "run" / "metrics.csv"
+    # Training steps run once the log has a row (the log file itself is made before the loop,
+    # and so before its SIGTERM handler: a signal then ends the process, exit -15).
+    while not (log.exists() and len(log.read_text().splitlines()) > 1) and time.time() < deadline:
+        time.sleep(0.5)
+    assert log.exists() and len(log.read_text().splitlines()) > 1, "the demo did not start training in 10 minutes"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == EXIT_STOPPED, (out, err)
