@@ -22,7 +22,7 @@ Today's serial decode of a large set takes long (7 ms per 1024x768 JPEG); ``--se
 times the first N images and extrapolates, marked as such. Prints a table; ``--json`` writes it.
 
     python benchmarks/data_cache.py --images 20000 --workers 1,2,all
-    python benchmarks/data_cache.py --images 200000 --serial-limit 20000 --workers all
+    python benchmarks/data_cache.py --images 200000 --distinct 20000 --serial-limit 20000 --workers 1,all
     python benchmarks/data_cache.py --images 200   # a check that the script works
 """
 
@@ -68,14 +68,25 @@ def _make_photos(task: tuple[str, int, int, int, int]) -> int:
     return stop - start
 
 
-def generate(folder: Path, count: int, w: int, h: int) -> float:
-    """Generate ``count`` photographs in parallel; returns the seconds it took."""
+def generate(folder: Path, count: int, w: int, h: int, distinct: int | None = None) -> float:
+    """Generate ``count`` photographs in parallel; returns the seconds it took.
+
+    With ``distinct`` below ``count``, only that many are drawn and the rest are byte copies of
+    them under their own names (separate files, so separate page-cache pages and their own decode):
+    a 200,000-file folder then costs minutes to make instead of most of an hour of both cores.
+    """
     start = time.perf_counter()
+    drawn = count if distinct is None else min(distinct, count)
     step = 250
-    tasks = [(str(folder), a, min(a + step, count), w, h) for a in range(0, count, step)]
+    tasks = [(str(folder), a, min(a + step, drawn), w, h) for a in range(0, drawn, step)]
     with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
         done = sum(pool.map(_make_photos, tasks))
-    assert done == count
+    assert done == drawn
+    for i in range(drawn, count):
+        src = folder / f"{(i % drawn) // _PER_FOLDER:04d}" / f"img{i % drawn:07d}.jpg"
+        sub = folder / f"{i // _PER_FOLDER:04d}"
+        sub.mkdir(exist_ok=True)
+        shutil.copyfile(src, sub / f"img{i:07d}.jpg")
     return time.perf_counter() - start
 
 
@@ -267,6 +278,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=20_000, help="photographs to generate")
     p.add_argument("--photo", default="640x480", help="generated photograph size, WxH")
+    p.add_argument("--distinct", type=int, default=None,
+                   help="draw only this many photographs and fill the rest with copies under new names (unset: all drawn)")
     p.add_argument("--image-size", type=int, default=64, help="training resolution")
     p.add_argument("--workers", default="1,2,all", help="comma-separated cache build worker counts ('all' = every core)")
     p.add_argument("--serial-limit", type=int, default=None,
@@ -281,8 +294,9 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="ddpm-data-cache-", dir=args.dir))
     folder, cache = base / "photos", base / "cache"
     try:
-        gen = generate(folder, args.images, w, h)
-        print(f"generated {args.images} {w}x{h} JPEGs in {gen:.0f} s "
+        gen = generate(folder, args.images, w, h, args.distinct)
+        made = f" ({args.distinct} distinct, the rest copies)" if args.distinct and args.distinct < args.images else ""
+        print(f"generated {args.images} {w}x{h} JPEGs{made} in {gen:.0f} s "
               f"({sum(f.stat().st_size for f in folder.rglob('*.jpg')) / args.images / 1e3:.0f} KB each)", flush=True)
         rows = run(args, folder, cache)
         print(_table(rows))

@@ -29,8 +29,9 @@ source, size and crop mode, named with its key: a sha256 of what determines the 
 sorted file list with sizes and modification times, or member CRCs; the classes; the size; the
 crop mode; this decoder's version and Pillow's). Two processes that would build the same file
 take turns on an ``flock`` (released by the kernel if its holder dies): one builds, the other
-waits and maps. A cache folder that cannot be written falls back to decoding in memory with one
-warning; a disk that fills during a build stops it with one line and no file left.
+waits and maps. A cache folder that cannot be written, or whose disk has less free space than
+the file needs, falls back to decoding in memory with one warning; a disk that fills during a
+build (a quota, another writer) stops it with one line and no file left.
 :func:`prepare_data` (``ddpm prepare-data SRC OUT``) writes the same file to a chosen path.
 """
 
@@ -74,6 +75,11 @@ _WARNED: set[str] = set()  # cache folders already warned about in this process
 
 class _Untrusted(Exception):
     """A data file that must not be used; the message says why, in a few words."""
+
+
+class _NoRoom(DDPMError):
+    """The disk holding a data file has less free space than the file needs: known before any
+    decoding, so the automatic cache decodes in memory instead (``ddpm prepare-data`` stops)."""
 
 
 @dataclass(frozen=True)
@@ -253,8 +259,8 @@ def _build(listing: Listing, spec: DecodeSpec, path: Path, key: str) -> DataFile
     except OSError:
         free = None
     if free is not None and not spec.random_crop and need > free:
-        raise DDPMError(f"data cache: {path} needs {_size(need)} and {path.parent} has {_size(free)} free; free space "
-                        "there, choose another --data-cache DIR, or pass --no-data-cache")
+        raise _NoRoom(f"data cache: {path} needs {_size(need)} and {path.parent} has {_size(free)} free; free space "
+                      "there, choose another --data-cache DIR, or pass --no-data-cache")
     workers = resolve_workers(spec.workers, len(listing))
     if spec.progress:  # quiet commands (--quiet, --no-progress, library calls) print nothing routine
         print(f"data cache: decoding {len(listing)} images of {listing.root} at {spec.image_size}x{spec.image_size} "
@@ -398,7 +404,11 @@ def cached_rows(listing: Listing, spec: DecodeSpec, settings: CacheSettings, *,
             older = _older_versions(folder, stem, path)
             if older:
                 _say_changed(older, listing)
-            found = _build(listing, spec, path, key)
+            try:
+                found = _build(listing, spec, path, key)
+            except _NoRoom as e:  # nothing decoded yet: training goes on as it did before the cache
+                _warn_once(folder, f"{e}; decoding in memory instead")
+                return None
             for p in older:  # processes still mapping an old file keep its pages until they exit
                 with contextlib.suppress(OSError):
                     p.unlink()

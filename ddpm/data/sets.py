@@ -30,7 +30,7 @@ from ..errors import DDPMError
 from ..files.images import load_image
 from .sources import DecodeSpec, Listing, decode_items, list_folder, reason
 
-__all__ = ["ImageSet", "data_identity", "RaggedRows", "DecodedRows", "remove_empty_classes", "load_image_folder", "load_cifar10",
+__all__ = ["ImageSet", "data_identity", "same_images", "RaggedRows", "DecodedRows", "remove_empty_classes", "load_image_folder", "load_cifar10",
            "names_cifar10", "load_dataset", "decode_in_memory", "assemble_set", "listing_classes", "BatchStream",
            "batches"]
 
@@ -231,13 +231,42 @@ def load_image_folder(
 def data_identity(source: str, data: ImageSet) -> dict[str, Any]:
     """What identifies a training set, recorded in a run and checked when it resumes: ``path``
     (``source`` made absolute; ``cifar10`` as it is), ``images`` (the count) and ``names_sha256``
-    (a digest of each image's file name and the folder holding it, in the set's order: the same
-    set moved elsewhere keeps it, another set of as many images does not)."""
+    (a digest of each image's name relative to ``source``, in the set's order: the same set moved
+    or renamed keeps it, another set of as many images does not); ``names: "relative"`` marks
+    that digest (runs recorded before it hashed each file's name and the folder holding it)."""
     path = source if names_cifar10(source) else str(Path(source).expanduser().resolve())
+    return {"path": path, "images": len(data), "names_sha256": _names_sha256(source, data.paths),
+            "names": "relative"}
+
+
+def same_images(saved: dict[str, Any], source: str, data: ImageSet) -> bool:
+    """Whether ``data`` (read from ``source``) holds the images of the identity ``saved`` (by
+    :func:`data_identity`, or the older digest of file and folder names for runs that lack
+    ``names``)."""
+    if saved.get("names") == "relative":
+        digest = _names_sha256(source, data.paths)
+    else:
+        h = hashlib.sha256()
+        for p in data.paths:
+            h.update("/".join(p.replace(os.sep, "/").rsplit("/", 2)[-2:]).encode("utf-8", "surrogateescape") + b"\n")
+        digest = h.hexdigest()
+    return saved.get("names_sha256") == digest
+
+
+def _names_sha256(source: str, paths: Sequence[str]) -> str:
+    """sha256 of the paths with the source's own location taken off: the folder (or ``.zip``)
+    itself, else the folder holding it (a Parquet file's rows are named from there)."""
+    prefix = ""
+    if not names_cifar10(source):
+        for root in (Path(source), Path(source).parent):
+            candidate = str(root / "x")[:-1]
+            if all(p.startswith(candidate) for p in paths):
+                prefix = candidate
+                break
     h = hashlib.sha256()
-    for p in data.paths:
-        h.update("/".join(p.replace(os.sep, "/").rsplit("/", 2)[-2:]).encode("utf-8", "surrogateescape") + b"\n")
-    return {"path": path, "images": len(data), "names_sha256": h.hexdigest()}
+    for p in paths:
+        h.update(p[len(prefix):].replace(os.sep, "/").encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
 
 
 def remove_empty_classes(classes: list[str], labels: np.ndarray) -> tuple[list[str], np.ndarray, list[str]]:

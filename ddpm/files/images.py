@@ -16,7 +16,7 @@ from PIL import Image, ImageFile, ImageOps
 from ..errors import DDPMError
 
 __all__ = ["IMAGE_EXTENSIONS", "DECODER_VERSION", "load_image", "to_rgb", "is_hidden", "has_image_extension",
-           "scan_images", "scan_image_files", "count_hidden_images", "class_name", "class_folders"]
+           "scan_images", "scan_image_files", "count_hidden_images", "count_linked_images", "class_name", "class_folders"]
 
 # GIF and multi-page TIFF files give their first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -198,6 +198,24 @@ def count_hidden_images(root: str | Path) -> int:
         count += sum(1 for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS and (rel_hidden or is_hidden(n))
                      and (Path(folder) / n).is_file())
     return count
+
+
+def count_linked_images(root: str | Path) -> int:
+    """Image files under ``root`` that :func:`scan_images` reaches only through a symbolic link
+    to a folder; 0 when ``root`` is not a folder. Earlier versions did not follow such links, so
+    a run started then needs them to explain its image count."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        return 0
+    direct = 0
+    for folder, dirs, names in os.walk(root):  # followlinks=False: what those versions saw
+        dirs[:] = [d for d in dirs if not is_hidden(d)]
+        direct += sum(1 for n in names if not is_hidden(n) and has_image_extension(n)
+                      and os.path.isfile(os.path.join(folder, n)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the scan's own warnings were given when the data was read
+        total = len(scan_image_files(root))
+    return max(0, total - direct)
 
 
 def class_name(folder_name: str) -> str:

@@ -21,9 +21,9 @@ import torch
 
 from ..core.ema import EMA, edm_ema_decay
 from ..core.unet import UNet, UNetConfig
-from ..data.sets import ImageSet, data_identity
+from ..data.sets import ImageSet, same_images
 from ..errors import DDPMError
-from ..files.images import count_hidden_images
+from ..files.images import count_hidden_images, count_linked_images
 from ..run.checkpoint import load_checkpoint, save_checkpoint
 from ..run.config import RunConfig
 from ..run.folder import RunFolder, run_write_errors
@@ -247,8 +247,10 @@ def _check_same_run(path: Path, saved: RunConfig) -> None:
     # before its first checkpoint, and a session that dies then must still resume.
     mine, theirs = own.to_dict(), saved.to_dict()
     same = all(mine.get(k) == theirs.get(k) for k in ("model", "schedule", "classes"))
+    # Digests of one kind only (runs recorded before 'names' hashed otherwise; the model check holds).
+    comparable = own.data is not None and saved.data is not None and own.data.get("names") == saved.data.get("names")
     if own.data is not None and saved.data is not None and (
-            not same or own.data.get("names_sha256") != saved.data.get("names_sha256")):
+            not same or (comparable and own.data.get("names_sha256") != saved.data.get("names_sha256"))):
         raise DDPMError(f"the newest checkpoint {str(path)!r} was written by another run (its network, schedule or data "
                         f"differ from {str(folder.config_path)!r}); move it out of the folder, or resume the run it "
                         "came from")
@@ -269,9 +271,12 @@ def _check_same_classes(saved: RunConfig, data: ImageSet) -> None:
 def _check_same_data(saved: RunConfig, cfg: TrainConfig, data: ImageSet) -> None:
     """Refuse to continue a run on other images than it began with: its data order (a
     permutation of the indices) would continue over other pictures. Runs that recorded their
-    data's identity are checked by it; older ones by the image count."""
-    if saved.data is not None and saved.data.get("names_sha256") != data_identity(cfg.data, data)["names_sha256"]:
-        if saved.data.get("path") == data_identity(cfg.data, data)["path"]:
+    data's identity are checked by it; older ones by the image count. Where the folder itself
+    did not change but ddpm's reading of it did (hidden files skipped, linked folders followed),
+    the message says so."""
+    if saved.data is not None and not same_images(saved.data, cfg.data, data):
+        if saved.data.get("path") == str(Path(cfg.data).expanduser().resolve()):
+            _explain_count(saved.data.get("images"), cfg, data)
             raise DDPMError(f"the images under --data {cfg.data!r} changed since this run began ({saved.data.get('images')} "
                             f"-> {len(data)} images, or files renamed, added or unreadable); restore them or start a "
                             "new --out")
@@ -280,10 +285,23 @@ def _check_same_data(saved: RunConfig, cfg: TrainConfig, data: ImageSet) -> None
                         f"--data {saved.data.get('path')!r} or start a new --out")
     if saved.num_images in (None, len(data)):
         return
-    hidden = count_hidden_images(cfg.data) if cfg.data else 0
-    if hidden and len(data) + hidden == saved.num_images:
+    _explain_count(saved.num_images, cfg, data)
+    raise DDPMError(f"the data changed since this run began ({saved.num_images} -> {len(data)} "
+                    "images); restore it or start a new --out")
+
+
+def _explain_count(then: int | None, cfg: TrainConfig, data: ImageSet) -> None:
+    """Raise the message that names the cause when an older ddpm counted the same folder
+    differently: hidden files it read, linked folders it did not follow."""
+    if not cfg.data or then is None or then == len(data):
+        return
+    hidden = count_hidden_images(cfg.data)
+    if hidden and len(data) + hidden == then:
         raise DDPMError(f"this run was started counting {hidden} hidden image file(s) under --data "
                         f"{cfg.data!r} (names starting with '.') that ddpm now skips, so its data order "
                         "cannot be continued; start a new --out")
-    raise DDPMError(f"the data changed since this run began ({saved.num_images} -> {len(data)} "
-                    "images); restore it or start a new --out")
+    linked = count_linked_images(cfg.data)
+    if linked and len(data) - linked == then:
+        raise DDPMError(f"this run was started by a ddpm that did not follow symbolic links to folders, and "
+                        f"{linked} image(s) under --data {cfg.data!r} are behind such links, so its data order cannot "
+                        "be continued; move the linked folders out of --data to continue it, or start a new --out")

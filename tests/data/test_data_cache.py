@@ -314,7 +314,7 @@ def test_unwritable_cache_folder_decodes_in_memory_with_one_warning(tmp_path: Pa
     assert np.array_equal(second.images, first.images)
 
 
-def test_full_disk_stops_with_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+def test_full_disk_stops_with_one_line_and_leaves_nothing_no_room_decodes_in_memory(tmp_path: Path, monkeypatch) -> None:
     root = _folder(tmp_path / "data", bad=False)
 
     def full(_fd):
@@ -326,11 +326,17 @@ def test_full_disk_stops_with_one_line_and_leaves_nothing(tmp_path: Path, monkey
             open_training_set(root, SIZE, cache=_settings(tmp_path), progress=False)
     assert "\n" not in str(e.value)
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
-    # Known before decoding: not enough room at all.
+    # Known before decoding: not enough room at all. The automatic cache steps aside (one
+    # warning, the set decoded in memory as before the cache); prepare-data, asked for a file, stops.
     with monkeypatch.context() as m:
         m.setattr(cache_mod.shutil, "disk_usage", lambda _p: type("U", (), {"free": 1000})())
+        with pytest.warns(UserWarning, match=r"needs 6\.0 KB and .* has 1\.0 KB free; .*; decoding in memory instead"):
+            data = open_training_set(root, SIZE, cache=_settings(tmp_path), progress=False)
+        assert data.cache_file is None
+        assert np.array_equal(data.images, load_image_folder(root, SIZE, progress=False).images)
         with pytest.raises(DDPMError, match=r"needs 6\.0 KB and .* has 1\.0 KB free; free space there"):
-            open_training_set(root, SIZE, cache=_settings(tmp_path), progress=False)
+            prepare_data(root, tmp_path / "out.ddpmdata", DecodeSpec(SIZE, False, False, 1, False))
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
 
 
 _SLOW_BUILD = """
