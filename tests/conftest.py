@@ -108,14 +108,3 @@ def fake_net(monkeypatch):
     monkeypatch.setattr(evaluate, "FeatureExtractor", FakeExtractor)
     FakeExtractor.calls = 0
     return FakeExtractor
-
-
-def finished(res) -> bool:
-    """Whether a torchrun command (a ``subprocess.CompletedProcess``) did its work: exit 0, or the
-    one known gloo teardown abort ("terminate called without an active exception", a rank ending
-    after the last collective while a peer's transport thread still runs). That abort comes after
-    every file and line was written, which the tests check on their own; it is a defect to fix
-    (closing note of 2026-12-07), not an accepted outcome, so it is named here alone."""
-    return res.returncode == 0 or (
-        "terminate called without an active exception" in res.stderr and "Traceback (most recent call last)" not in
-        res.stderr.split("terminate called without an active exception")[0])

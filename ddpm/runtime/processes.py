@@ -25,7 +25,7 @@ from .policy import resolve_device
 
 T = TypeVar("T")
 
-__all__ = ["Dist", "init_distributed", "process_group", "any_rank", "from_rank_0", "on_rank_0", "shard", "gather_images"]
+__all__ = ["Dist", "init_distributed", "process_group", "lost_peer", "any_rank", "from_rank_0", "on_rank_0", "shard", "gather_images"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,23 @@ def process_group(device_pref: str | None, *, meet_at_exit: bool = True) -> Iter
             if finished and meet_at_exit:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+# What a collective's error says when the transport to a peer is gone (gloo, NCCL, the store).
+_TRANSPORT_FAILURES = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused",
+                       "socket timeout", "timed out", "nccl communicator was aborted", "nccl error",
+                       "nccl watchdog", "recvbytes", "sendbytes")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is how a collective fails when another process of the group has ended,
+    been killed or stopped answering: torch's ``DistError`` family (backend, network, store
+    errors), or a ``RuntimeError`` carrying a transport failure (gloo raises those from
+    ``backward()``'s all-reduce). A caller turns it into one line instead of a traceback that
+    points at the network."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(k in str(error).lower() for k in _TRANSPORT_FAILURES)
 
 
 def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:

@@ -46,7 +46,7 @@ from ..errors import DDPMError
 from ..files.atomic import atomic_write_json, atomic_write_with, check_writable
 from ..files.images import IMAGE_EXTENSIONS, class_name, load_image, scan_images, to_rgb
 from ..run.checkpoint import latest_checkpoint, load_run
-from ..runtime.policy import Runtime, resolve_runtime
+from ..runtime.policy import Runtime, is_out_of_memory, out_of_memory_error, resolve_runtime
 from ..runtime.processes import Dist, from_rank_0
 from ..sample.engine import check_request, generate
 from ..sample.spec import SampleSpec
@@ -277,7 +277,15 @@ def _extract(batches: Iterator, total: int, extractor: FeatureExtractor, progres
     out = []
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for b in batches:
-            out.append(extractor(b).astype(np.float32))
+            try:
+                out.append(extractor(b).astype(np.float32))
+            except (RuntimeError, MemoryError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                # A reference's statistics are written only once complete: nothing is left half-made.
+                raise out_of_memory_error(e, f"an Inception pass of {len(b)} images at 299x299 ({desc})",
+                                          "lower ddpm eval's --feature-batch-size (ddpm fid: --batch-size), or "
+                                          "run on another --device") from None
             bar.update(len(b))
     return np.concatenate(out) if out else np.zeros((0, 2048), np.float32)
 

@@ -23,9 +23,11 @@ import dataclasses
 import functools
 import os
 import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, Iterator, NamedTuple
@@ -37,13 +39,13 @@ from ..core.schedule import Schedule
 from ..core.unet import PRESETS, UNetConfig, count_parameters
 from ..data.cache import CacheSettings, open_training_set
 from ..data.sets import BatchStream, ImageSet, _mix, batches, data_identity, load_dataset, names_cifar10, to_model_range
-from ..errors import DDPMError
+from ..errors import DDPMError, StoppedEarly
 from ..run.checkpoint import Sampleable, weights_sha256
 from ..run.config import RunConfig
 from ..run.folder import RunFolder
-from ..runtime.policy import Runtime, is_out_of_memory, out_of_memory_error, resolve_runtime
-from ..runtime.processes import Dist, any_rank, on_rank_0, process_group
-from .config import IMPORTED, TrainConfig, lr_at, validate
+from ..runtime.policy import Runtime, is_compile_failure, is_out_of_memory, out_of_memory_error, resolve_runtime
+from ..runtime.processes import Dist, any_rank, lost_peer, on_rank_0, process_group
+from .config import IMPORTED, TrainConfig, default_lr, lr_at, validate
 from .loss import DiffusionLoss
 from .monitor import Monitor, final_eval_logged
 from .state import StepSettings, TrainState, train_step
@@ -71,16 +73,35 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
     notebooks). Raises :class:`DDPMError` for bad settings or data, and when the loss stops
     being finite (the last good checkpoint is left as it was).
     """
+    # The SIGTERM handler comes first: a scheduler may stop a job while it joins its peers or
+    # decodes its data, and that must end it as a stop (exit 3), not kill it half-way.
     # On a clean exit the ranks meet once more: rank 0 draws the last grid alone, and without that
     # meeting the others tore the process group down under it (gloo then aborted rank 0 at exit).
-    with process_group(cfg.device) as d, contextlib.ExitStack() as held:  # held: the run folder's lock
-        return _train(cfg, d, on_step, held)
+    with _StopOnSigterm() as sigterm, process_group(cfg.device) as d:
+        try:
+            with contextlib.ExitStack() as held:  # held: the run folder's lock
+                return _train(cfg, d, on_step, held, sigterm)
+        except StoppedEarly:
+            raise
+        except Exception as e:
+            # Stopped in set-up, the error is the signal's doing: a decoding pool's workers killed
+            # by it, a peer that stopped first. In the loop a transport error means a lost peer.
+            if sigterm.requested and sigterm.in_setup:
+                raise _stopped_in_setup(d) from None
+            if d.world > 1 and lost_peer(e):
+                raise _lost_contact(cfg, d, sigterm.requested) from None
+            raise
 
 
 def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | None,
-           held: contextlib.ExitStack) -> TrainOutcome:
-    """The set-up of :func:`train`, then :func:`_loop`."""
+           held: contextlib.ExitStack, sigterm: _StopOnSigterm) -> TrainOutcome:
+    """The set-up of :func:`train`, then :func:`_loop`. Until the loop begins a SIGTERM ends it
+    at once (:class:`StoppedEarly`; nothing is half-written: every file is written atomically)."""
+    sigterm.interrupt = functools.partial(_stopped_in_setup, d)
     validate(cfg, d.world)
+    lr_default = cfg.lr is None
+    if lr_default:
+        cfg = dataclasses.replace(cfg, lr=_learning_rate(cfg))
     if not names_cifar10(cfg.data):
         # Saved absolute, so that '--resume' from any directory (a requeued job) finds the same data.
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).expanduser().resolve()))
@@ -128,25 +149,31 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | No
         + (f", {d.world} processes" if d.world > 1 else ""))
     say(f"batch: {cfg.batch_size} global = {d.world} process(es) x {cfg.grad_accum} micro-batch(es) x "
         f"{cfg.batch_size // (d.world * cfg.grad_accum)} images")
+    say(f"lr: {cfg.lr:.3g}" + (f" (the default for {cfg.model} at a global batch of {cfg.batch_size}; --lr sets "
+                                "another)" if lr_default and resume_path is None else ""))
 
     stream = BatchStream(len(data), cfg.batch_size, cfg.seed, rank=d.rank, world=d.world, hflip=cfg.hflip)
     workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
     it = batches(data, stream, state.step, workers=workers, pin_memory=runtime.device.type == "cuda")
     monitor = Monitor(cfg, d, runtime, sampleable, stream, state.step, on_step)
-    return _loop(cfg, d, runtime, state, loss_fn, it, monitor, run_config)
+    return _loop(cfg, d, runtime, state, loss_fn, it, monitor, run_config, sigterm)
 
 
 def _loop(cfg: TrainConfig, d: Dist, runtime: Runtime, state: TrainState, loss_fn: DiffusionLoss,
-          it: Iterator[tuple[torch.Tensor, torch.Tensor | None]], monitor: Monitor, run_config: RunConfig) -> TrainOutcome:
+          it: Iterator[tuple[torch.Tensor, torch.Tensor | None]], monitor: Monitor, run_config: RunConfig,
+          sigterm: _StopOnSigterm) -> TrainOutcome:
     """Train ``state`` from its step to ``cfg.steps`` (or a stop) on the batches ``it``, reporting
     through ``monitor``; returns how it ended (:class:`TrainOutcome`)."""
     device, say, run_dir = runtime.device, print if d.main else _silent, Path(cfg.out)
     stopped_by: str | None = None
     net = _training_net(state.model, d, device, runtime.compile)
+    compiling = runtime.compile  # until the first step has run compiled (or failed to compile)
     settings = StepSettings.from_config(cfg, runtime.autocast)
     elapsed = state.train_seconds  # seconds of training in this run so far, the same on every rank
     state.model.train()
-    with _StopOnSigterm() as sigterm, monitor:
+    # From here a SIGTERM asks: the step in flight finishes, all ranks agree, the run saves and stops.
+    sigterm.interrupt, sigterm.in_setup = None, False
+    with monitor:
         state.start_clock()
         monitor.owed_evaluation(state)
         while state.step < cfg.steps:
@@ -161,12 +188,25 @@ def _loop(cfg: TrainConfig, d: Dist, runtime: Runtime, state: TrainState, loss_f
             t0 = time.perf_counter()
             x, y = _to_device(next(it), device, cfg.channels_last)
             data_wait = time.perf_counter() - t0  # the host waiting for a batch (decoding, copying)
+            t_step = time.perf_counter()
             try:
                 result = train_step(net, state, loss_fn, x, y, lr=lr, generator=gen, settings=settings)
-            except (RuntimeError, MemoryError) as e:
-                if not is_out_of_memory(e):
+            except Exception as e:
+                if is_out_of_memory(e):
+                    raise _oom(e, cfg, x) from None
+                if not (compiling and is_compile_failure(e)):
                     raise
-                raise _oom(e, cfg, x) from None
+                # Compiling happens in the first step's forward pass, before any update: the same
+                # step again, eager and from the same seeds, is the run as if never compiled.
+                warnings.warn(f"torch.compile failed ({_first_line(e)}); training without it (--no-compile "
+                              "skips the attempt)", stacklevel=1)
+                net, compiling = _training_net(state.model, d, device, False), False
+                torch.manual_seed(_mix(cfg.seed, state.step, d.rank, 0xD1CE))
+                gen = torch.Generator(device=device).manual_seed(_mix(cfg.seed, state.step, d.rank, 0x7E57))
+                result = train_step(net, state, loss_fn, x, y, lr=lr, generator=gen, settings=settings)
+            if compiling:
+                monitor.compiled(state, time.perf_counter() - t_step)
+                compiling = False  # reported once; later recompiles (a last smaller batch) are short
             state.step += 1
             monitor.after_step(state, lr, result, data_wait)
 
@@ -204,9 +244,46 @@ def _oom(error: BaseException, cfg: TrainConfig, x: torch.Tensor) -> DDPMError:
         "folder is as it was, so the same command with --resume continues it")
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _stopped_in_setup(d: Dist) -> StoppedEarly:
+    """What a SIGTERM before the first step ends in: one line (rank 0), then exit 3."""
+    if d.main:
+        print("stopped by SIGTERM before training began; nothing was left half-written; run the same command "
+              "again to start (or continue) the run", file=sys.stderr, flush=True)
+    return StoppedEarly("SIGTERM during set-up")
+
+
+def _lost_contact(cfg: TrainConfig, d: Dist, sigterm: bool) -> StoppedEarly:
+    """The one line a surviving rank prints when another process of the run ended or was killed
+    (its collectives fail with a transport error): which checkpoint is newest, and how to go on."""
+    newest = RunFolder(cfg.out).latest_checkpoint()
+    where = f"the newest checkpoint is {newest.name}" if newest is not None else "no checkpoint was written yet"
+    print(f"rank {d.rank}: lost contact with another process of this run (it ended or was killed"
+          f"{'; this one was sent SIGTERM too' if sigterm else ''}); {where}; resume with the same command",
+          file=sys.stderr, flush=True)
+    return StoppedEarly("lost a peer")
+
+
 # ------------------------------------------------------------------------------- set-up
 def _silent(*args: object, **kwargs: object) -> None:
     """``print`` of the ranks other than 0, which print nothing."""
+
+
+def _learning_rate(cfg: TrainConfig) -> float:
+    """The rate of a run started without ``--lr``: a resumed run's own (the command line takes it
+    from config.json; a library caller may not), else :func:`~ddpm.train.config.default_lr`."""
+    if cfg.resume:
+        try:
+            saved = RunConfig.read(RunFolder(cfg.out)).train.get("lr")
+        except DDPMError:  # no run there yet, or an unreadable config.json the checkpoint replaces
+            saved = None
+        if isinstance(saved, (int, float)) and not isinstance(saved, bool):
+            return float(saved)
+    return default_lr(cfg.model, cfg.batch_size)
 
 
 def _take_run_folder(folder: RunFolder, d: Dist, device: torch.device, held: contextlib.ExitStack) -> None:
@@ -251,10 +328,14 @@ def _load_data(cfg: TrainConfig, d: Dist, run_dir: Path, imported: RunConfig | N
     if data_path.is_dir() and (run_dir.expanduser().resolve() == data_path or data_path in run_dir.expanduser().resolve().parents):
         raise DDPMError(f"--out {str(run_dir)!r} is inside --data {cfg.data!r}; the run's own sample grids would "
                         "become training images. Put the run folder elsewhere")
-    # Rank 0 loads first (a CIFAR-10 download, one warning about bad files), then the others.
+    # Rank 0 loads first (a CIFAR-10 download, one warning about bad files, the cache build),
+    # then the others map what it made. A build can outlast the collectives' timeout (a million
+    # photographs at 256 px), so the others wait on a group of their own with a day's patience;
+    # if rank 0 dies meanwhile, its closed connection ends their wait at once.
+    patient = dist.new_group(backend="gloo", timeout=timedelta(hours=24)) if d.world > 1 else None
     if d.world > 1 and not d.main:
         warnings.filterwarnings("ignore", message="skipped")
-        dist.barrier()
+        dist.barrier(group=patient)
     if names_cifar10(cfg.data):  # torchvision's CIFAR-10 arrays: nothing to decode
         data = load_dataset(cfg.data, image_size, conditional=cfg.conditional, data_root=cfg.data_root or None,
                             progress=cfg.progress and d.main)
@@ -265,7 +346,9 @@ def _load_data(cfg: TrainConfig, d: Dist, run_dir: Path, imported: RunConfig | N
                                  strict=cfg.strict, drop_empty_classes=cfg.drop_empty_classes, cache=cache,
                                  progress=cfg.progress and d.main)
     if d.world > 1 and d.main:
-        dist.barrier()
+        dist.barrier(group=patient)
+    if patient is not None:
+        dist.destroy_process_group(patient)
     return data
 
 
@@ -317,15 +400,22 @@ def _training_net(model: torch.nn.Module, d: Dist, device: torch.device, compile
 # ------------------------------------------------------------------------------- the loop
 class _StopOnSigterm:
     """While entered, a SIGTERM (a scheduler pre-empting the job; torchrun and SLURM signal every
-    rank) sets ``requested`` instead of killing the process: the loop finishes the current step,
-    saves, and exits. Outside the main thread, where no handler can be installed, it does nothing."""
+    rank) sets ``requested`` instead of killing the process. While ``interrupt`` is set (set-up:
+    joining, decoding, building the model) the handler then raises what it returns, ending the
+    command at once; in the loop (``interrupt`` None) the current step finishes, the run saves and
+    exits. Outside the main thread, where no handler can be installed, it does nothing."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.interrupt: Callable[[], BaseException] | None = None
+        self.in_setup = True
         self.old_handler: Any = None
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
+        if self.interrupt is not None:
+            interrupt, self.interrupt = self.interrupt, None  # once: cleanup code must not be cut short again
+            raise interrupt()
 
     def __enter__(self) -> _StopOnSigterm:
         if hasattr(signal, "SIGTERM"):
