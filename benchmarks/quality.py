@@ -164,7 +164,9 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget per trainer")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of every trainer")
+    p.add_argument("--lr", default="1e-3",
+                   help="learning rate of every trainer; 'default': ours without --lr (ddpm.train.config.default_lr "
+                        "of --model at --batch-size), the peers at that same rate")
     p.add_argument("--warmup", type=int, default=200, help="the peers' warm-up steps (arms set their own)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="the peers' EMA decay (arms set their own)")
     p.add_argument("--model", default="small", help="our UNet preset")
@@ -190,6 +192,10 @@ def main() -> None:
     for kind in args.trainers:
         if kind not in ("lucidrains", "diffusers") and kind.removesuffix("-cond") not in ARMS:
             p.error(f"unknown trainer {kind!r}")
+    from ddpm.train.config import default_lr
+
+    ours_lr = None if args.lr == "default" else float(args.lr)  # None: what `ddpm train` picks unasked
+    args.lr = default_lr(args.model, args.batch_size) if ours_lr is None else ours_lr
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     cifar = unpack_cifar(work)
@@ -228,30 +234,31 @@ def main() -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
             cfg = TrainConfig(
                 data=str(cifar / "train"), out=str(run_dir), conditional=conditional, model=args.model, steps=10**9,
-                batch_size=args.batch_size, lr=args.lr, seed=args.seed, time_limit=args.minutes, sample_every=0,
+                batch_size=args.batch_size, lr=ours_lr, seed=args.seed, time_limit=args.minutes, sample_every=0,
                 save_every=0, log_every=50, progress=False, tensorboard=False, device="cpu", **overrides)
             train(cfg)
             run = load_run(run_dir)
             steps_done, params = run.step, ddpm.count_parameters(run.model)
             train_s = time.perf_counter() - t0
-            entry = {"settings": overrides, "conditional": conditional, "params": params, "steps": steps_done,
+            entry = {"settings": overrides, "lr": run.config.train["lr"], "conditional": conditional, "params": params,
+                     "steps": steps_done,
                      "train_s": train_s, "images_per_s": steps_done * args.batch_size / train_s, "samplers": {}}
             labels = torch.zeros(args.n, dtype=torch.long) if conditional else None  # guidance 0: unconditional
             default_spec = f"{args.sampler}:{args.sample_steps}"
-            for spec in [default_spec, *args.also]:
-                name, _, st = spec.partition(":")
-                n = args.n if spec == default_spec or args.also_n is None else args.also_n
+            for label in [default_spec, *args.also]:  # "SAMPLER:STEPS", the key of its figures
+                name, _, st = label.partition(":")
+                n = args.n if label == default_spec or args.also_n is None else args.also_n
                 t1 = time.perf_counter()
                 spec = SampleSpec(name, int(st) if st else None, guidance=0.0, seed=args.seed, batch_size=100)
                 imgs = generate(run, n, spec, runtime, labels=labels[:n] if labels is not None else None)
                 sample_s = time.perf_counter() - t1
-                entry["samplers"][spec] = {**score(imgs), "sample_s": sample_s, "n": n}
-                if spec == default_spec:
+                entry["samplers"][label] = {**score(imgs), "sample_s": sample_s, "n": n}
+                if label == default_spec:
                     images = imgs
-                    entry.update({k: entry["samplers"][spec][k] for k in ("fid", "kid_mean", "kid_std")})
+                    entry.update({k: entry["samplers"][label][k] for k in ("fid", "kid_mean", "kid_std")})
                     if args.also and args.also_n is not None and args.also_n < n:
-                        entry["samplers"][f"{spec}@n{args.also_n}"] = {**score(imgs[:args.also_n]), "n": args.also_n}
-                print(f"  {kind} {spec}: FID {entry['samplers'][spec]['fid']:.2f} ({sample_s:.0f} s sampling)", flush=True)
+                        entry["samplers"][f"{label}@n{args.also_n}"] = {**score(imgs[:args.also_n]), "n": args.also_n}
+                print(f"  {kind} {label}: FID {entry['samplers'][label]['fid']:.2f} ({sample_s:.0f} s sampling)", flush=True)
             entry["guided"] = {}
             for g in args.guidance if conditional else []:
                 labels_g = torch.arange(args.n_guided) % 10

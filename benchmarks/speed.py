@@ -130,6 +130,25 @@ def best_time(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
     return min(times)
 
 
+# Dense tensor-core peaks from the vendors' data sheets, FLOP/s, by a name torch reports: the
+# bf16 figure for bf16 autocast, the FP32 (non-tensor) one for fp32. The measured peak below
+# says what this machine reaches; these say how far from the hardware's limit a figure is.
+DATASHEET_PEAKS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989.4e12, "fp32": 66.9e12},  # NVIDIA H200 SXM
+    "H100 80GB HBM3": {"bf16": 989.4e12, "fp32": 66.9e12},  # NVIDIA H100 SXM5
+    "H100 PCIe": {"bf16": 756.5e12, "fp32": 51.2e12},
+    "A100": {"bf16": 312e12, "fp32": 19.5e12},
+}
+
+
+def datasheet_peak(device: torch.device) -> dict[str, float] | None:
+    """The data-sheet peaks of this GPU (:data:`DATASHEET_PEAKS`), None for CPUs and GPUs not listed."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in DATASHEET_PEAKS.items() if k in name), None)
+
+
 # ------------------------------------------------------------------------------- machine peak
 def measure_peak(device: torch.device, quick: bool) -> dict[str, dict[str, float]]:
     """FLOP/s of a large matmul and a 3x3 channels_last convolution, in fp32 and bf16.
@@ -386,7 +405,9 @@ def build_entry(name: str, kind: str, suite: str, device: torch.device, *, ours_
 # ------------------------------------------------------------------------------ the work
 # What every entry's step trains with: the defaults of `ddpm train` (so the figure is what a user's
 # run gets), at a constant learning rate (its value does not change the work of a step).
-RECIPE = TrainConfig()
+# The trainer's defaults; the rate of the default preset at the batch a speed figure uses (a rate
+# changes no timing, only what the step computes, which the benchmark's test compares).
+RECIPE = replace(TrainConfig(), lr=2e-4)
 
 
 def training_recipe() -> tuple[ddpm.Schedule, torch.Tensor | None]:
@@ -444,9 +465,13 @@ def bench_training(entries: list[Entry], batch: int, size: int, device: torch.de
     x0 = torch.rand(batch, 3, size, size, device=device, generator=gen) * 2 - 1
     for e in entries:
         with Clock(device) as c:
-            for _ in range(warmup):
+            with Clock(device) as first:
+                train_step(e, x0, schedule, t_probabilities, gen)
+            for _ in range(warmup - 1):
                 train_step(e, x0, schedule, t_probabilities, gen)
         e.results["train_warmup_s"] = c.wall
+        if e.compiled:  # the first step compiles forward and backward: reported apart, as the trainer does
+            e.results["compile_s"] = first.wall
         print(f"  warmed up {e.name:<18} {c.wall:7.1f} s for {warmup} step(s)", flush=True)
     walls: dict[str, list[float]] = {e.name: [] for e in entries}
     cpus: dict[str, list[float]] = {e.name: [] for e in entries}
@@ -670,12 +695,16 @@ def run_suite(suite: str, args: argparse.Namespace, device: torch.device, peak: 
                    args.sample_evals, args.threads)
     bench_generate(entries[0], sb, size, device, args.rounds)
 
-    # FLOP/s and fraction of the peak of the dtype the entry computes in
+    # FLOP/s and fraction of the peak of the dtype the entry computes in (measured, and data sheet)
+    sheet = datasheet_peak(device)
     for e in entries:
         r = e.results
         pk = peak.get(e.precision, {}).get("peak_flops")
         r["train_flops_per_s"] = r["train_images_per_s"] * r["train_flops_per_image"]
         r["sample_flops_per_s"] = sb * r["forward_flops_per_image"] / r["sample_s_per_eval"]
+        if sheet and e.precision in sheet:
+            r["train_fraction_of_datasheet_peak"] = r["train_flops_per_s"] / sheet[e.precision]
+            r["sample_fraction_of_datasheet_peak"] = r["sample_flops_per_s"] / sheet[e.precision]
         if pk:
             r["train_fraction_of_peak"] = r["train_flops_per_s"] / pk
             r["sample_fraction_of_peak"] = r["sample_flops_per_s"] / pk
@@ -711,14 +740,15 @@ def print_suite(entries: list[Entry], ratios: dict[str, dict[str, float]], batch
     cpu = device.type == "cpu"
     print(f"\n  training (batch {batch}; img/s = median over rounds; cpu = images per CPU-second x threads)")
     head = f"  {'model':<18}{'params':>8}{'prec':>6}{'img/s':>8}{'best':>8}" + (f"{'cpu':>8}" if cpu else "")
-    print(head + f"{'GFLOP/img':>11}{'TFLOP/s':>9}{'%peak':>7}{'mem GiB':>9}")
+    print(head + f"{'GFLOP/img':>11}{'TFLOP/s':>9}{'%peak':>7}{'%sheet':>7}{'mem GiB':>9}{'compile s':>10}")
     for e in entries:
         r = e.results
-        frac = r.get("train_fraction_of_peak")
+        frac, sheet = r.get("train_fraction_of_peak"), r.get("train_fraction_of_datasheet_peak")
         print(f"  {e.name:<18}{e.params / 1e6:7.1f}M{e.precision:>6}{r['train_images_per_s']:8.2f}"
               f"{r['train_images_per_s_best']:8.2f}" + (f"{r['train_images_per_cpu_s_x_threads']:8.2f}" if cpu else "")
               + f"{r['train_flops_per_image'] / 1e9:11.1f}{r['train_flops_per_s'] / 1e12:9.3f}"
-              f"{(100 * frac if frac else float('nan')):7.1f}{gib(r['peak_memory_bytes']):9.2f}")
+              f"{(100 * frac if frac else float('nan')):7.1f}{(100 * sheet if sheet else float('nan')):7.1f}"
+              f"{gib(r['peak_memory_bytes']):9.2f}" + (f"{r['compile_s']:10.1f}" if "compile_s" in r else f"{'-':>10}"))
     print(f"\n  sampling (batch {sb}; EMA weights, inference_mode)")
     print(f"  {'model':<18}{'ms/eval':>9}{'ms/img/eval':>13}{'s/img 1000 steps':>18}{'s/img 20 steps':>16}{'%peak':>7}")
     for e in entries:
@@ -752,7 +782,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 2 on CPU, unchanged on GPU)")
     ap.add_argument("--precision", default="auto", choices=["auto", *perf.PRECISIONS],
                     help="our precision (auto: bf16 where the device runs it fast); peers run fp32")
-    ap.add_argument("--compile", action="store_true", help="torch.compile our model (and peers in our settings)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile our model (and peers in our settings), with an ours-eager entry beside it "
+                         "(unset: as ddpm train decides, on for CUDA with Triton)")
     ap.add_argument("--grad-checkpoint", action="store_true",
                     help="add an 'ours-gc' entry: activation checkpointing and --grad-accum micro-batches")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step of the ours-gc entry")
@@ -786,6 +818,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         b = args.batch_size if suite == "ddpm-cifar10" or args.batch_size_64 is None else args.batch_size_64
         if args.grad_checkpoint and b % args.grad_accum:
             ap.error(f"{suite}: batch size {b} is not divisible by --grad-accum {args.grad_accum}")
+    if args.compile is None:
+        args.compile = perf.default_compile(device)
     if args.compile and not perf.compile_supported(device.type):
         ap.error(f"--compile: torch.compile cannot build kernels for {device.type} here "
                  "(needs a C++ compiler on CPU, Triton on CUDA)")

@@ -111,6 +111,8 @@ class Schedule:
         }
         for name, value in tables.items():
             object.__setattr__(self, name, value)
+        # Read by every training step's loss: a Python bool, not a tensor comparison each time.
+        object.__setattr__(self, "_zero_terminal", bool(abar[-1] == 0))
         # Copies of the tables on other devices, made on first use: gathering on the device that
         # holds ``t`` avoids a device-to-host copy (a GPU sync) in every training step.
         object.__setattr__(self, "_device_tables", {})
@@ -241,7 +243,7 @@ class Schedule:
     @property
     def zero_terminal_snr(self) -> bool:
         """Whether the last step is pure noise (``abar_{T-1} = 0``)."""
-        return bool(self.alphas_cumprod[-1] == 0)
+        return self._zero_terminal
 
     @property
     def T(self) -> int:

@@ -19,7 +19,7 @@ from ..data.sets import names_cifar10
 from ..errors import DDPMError
 from ..scoring import evaluate
 
-__all__ = ["TrainConfig", "LR_SCHEDULES", "IMPORTED", "GRID_SEED_OFFSET", "LEGACY_RECIPE", "RESUMABLE",
+__all__ = ["TrainConfig", "LR_SCHEDULES", "IMPORTED", "GRID_SEED_OFFSET", "LEGACY_RECIPE", "RESUMABLE", "MACHINE_LOCAL", "LR_REFERENCE", "default_lr",
            "OPTIONAL_FIELDS", "legacy_keep_values", "validate", "eval_reference", "check_resume_compatible",
            "lr_at", "field_type", "config_from_dict"]
 
@@ -56,7 +56,7 @@ class TrainConfig:
     steps: int = 100_000  # optimiser steps in all (a resumed run continues up to this)
     batch_size: int = 64  # global batch size: summed over all processes and accumulation steps
     grad_accum: int = 1  # split each process's batch into this many micro-batches
-    lr: float = 2e-4  # AdamW learning rate (the paper's CIFAR-10 value)
+    lr: float | None = None  # AdamW learning rate; None = default_lr(model, batch_size), printed and saved
     warmup: int = 100  # linear learning-rate warm-up steps (the paper used 5000)
     lr_schedule: str = "cosine"  # after warm-up: constant, or cosine / linear decay to 0 at the run's end
     weight_decay: float = 0.0  # AdamW weight decay
@@ -72,7 +72,7 @@ class TrainConfig:
     drop_empty_classes: bool = False  # leave out class folders with no readable image (else an error)
     data_root: str = ""  # where torchvision's CIFAR-10 copy lives (for --data cifar10)
     precision: str = "auto"  # fp32 or bf16 (autocast); auto = bf16 where the device runs it well
-    compile: bool = False  # torch.compile the model
+    compile: bool | None = None  # torch.compile the network; None = on for CUDA with Triton, off on CPUs
     channels_last: bool = True  # NHWC memory layout for convolutions
     grad_checkpoint: bool = False  # recompute activations in the backward pass to save memory
     device: str = "auto"  # cpu, cuda, cuda:N; auto = cuda if available
@@ -160,7 +160,7 @@ def validate(cfg: TrainConfig, world: int) -> None:
                "logsnr-shift": cfg.logsnr_shift, "min-snr-gamma": cfg.min_snr_gamma, "t-logsnr-mean": cfg.t_logsnr_mean,
                "t-logsnr-std": cfg.t_logsnr_std, "ema-rampup": cfg.ema_rampup, "ema-halflife-kimg": cfg.ema_halflife_kimg}
     for name, value in numbers.items():
-        if not math.isfinite(value):
+        if value is not None and not math.isfinite(value):
             raise DDPMError(f"--{name} must be a finite number, got {value}")
     # Each check runs only when those before it passed: a later check may use an earlier value
     # (the batch split divides by --grad-accum), which must not fail in any other way first.
@@ -174,7 +174,7 @@ def validate(cfg: TrainConfig, world: int) -> None:
          f"--seed must be from 0 to {MAX_SEED - GRID_SEED_OFFSET}, got {cfg.seed}"),
         (lambda: cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
         (lambda: cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),
-        (lambda: cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (lambda: cfg.lr is None or cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
         (lambda: cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
         (lambda: 0.0 <= cfg.ema_decay <= 1.0, f"--ema-decay must be in [0, 1], got {cfg.ema_decay}"),
         (lambda: 0.0 <= cfg.ema_rampup <= 1.0, f"--ema-rampup must be in [0, 1], got {cfg.ema_rampup}"),
@@ -225,6 +225,30 @@ RESUMABLE = frozenset({"steps", "out", "resume", "progress", "log_every", "sampl
               "grad_accum", "grad_checkpoint", "channels_last"})
 
 
+# The learning rate each preset was measured at, with the global batch of that measurement:
+# tiny and small by the recipe ablation of docs/benchmarks.md (the winner: lr 1e-3 at batch 32,
+# FID 0.64x lucidrains' after 20 CPU-minutes), ddpm-cifar10 by Ho et al. 2020 (2e-4 at batch 128,
+# FID 3.17), ddpm-64 by the H200 headline runs (2e-4 at batch 128).
+LR_REFERENCE: dict[str, tuple[float, int]] = {"tiny": (1e-3, 32), "small": (1e-3, 32), "ddpm-cifar10": (2e-4, 128),
+                                             "ddpm-64": (2e-4, 128)}
+
+
+def default_lr(model: str, batch_size: int) -> float:
+    """The learning rate ``ddpm train`` uses when ``--lr`` is not given: the preset's measured
+    rate (:data:`LR_REFERENCE`) at its measured global batch, scaled by ``sqrt(batch /
+    reference batch)`` for a smaller global batch (Adam's square-root rule: Malladi et al. 2022,
+    "On the SDEs and scaling rules for adaptive gradient algorithms"), and never raised above the
+    measured rate for a larger one (nothing here measured it higher). An imported network, or a
+    preset without a reference, takes ddpm-cifar10's. ``batch_size`` is the global batch in images."""
+    lr, reference_batch = LR_REFERENCE.get(model, LR_REFERENCE["ddpm-cifar10"])
+    return lr * min(1.0, math.sqrt(batch_size / reference_batch))
+
+
+# Options of the machine a command runs on, not of the run: a resume takes them from its own
+# command line (or their defaults), never from the run's config.json.
+MACHINE_LOCAL = ("data_cache", "no_data_cache", "workers")
+
+
 def check_resume_compatible(saved: dict[str, Any], cfg: TrainConfig) -> None:
     """Check that ``cfg`` continues the run whose saved training options are ``saved`` (the
     ``train`` of its :class:`~ddpm.run.config.RunConfig`): every option outside :data:`RESUMABLE`
@@ -257,8 +281,9 @@ def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
     return cfg.lr * warm * decay
 
 
-# Options whose None means "keep the model preset's value" (or "auto" for workers).
-OPTIONAL_FIELDS = ("image_size", "base_channels", "dropout", "workers")
+# Options whose None means "keep the model preset's value" ("auto" for workers and compile,
+# default_lr for lr).
+OPTIONAL_FIELDS = ("image_size", "base_channels", "dropout", "workers", "lr", "compile")
 
 
 def field_type(name: str) -> type:

@@ -557,6 +557,14 @@ class Monitor:
         if cfg.eval_every > 0 and not stopping and (step % cfg.eval_every == 0 or step == cfg.steps):
             self._exclude(state, self._evaluate(step))
 
+    def compiled(self, state: TrainState, seconds: float) -> None:
+        """The first compiled step took ``seconds``, nearly all of it compiling: say so, and leave
+        it out of the training time (--time-limit, the learning-rate schedule) and images/s."""
+        self._exclude(state, seconds)
+        if self.d.main:
+            print(f"compiled the training network in {seconds:.1f} s (left out of the training time and images/s)",
+                  flush=True)
+
     def _exclude(self, state: TrainState, seconds: float) -> None:
         assert state.clock is not None, "the loop starts the training clock before the first step"
         state.clock.exclude(seconds)

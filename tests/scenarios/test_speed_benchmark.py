@@ -37,7 +37,7 @@ def test_speed_benchmark_steps_exactly_as_ddpm_train_does() -> None:
     device = torch.device("cpu")
     entry = speed.build_entry("ours", "ours", "ddpm-cifar10", device, ours_settings=True, precision="auto",
                               compile=False, grad_accum=2)
-    cfg = TrainConfig(batch_size=4, grad_accum=2)
+    cfg = TrainConfig(batch_size=4, grad_accum=2, lr=speed.RECIPE.lr)
     runtime = perf.resolve_runtime("cpu", cfg.precision, channels_last=cfg.channels_last)
     assert entry.precision == runtime.precision  # the benchmark runs the trainer's precision policy
 

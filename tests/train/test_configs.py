@@ -25,7 +25,7 @@ def _load(path: Path) -> dict:
 def test_the_headline_configs_exist() -> None:
     names = {c.name for c in CONFIGS}
     assert {"landscapes-64.toml", "landscapes-64-cpu.toml", "cifar10-64-cfg.toml", "cifar10-64-cfg-cpu.toml",
-            "cifar10-32-ddpm.toml"} <= names
+            "cifar10-32-ddpm.toml", "cifar10-32-gpu-10min.toml", "landscapes-64-gpu-10min.toml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[c.name for c in CONFIGS])
@@ -128,3 +128,61 @@ def test_gpu_seed_results_script_runs_one_config_with_only(cifar10_dir: Path, la
     assert subprocess.run(no_land, env=env, capture_output=True, text=True).returncode == 0  # not required
     bad = subprocess.run(cmd[:2] + ["--only", "birds", "--out", str(out)], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "gpu_seed_results.sh: --only birds: expected land or cifar"
+
+
+def _gpu_check(cifar10_dir: Path, tmp_path: Path, *flags: str):
+    """benchmarks/gpu_check.sh on a few real images with a budget of seconds on the CPU."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    cifar = tmp_path / "cifar"
+    for split in ("train", "test"):
+        copy_subset(cifar10_dir / split, cifar / split, ["airplane", "ship"], 6)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1", "DDPM_CACHE": str(tmp_path / "cache")}
+    cmd = [shutil.which("bash") or "bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cifar", str(cifar),
+           "--out", str(out), "--budget-minutes", "1", "--reserve-minutes", "1", "--min-train-minutes", "0.02",
+           "--n", "12", "--device", "cpu", "--sample-batch", "4", "--speed-args", "skip",
+           "--train-args", "--model tiny --batch-size 4 --save-every 0 --sample-every 0", *flags]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out, proc
+
+
+def test_gpu_check_script_trains_scores_and_sums_up_with_the_weights_in_two_halves(cifar10_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The device script end to end on a tiny CPU budget, its FID weights arriving as two halves
+    (87 MB does not fit one transfer): trained, scored (FID, KID, class accuracy), checked for
+    memorisation, the grid drawn and everything summed up in gpu_check.json."""
+    import json
+
+    from ddpm.scoring.inception import InceptionWeightsError, weights_path
+
+    try:
+        weights = weights_path().read_bytes()
+    except InceptionWeightsError as e:
+        pytest.skip(f"needs the Inception weights: {e}")
+    halves = tmp_path / "carried" / "default_1.pt"
+    halves.parent.mkdir()
+    (halves.parent / "default_1.pt.part-a").write_bytes(weights[: len(weights) // 2])
+    (halves.parent / "default_1.pt.part-b").write_bytes(weights[len(weights) // 2:])
+    out, proc = _gpu_check(cifar10_dir, tmp_path, "--inception", str(halves))
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["eval"]["n"] == 12 and summary["eval"]["fid"] > 0 and "class_accuracy" in summary["eval"]
+    assert summary["nearest"] is not None and summary["train"]["model"] == "tiny"
+    assert summary["metrics_csv"].startswith("step,")
+    assert (out / "cifar_ship_airplane.png").is_file() and "FID" in proc.stdout
+
+
+def test_gpu_check_script_without_weights_returns_the_samples(cifar10_dir: Path, tmp_path: Path) -> None:
+    import json
+    import tarfile
+
+    out, proc = _gpu_check(cifar10_dir, tmp_path, "--inception", str(tmp_path / "missing.pt"))
+    assert "no FID, samples come back instead" in proc.stdout
+    with tarfile.open(out / "samples.tar") as tar:
+        assert len([m for m in tar.getmembers() if m.name.endswith(".png")]) == 4  # 2 classes x ceil(12 / 10)
+    assert json.loads((out / "gpu_check.json").read_text())["eval"] is None
