@@ -130,25 +130,6 @@ def best_time(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
     return min(times)
 
 
-# Dense tensor-core peaks from the vendors' data sheets, FLOP/s, by a name torch reports: the
-# bf16 figure for bf16 autocast, the FP32 (non-tensor) one for fp32. The measured peak below
-# says what this machine reaches; these say how far from the hardware's limit a figure is.
-DATASHEET_PEAKS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989.4e12, "fp32": 66.9e12},  # NVIDIA H200 SXM
-    "H100 80GB HBM3": {"bf16": 989.4e12, "fp32": 66.9e12},  # NVIDIA H100 SXM5
-    "H100 PCIe": {"bf16": 756.5e12, "fp32": 51.2e12},
-    "A100": {"bf16": 312e12, "fp32": 19.5e12},
-}
-
-
-def datasheet_peak(device: torch.device) -> dict[str, float] | None:
-    """The data-sheet peaks of this GPU (:data:`DATASHEET_PEAKS`), None for CPUs and GPUs not listed."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in DATASHEET_PEAKS.items() if k in name), None)
-
-
 # ------------------------------------------------------------------------------- machine peak
 def measure_peak(device: torch.device, quick: bool) -> dict[str, dict[str, float]]:
     """FLOP/s of a large matmul and a 3x3 channels_last convolution, in fp32 and bf16.
@@ -696,15 +677,15 @@ def run_suite(suite: str, args: argparse.Namespace, device: torch.device, peak: 
     bench_generate(entries[0], sb, size, device, args.rounds)
 
     # FLOP/s and fraction of the peak of the dtype the entry computes in (measured, and data sheet)
-    sheet = datasheet_peak(device)
     for e in entries:
         r = e.results
         pk = peak.get(e.precision, {}).get("peak_flops")
         r["train_flops_per_s"] = r["train_images_per_s"] * r["train_flops_per_image"]
         r["sample_flops_per_s"] = sb * r["forward_flops_per_image"] / r["sample_s_per_eval"]
-        if sheet and e.precision in sheet:
-            r["train_fraction_of_datasheet_peak"] = r["train_flops_per_s"] / sheet[e.precision]
-            r["sample_fraction_of_datasheet_peak"] = r["sample_flops_per_s"] / sheet[e.precision]
+        sheet = accounting.peak_flops(device, e.precision)  # the trainer's MFU uses the same table
+        if sheet:
+            r["train_fraction_of_datasheet_peak"] = r["train_flops_per_s"] / sheet
+            r["sample_fraction_of_datasheet_peak"] = r["sample_flops_per_s"] / sheet
         if pk:
             r["train_fraction_of_peak"] = r["train_flops_per_s"] / pk
             r["sample_fraction_of_peak"] = r["sample_flops_per_s"] / pk

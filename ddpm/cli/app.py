@@ -27,7 +27,7 @@ from ..sample.pictures import (ChainRecorder, chain_frames, check_animate_every,
 from .. import __version__
 from ..interop.diffusers import EXPORT_META, export_diffusers, import_diffusers
 from . import evaluate as evaluate_commands
-from . import prepare_data
+from . import distill, prepare_data
 from ..train import LEGACY_RECIPE, MACHINE_LOCAL, TrainConfig, config_from_dict, field_type, train
 from .demo import run_demo
 from .common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USER_ERROR, PRECISION_HELP, Formatter,
@@ -110,6 +110,10 @@ TRAIN_HELP: dict[str, str] = {
               "yet, start the run, so a requeued job can repeat one command line",
     "progress": "show a progress bar",
     "tensorboard": "also log to TensorBoard (when installed)",
+    "objective": "diffusion (denoising score matching, Ho et al. 2020) or consistency (ECT tuning, Geng et al. "
+                 "2024; 'ddpm distill' sets it with the rest of a tuning run's options)",
+    "init_from": "a checkpoint whose EMA weights a new run starts from (same model settings); 'ddpm distill' "
+                 "sets it to the teacher's newest",
 }
 
 
@@ -201,6 +205,8 @@ def _sample(args: argparse.Namespace, d: Dist) -> int:
     # Every rank samples rank 0's newest checkpoint, even if a training run writes a newer one meanwhile.
     run = load_run(args.run, runtime.device,
                    checkpoint=from_rank_0(latest_checkpoint(args.run), d) if d.world > 1 else None)
+    if args.sampler is None:  # the run's own: the consistency sampler for a distilled run
+        spec = spec.with_(sampler=run.config.default_sampler)
     spec = spec.for_run(run.schedule.T)
     idx = [run.class_index(c) for c in args.classes] if args.classes else []
     # before any tensor of n labels exists: an --n that cannot fit is one line, not an allocation failure
@@ -315,6 +321,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"{info['image_size']}x{info['image_size']}, predicts {info['prediction']})")
     print(f"schedule:   {info['schedule']}")
     print(f"classes:    {', '.join(info['classes']) if info['classes'] else '(unconditional)'}")
+    if cfg["train"].get("objective") == "consistency":
+        print(f"consistency model (ddpm distill), tuned from {cfg['train'].get('init_from')}; samples with "
+              "--sampler consistency by default")
     print(f"model sha256: {info['model_sha256']}")
     print(f"ema sha256:   {info['ema_sha256']}")
     return 0
@@ -405,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_interop_parsers(sub)
     evaluate_commands.register(sub)
     prepare_data.register(sub)
+    distill.register(sub)
     return parser
 
 

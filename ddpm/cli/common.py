@@ -38,9 +38,11 @@ def add_runtime_arguments(p: argparse.ArgumentParser, *, precision: bool = True)
 def add_sampling_arguments(p: argparse.ArgumentParser, *, guidance: float) -> None:
     """The flags of a :class:`SampleSpec` (sampler, steps, guidance, eta, seed, EMA, batch size),
     with ``guidance`` as the default guidance scale, plus the runtime flags."""
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES,
-                   help="sampling method: ancestral (Ho et al. 2020), ddim (Song et al. 2021), langevin "
-                        "(predictor-corrector, Song et al. 2021), dpm-solver (DPM-Solver++(2M), Lu et al. 2022)")
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
+                   help=f"sampling method: ancestral (Ho et al. 2020), ddim (Song et al. 2021), langevin "
+                        f"(predictor-corrector, Song et al. 2021), dpm-solver (DPM-Solver++(2M), Lu et al. 2022), "
+                        f"consistency (Song et al. 2023; for runs tuned by ddpm distill) (unset: {DEFAULT_SAMPLER}, "
+                        f"or consistency for a distilled run)")
     defaults = ", ".join(f"{name} {'all T' if k is None else k}" for name, k in DEFAULT_STEPS.items())
     p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default: {defaults}; at most T)")
     p.add_argument("--guidance", type=float, default=guidance,
@@ -58,8 +60,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, guidance: float) -> No
 
 def sample_spec(args: argparse.Namespace) -> SampleSpec:
     """The :class:`SampleSpec` of the flags :func:`add_sampling_arguments` added (checked there:
-    one line for a bad value)."""
-    return SampleSpec(sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
+    one line for a bad value); an unset ``--sampler`` is the diffusion default here, which a
+    command that has loaded its run replaces by the run's own (``RunConfig.default_sampler``)."""
+    return SampleSpec(sampler=args.sampler or DEFAULT_SAMPLER, steps=args.steps, guidance=args.guidance, seed=args.seed,
                       use_ema=not args.no_ema, batch_size=args.batch_size, eta=args.eta)
 
 

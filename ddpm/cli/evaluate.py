@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..core.samplers import SAMPLER_NAMES
+from ..core.samplers import DIFFUSION_SAMPLERS, SAMPLER_NAMES
 from ..data.cache import CacheSettings
 from ..errors import DDPMError
 from ..files.atomic import check_writable
 from ..run.checkpoint import latest_checkpoint, load_checkpoint
+from ..run.config import RunConfig
 from ..run.folder import RunFolder, lock_if_inside
+from ..sample.spec import SampleSpec
 from ..runtime.processes import Dist, on_rank_0, process_group
 from ..scoring import evaluate
 from ..scoring import memorisation
@@ -76,8 +78,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kid-subsets", type=int, default=100, help="number of KID subsets")
     p.add_argument("--no-pr", action="store_true", help="skip precision/recall")
     p.add_argument("--sweep", action="store_true", help="run the sampler sweep instead of one evaluation")
-    p.add_argument("--sweep-samplers", nargs="+", choices=SAMPLER_NAMES, default=list(SAMPLER_NAMES),
-                   metavar="NAME", help="samplers in the sweep")
+    p.add_argument("--sweep-samplers", nargs="+", choices=SAMPLER_NAMES,
+                   default=list(DIFFUSION_SAMPLERS), metavar="NAME",
+                   help="samplers in the sweep (consistency, for runs tuned by ddpm distill, only when named: its "
+                        "1 to 4 steps are not the sweep's)")
     p.add_argument("--sweep-steps", nargs="+", type=int, default=None, metavar="K",
                    help="step counts in the sweep, each at most the run's T (unset: 10 20 50 100, leaving out "
                         "those above T with a warning)")
@@ -130,7 +134,7 @@ def _eval(args: argparse.Namespace, d: Dist) -> int:
     if args.n is None:  # a memorisation check looks at each sample's neighbours: fewer samples do
         args.n = 1_000 if args.nearest else 10_000
     _check_eval_args(args, d)
-    spec = sample_spec(args)
+    spec = _run_spec(args)
     # Resolved once here: the result file's name says the precision that runs.
     runtime = command_runtime(args, d, progress=not args.quiet)
     settings = evaluate.ReferenceSettings(
@@ -216,7 +220,19 @@ def _steps_run(args: argparse.Namespace) -> int | str:
         # folder's lock has said whether a training still holds it.
         return "default"
     _, config, _ = load_checkpoint(path, only=())
-    return sample_spec(args).for_run(int(config["schedule"]["T"])).steps
+    return _run_spec(args).for_run(int(config["schedule"]["T"])).steps
+
+
+def _run_spec(args: argparse.Namespace) -> SampleSpec:
+    """The sampling flags with an unset --sampler made the run's own (the consistency sampler for
+    a run tuned by ddpm distill)."""
+    spec = sample_spec(args)
+    if args.sampler is None:
+        try:
+            spec = spec.with_(sampler=RunConfig.read(RunFolder(args.run)).default_sampler)
+        except DDPMError:  # no config yet: the commands that need one say so in their own words
+            pass
+    return spec
 
 
 def _cmd_fid(args: argparse.Namespace) -> int:

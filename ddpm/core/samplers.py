@@ -5,7 +5,7 @@ Every sampler has the same form::
     NAME(model, x_T, schedule, *, steps=None, clip=True, generator=None, callback=None, **options)
 
 ``steps=None`` runs the sampler's default number of steps (:data:`DEFAULT_STEPS`: all T for
-ancestral, 50 for ddim, 250 for langevin, 20 for dpm-solver, each at most T), the same table
+ancestral, 50 for ddim, 250 for langevin, 20 for dpm-solver, 2 for consistency, each at most T), the same table
 ``ddpm sample`` and ``ddpm eval`` read.
 
 ``model(x, t) -> eps`` is any callable; ``t`` is an int64 tensor [B] of indices into
@@ -33,7 +33,7 @@ import torch
 from ..errors import DDPMError
 from ..core.schedule import Schedule
 
-__all__ = ["ancestral", "ddim", "langevin", "dpm_solver", "SAMPLERS", "SAMPLER_NAMES", "STOCHASTIC", "get_sampler",
+__all__ = ["ancestral", "ddim", "langevin", "dpm_solver", "consistency", "CONSISTENCY_SIGMAS", "DEFAULT_SAMPLER", "CONSISTENCY_SAMPLER", "DIFFUSION_SAMPLERS", "SAMPLERS", "SAMPLER_NAMES", "STOCHASTIC", "get_sampler",
            "eps_model", "Denoiser", "ImageGenerators", "image_seed", "MAX_SEED",
            "ancestral_step", "ddim_step", "model_evaluations", "DEFAULT_STEPS", "resolve_steps"]
 
@@ -442,11 +442,63 @@ def dpm_solver(
     return x
 
 
+# ------------------------------------------------------------------------------- consistency
+# The intermediate noise levels of multistep consistency sampling, as EDM sigmas
+# (sqrt(1 - abar) / sqrt(abar)), by number of steps. Two steps re-noise to 0.821, the level Song et
+# al. 2023 and Geng et al. 2024 (ECT) use for CIFAR-10; three and four add levels geometrically
+# spaced above it and one below, so each jump removes a similar share of log-noise.
+CONSISTENCY_SIGMAS: dict[int, tuple[float, ...]] = {1: (), 2: (0.821,), 3: (2.0, 0.821), 4: (3.0, 1.5, 0.5)}
+
+
+def consistency(
+    model: Model,
+    x_T: torch.Tensor,
+    schedule: Schedule,
+    *,
+    steps: int | None = None,
+    clip: bool = True,
+    generator: Generator = None,
+    callback: Callback = None,
+    sigmas: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) of a consistency-tuned run
+    (``ddpm distill``, :mod:`ddpm.core.consistency`): the network's x0 prediction at the last
+    step is the sample; each further step re-noises that estimate to the step nearest the next
+    level of ``sigmas`` (EDM sigmas, decreasing; default :data:`CONSISTENCY_SIGMAS` for ``steps``,
+    2 when None) with fresh noise from ``generator`` and predicts x0 again. Works on any run
+    (a diffusion network's x0 jumps), but only a tuned one gives good images in so few steps.
+    Raises ``ValueError`` for more than 4 steps without ``sigmas``, or levels not decreasing.
+    """
+    if sigmas is None:
+        k = 2 if steps is None else int(steps)
+        if k not in CONSISTENCY_SIGMAS:
+            raise ValueError(f"the consistency sampler takes 1 to {max(CONSISTENCY_SIGMAS)} steps, got {k}")
+        sigmas = CONSISTENCY_SIGMAS[k]
+    levels = [float(v) for v in sigmas]
+    if any(a <= b for a, b in zip(levels, levels[1:])) or any(v <= 0 for v in levels):
+        raise ValueError(f"consistency noise levels must be positive and decreasing, got {levels}")
+    edm = ((1.0 - schedule.alphas_cumprod) / schedule.alphas_cumprod).sqrt()
+    finite = edm[torch.isfinite(edm)]
+    ts = [schedule.T - 1] + [int(torch.argmin((finite.log() - math.log(v)).abs())) for v in levels]
+    x = x_T.float()
+    x0 = x
+    for i, t in enumerate(ts):
+        if i > 0:
+            a = _abar(schedule, t)
+            x = a**0.5 * x0 + (1 - a) ** 0.5 * _randn_like(x0, generator)
+        eps, pred = _predict(model, x, t, schedule)
+        x0 = _x0(x, eps, _abar(schedule, t), clip, pred)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x0
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ancestral": ancestral,
     "ddim": ddim,
     "langevin": langevin,
     "dpm-solver": dpm_solver,
+    "consistency": consistency,
 }
 
 
@@ -462,14 +514,24 @@ def get_sampler(name: str) -> Callable[..., torch.Tensor]:
 # choices, the sweep's samplers and generate's seeding all derive from them.
 
 # Steps a sampler runs when none are asked for: the full chain (None) for ancestral, few otherwise.
-DEFAULT_STEPS: dict[str, int | None] = {"ancestral": None, "ddim": 50, "langevin": 250, "dpm-solver": 20}
+DEFAULT_STEPS: dict[str, int | None] = {"ancestral": None, "ddim": 50, "langevin": 250, "dpm-solver": 20,
+                                        "consistency": 2}
 
 # Whether a sampler adds fresh noise at every step (ddim too when its eta > 0), so its samples
 # depend on the random generator beyond the starting noise.
-STOCHASTIC: dict[str, bool] = {"ancestral": True, "ddim": False, "langevin": True, "dpm-solver": False}
+STOCHASTIC: dict[str, bool] = {"ancestral": True, "ddim": False, "langevin": True, "dpm-solver": False,
+                               "consistency": True}
 
-# Names in the registry's order, as the commands offer them.
+# The sampler of a diffusion run when none is named: DPM-Solver++(2M) (Lu et al. 2022), whose 20
+# steps match the ancestral chain's 1000 on our runs (docs/benchmarks.md); of a consistency run
+# (ddpm distill): the consistency sampler.
+DEFAULT_SAMPLER = "dpm-solver"
+CONSISTENCY_SAMPLER = "consistency"
+
+# Names in the registry's order, as the commands offer them; those that sample any diffusion run
+# at any step count (the sweep's): all but the consistency sampler's 1 to 4 jumps.
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
+DIFFUSION_SAMPLERS: tuple[str, ...] = tuple(n for n in SAMPLERS if n != CONSISTENCY_SAMPLER)
 assert set(DEFAULT_STEPS) == set(STOCHASTIC) == set(SAMPLERS), "a sampler is missing from a table"
 
 
@@ -490,6 +552,8 @@ def resolve_steps(name: str, steps: int | None, T: int, option: str = "--steps")
         raise DDPMError(f"{option} must be at least 1, got {steps}")
     if steps > T:
         raise DDPMError(f"{option} {steps} exceeds this run's {T} diffusion steps; use at most {T}")
+    if key == "consistency" and steps > max(CONSISTENCY_SIGMAS):
+        raise DDPMError(f"{option} {steps}: the consistency sampler takes 1 to {max(CONSISTENCY_SIGMAS)} steps")
     return int(steps)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
+from ..core.samplers import CONSISTENCY_SAMPLER, DEFAULT_SAMPLER
 from ..core.schedule import Schedule
 from ..core.unet import UNetConfig
 from ..errors import DDPMError
@@ -59,6 +60,17 @@ class RunConfig:
     def conditional(self) -> bool:
         """Whether the run was trained with class labels."""
         return bool(self.classes)
+
+    @property
+    def consistency(self) -> bool:
+        """Whether the network is a consistency model (``ddpm distill``: the training option
+        ``objective`` is ``consistency``, and ``init_from`` names the teacher's checkpoint)."""
+        return self.train.get("objective") == "consistency"
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler ``ddpm sample`` and ``ddpm eval`` use for this run when none is named."""
+        return CONSISTENCY_SAMPLER if self.consistency else DEFAULT_SAMPLER
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``config.json`` (and of each checkpoint's metadata); the keys are

@@ -12,15 +12,13 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..core.samplers import DEFAULT_STEPS, MAX_SEED, STOCHASTIC, model_evaluations, resolve_steps
+from ..core.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, STOCHASTIC, model_evaluations, resolve_steps
 from ..errors import DDPMError
 
 __all__ = ["SampleSpec", "BATCH_SIZE", "DEFAULT_SAMPLER"]
 
 # Images sampled at once unless asked otherwise (speed and memory only: every image has its own noise).
 BATCH_SIZE = 64
-# DPM-Solver++(2M) (Lu et al. 2022): 20 steps match the ancestral chain's 1000 on our runs (docs/benchmarks.md).
-DEFAULT_SAMPLER = "dpm-solver"
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..core.samplers import SAMPLER_NAMES, model_evaluations, resolve_steps
+from ..core.samplers import DIFFUSION_SAMPLERS, model_evaluations, resolve_steps
 from ..data.cache import CacheSettings, ReferenceImages, open_reference_images
 from ..data.sets import load_cifar10, remove_empty_classes
 from ..errors import DDPMError
@@ -899,7 +899,7 @@ class SweepGrid:
     ``steps=None`` sweeps :data:`DEFAULT_SWEEP_STEPS`, leaving out (with a warning) those above a
     run's T; an explicit count above T is a :class:`DDPMError`."""
 
-    samplers: Sequence[str] = SAMPLER_NAMES
+    samplers: Sequence[str] = DIFFUSION_SAMPLERS
     steps: Sequence[int] | None = None
     guidances: Sequence[float] = (1.0,)
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from ..core.losses import PREDICTIONS, T_SAMPLINGS, WEIGHTINGS
-from ..core.samplers import MAX_SEED
+from ..core.samplers import CONSISTENCY_SIGMAS, MAX_SEED
 from ..core.schedule import SCHEDULES
 from ..core.unet import PRESETS
 from ..data.sets import names_cifar10
 from ..errors import DDPMError
 from ..scoring import evaluate
 
-__all__ = ["TrainConfig", "LR_SCHEDULES", "IMPORTED", "GRID_SEED_OFFSET", "LEGACY_RECIPE", "RESUMABLE", "MACHINE_LOCAL", "LR_REFERENCE", "default_lr",
+__all__ = ["TrainConfig", "LR_SCHEDULES", "IMPORTED", "GRID_SEED_OFFSET", "LEGACY_RECIPE", "RESUMABLE", "MACHINE_LOCAL", "LR_REFERENCE", "default_lr", "OBJECTIVES", "run_progress",
            "OPTIONAL_FIELDS", "legacy_keep_values", "validate", "eval_reference", "check_resume_compatible",
            "lr_at", "field_type", "config_from_dict"]
 
@@ -93,6 +94,9 @@ class TrainConfig:
     eval_ref: str = ""  # their reference: a folder, cifar10 or a .npz; "" = the training images
     time_limit: float = 0.0  # stop (and save) after this many minutes of training in all, resumes included; 0 = none
     resume: bool = False  # continue from the newest checkpoint in --out
+    # diffusion (denoising score matching) or consistency (ECT tuning: ddpm distill sets it)
+    objective: str = "diffusion"
+    init_from: str = ""  # a checkpoint whose EMA weights a new run starts from (ddpm distill: the teacher's)
     progress: bool = True  # show a progress bar
     tensorboard: bool = True  # also log to TensorBoard when it is installed
 
@@ -114,8 +118,10 @@ class TrainConfig:
 LEGACY_RECIPE: dict[str, Any] = {
     "logsnr_shift": 0.0, "zero_terminal_snr": False, "loss_weighting": "uniform", "min_snr_gamma": 5.0,
     "t_sampling": "uniform", "t_logsnr_mean": 2.4, "t_logsnr_std": 2.4, "lr_schedule": "constant",
-    "ema_rampup": 0.0, "ema_halflife_kimg": 500.0,
+    "ema_rampup": 0.0, "ema_halflife_kimg": 500.0, "objective": "diffusion", "init_from": "",
 }
+
+OBJECTIVES = ("diffusion", "consistency")
 
 
 def legacy_keep_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +157,11 @@ def validate(cfg: TrainConfig, world: int) -> None:
             continue  # an imported run's schedule is its own, not one of the named ones
         if getattr(cfg, name) not in allowed:
             raise DDPMError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}; expected one of {', '.join(allowed)}")
+    if cfg.objective not in OBJECTIVES:
+        raise DDPMError(f"unknown --objective {cfg.objective!r}; expected one of {', '.join(OBJECTIVES)}")
+    # Read only when a run begins: a resumed run no longer needs its teacher's file.
+    if cfg.init_from and not cfg.resume and not Path(cfg.init_from).expanduser().is_file():
+        raise DDPMError(f"--init-from {cfg.init_from!r} is not a checkpoint file; expected RUN/checkpoints/ckpt_*.safetensors")
     if cfg.zero_terminal_snr and cfg.prediction == "eps":
         raise DDPMError("--zero-terminal-snr needs --prediction v or x0 (eps carries no information at zero SNR)")
     if cfg.precision not in ("auto", "fp32", "bf16"):
@@ -167,6 +178,8 @@ def validate(cfg: TrainConfig, world: int) -> None:
     checks = [
         (lambda: 1 <= cfg.sample_steps <= cfg.timesteps,
          f"--sample-steps must be between 1 and --timesteps ({cfg.timesteps}), got {cfg.sample_steps}"),
+        (lambda: cfg.objective != "consistency" or cfg.sample_steps <= max(CONSISTENCY_SIGMAS),
+         f"--sample-steps of a consistency run must be 1 to {max(CONSISTENCY_SIGMAS)}, got {cfg.sample_steps}"),
         (lambda: cfg.sample_n >= 1, f"--sample-n must be at least 1, got {cfg.sample_n}"),
         (lambda: cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}"),
         # the grids sample with seed + GRID_SEED_OFFSET, which generate() takes up to MAX_SEED
@@ -217,6 +230,8 @@ RESUMABLE = frozenset({"steps", "out", "resume", "progress", "log_every", "sampl
               # Checked on its own: the identity of the images (RunConfig.data), not the path's spelling.
               "data",
               "eval_every", "eval_n", "eval_ref",
+              # Read once, when a run begins: where its starting weights came from.
+              "init_from",
               # The class list it produces is compared on its own when resuming.
               "drop_empty_classes",
               # These change how a step is computed, not what it optimises. grad_checkpoint keeps a
@@ -273,12 +288,19 @@ def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
     warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0
     if cfg.lr_schedule == "constant":
         return cfg.lr * warm
+    progress = run_progress(step, cfg, elapsed_s)
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1.0 - progress
+    return cfg.lr * warm * decay
+
+
+def run_progress(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """How far the run is, in [0, 1]: ``max(step / steps, elapsed / time_limit)`` (the time only
+    with --time-limit), so a run bounded by wall-clock time reaches 1 as its time runs out.
+    Drives the learning-rate decay and the stages of consistency tuning."""
     progress = step / cfg.steps
     if cfg.time_limit > 0:
         progress = max(progress, elapsed_s / (60.0 * cfg.time_limit))
-    progress = min(max(progress, 0.0), 1.0)
-    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1.0 - progress
-    return cfg.lr * warm * decay
+    return min(max(progress, 0.0), 1.0)
 
 
 # Options whose None means "keep the model preset's value" ("auto" for workers and compile,

@@ -45,8 +45,8 @@ from ..run.config import RunConfig
 from ..run.folder import RunFolder
 from ..runtime.policy import Runtime, is_compile_failure, is_out_of_memory, out_of_memory_error, resolve_runtime
 from ..runtime.processes import Dist, any_rank, lost_peer, on_rank_0, process_group
-from .config import IMPORTED, TrainConfig, default_lr, lr_at, validate
-from .loss import DiffusionLoss
+from .config import IMPORTED, TrainConfig, default_lr, lr_at, run_progress, validate
+from .loss import ConsistencyLoss, DiffusionLoss, training_loss
 from .monitor import Monitor, final_eval_logged
 from .state import StepSettings, TrainState, train_step
 
@@ -105,6 +105,8 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | No
     if not names_cifar10(cfg.data):
         # Saved absolute, so that '--resume' from any directory (a requeued job) finds the same data.
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).expanduser().resolve()))
+    if cfg.init_from:
+        cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
     # device and precision are decided here once; "bf16" where it would not run becomes fp32 (warned)
     runtime = resolve_runtime(cfg.device, cfg.precision, local_rank=d.local_rank, world=d.world,
                               channels_last=cfg.channels_last, compile=cfg.compile, progress=cfg.progress and d.main)
@@ -124,7 +126,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | No
     # ---- model, schedule, loss, EMA, optimiser (identical on every rank: same seed)
     torch.manual_seed(cfg.seed)
     model_cfg, schedule = _model_and_schedule(cfg, data.classes, imported)
-    loss_fn = DiffusionLoss.from_config(cfg, schedule, model_cfg.null_class)
+    loss_fn = training_loss(cfg, schedule, model_cfg.null_class)
     state = TrainState.create(model_cfg, cfg, runtime.device)
     run_config = RunConfig(model_cfg, schedule, cfg.prediction, data.classes, len(data), asdict(cfg),
                            imported=imported.imported if imported is not None else None,
@@ -136,6 +138,9 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | No
     if resume_path is not None:
         state.restore(resume_path, cfg, data, model_cfg, runtime.device)
         say(f"resumed from {resume_path} at step {state.step}")
+    elif cfg.init_from:
+        teacher_step = state.start_from(cfg.init_from, model_cfg)
+        say(f"starting from the EMA weights of {cfg.init_from} (step {teacher_step})")
     # A run killed after its last checkpoint but before that step's evaluation still owes it.
     final_eval_missing = (cfg.eval_every > 0 and state.step == cfg.steps > 0
                           and not final_eval_logged(folder.path, state.step))
@@ -159,7 +164,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | No
     return _loop(cfg, d, runtime, state, loss_fn, it, monitor, run_config, sigterm)
 
 
-def _loop(cfg: TrainConfig, d: Dist, runtime: Runtime, state: TrainState, loss_fn: DiffusionLoss,
+def _loop(cfg: TrainConfig, d: Dist, runtime: Runtime, state: TrainState, loss_fn: DiffusionLoss | ConsistencyLoss,
           it: Iterator[tuple[torch.Tensor, torch.Tensor | None]], monitor: Monitor, run_config: RunConfig,
           sigterm: _StopOnSigterm) -> TrainOutcome:
     """Train ``state`` from its step to ``cfg.steps`` (or a stop) on the batches ``it``, reporting
@@ -185,6 +190,8 @@ def _loop(cfg: TrainConfig, d: Dist, runtime: Runtime, state: TrainState, loss_f
                 elapsed = state.training_seconds()
             # else: the value all ranks agreed on at the last check below, so their rates stay equal
             lr = lr_at(state.step, cfg, elapsed)
+            if isinstance(loss_fn, ConsistencyLoss):  # the gap of its stage shrinks as the run goes on
+                loss_fn = loss_fn.at(run_progress(state.step, cfg, elapsed))
             t0 = time.perf_counter()
             x, y = _to_device(next(it), device, cfg.channels_last)
             data_wait = time.perf_counter() - t0  # the host waiting for a batch (decoding, copying)

@@ -3,21 +3,24 @@ labels)``): the schedule, the target, the weighting over noise levels, the densi
 drawn from and the label dropout of classifier-free guidance are fixed when the run starts, so
 the step that calls it knows none of them.
 
-The maths is :func:`ddpm.core.losses.diffusion_loss`'s; this only holds its settings.
+The maths is :func:`ddpm.core.losses.diffusion_loss`'s (and, for ``ddpm distill``,
+:func:`ddpm.core.consistency.consistency_loss`'s); this only holds their settings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
+from ..core.consistency import ECT_LOGSNR_MEAN, ECT_LOGSNR_STD, STAGES, consistency_loss
 from ..core.losses import PREDICTIONS, WEIGHTINGS, diffusion_loss, timestep_probabilities
 from ..core.schedule import Schedule
 from .config import TrainConfig
 
-__all__ = ["DiffusionLoss", "t_probabilities_for"]
+__all__ = ["DiffusionLoss", "ConsistencyLoss", "training_loss", "t_probabilities_for"]
 
 
 def t_probabilities_for(cfg: TrainConfig, schedule: Schedule) -> torch.Tensor | None:
@@ -80,3 +83,46 @@ class DiffusionLoss:
         return diffusion_loss(net, self.schedule, x0, labels, prediction=self.prediction, weighting=self.weighting,
                               min_snr_gamma=self.min_snr_gamma, t_probabilities=self.t_probabilities,
                               p_uncond=self.p_uncond, null_class=self.null_class, generator=generator)
+
+
+@dataclass(frozen=True, eq=False)
+class ConsistencyLoss:
+    """The per-sample ECT loss of a consistency-tuning run (``ddpm distill``;
+    :func:`ddpm.core.consistency.consistency_loss`): ``stage`` 1 .. :data:`STAGES` sets the gap
+    between the two noise levels compared, :meth:`at` moves it with the run's progress. Timesteps
+    come from ECT's lognormal density, labels are dropped with ``p_uncond`` as in training."""
+
+    schedule: Schedule
+    prediction: str = "v"
+    t_probabilities: torch.Tensor | None = None
+    p_uncond: float = 0.1
+    null_class: int | None = None
+    stage: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, schedule: Schedule, null_class: int | None) -> "ConsistencyLoss":
+        """The loss ``cfg`` tunes with on ``schedule`` (``--prediction``, ``--p-uncond``)."""
+        return cls(schedule, prediction=cfg.prediction,
+                   t_probabilities=timestep_probabilities(schedule, "lognormal", ECT_LOGSNR_MEAN, ECT_LOGSNR_STD),
+                   p_uncond=cfg.p_uncond, null_class=null_class)
+
+    def at(self, progress: float) -> "ConsistencyLoss":
+        """This loss at the stage of a run ``progress`` (0 .. 1) of the way through: the gap halves
+        every 1/STAGES of the run."""
+        stage = 1 + min(STAGES - 1, int(math.floor(progress * STAGES)))
+        return self if stage == self.stage else replace(self, stage=stage)
+
+    def __call__(self, net: Callable[..., torch.Tensor], x0: torch.Tensor, labels: torch.Tensor | None,
+                 generator: torch.Generator | None) -> torch.Tensor:
+        """Per-sample loss, float32 [B], of ``net`` on ``x0`` (float [B, C, H, W] in [-1, 1])."""
+        return consistency_loss(net, self.schedule, x0, labels, prediction=self.prediction, stage=self.stage,
+                                t_probabilities=self.t_probabilities, p_uncond=self.p_uncond,
+                                null_class=self.null_class, generator=generator)
+
+
+def training_loss(cfg: TrainConfig, schedule: Schedule, null_class: int | None) -> "DiffusionLoss | ConsistencyLoss":
+    """The loss of ``cfg.objective``: :class:`DiffusionLoss` or :class:`ConsistencyLoss`."""
+    if cfg.objective == "consistency":
+        return ConsistencyLoss.from_config(cfg, schedule, null_class)
+    return DiffusionLoss.from_config(cfg, schedule, null_class)
+

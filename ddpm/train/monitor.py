@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..core.samplers import resolve_steps
+from ..core.samplers import CONSISTENCY_SAMPLER, DEFAULT_SAMPLER, resolve_steps
 from ..core.unet import UNet, UNetConfig
 from ..data.sets import BatchStream
 from ..files.atomic import atomic_write_json, atomic_write_text, atomic_write_with
@@ -248,12 +248,18 @@ def _sample_grid(sampleable: Sampleable, cfg: TrainConfig, runtime: Runtime, pat
     else:
         labels, nrow = None, max(1, int(math.sqrt(cfg.sample_n)))
     n = len(labels) if labels is not None else cfg.sample_n
-    spec = SampleSpec("dpm-solver", cfg.sample_steps, cfg.sample_guidance if classes else 1.0,
+    spec = SampleSpec(grid_sampler(cfg), cfg.sample_steps, cfg.sample_guidance if classes else 1.0,
                       cfg.seed + GRID_SEED_OFFSET, batch_size=n)
     images = generate(sampleable, n, spec, runtime.quiet(), labels=labels)
     grid = make_grid(images, nrow=nrow)
     save_png(grid, path)
     return grid
+
+
+def grid_sampler(cfg: TrainConfig) -> str:
+    """The sampler of a run's grids and in-training FID, in --sample-steps: DPM-Solver++ for a
+    diffusion run, the consistency sampler for a consistency-tuning one (``ddpm distill``)."""
+    return CONSISTENCY_SAMPLER if cfg.objective == "consistency" else DEFAULT_SAMPLER
 
 
 def _train_flops_per_image(model_cfg: UNetConfig) -> float:
@@ -292,7 +298,7 @@ class _TrainingEval:
             eval_reference(cfg), image_size, runtime if cfg.progress else runtime.quiet(),
             settings=evaluate.ReferenceSettings(cifar_root=cfg.data_root or None))
         self.ref = self.reference.stats
-        self.steps = resolve_steps("dpm-solver", None, T)  # 'ddpm sample's default: 20, at most T
+        self.steps = resolve_steps(grid_sampler(cfg), None, T)  # 'ddpm sample's default for such a run
         self.floor = self._floor(run_dir)
 
     def _floor(self, run_dir: Path) -> float | None:
@@ -338,7 +344,7 @@ class _TrainingEval:
         "fid"}`` plus ``"kid"`` (KID's mean over subsets) when the reference has features."""
         cfg, n = self.cfg, self.cfg.eval_n
         labels = evaluate.spread_labels(n, self.classes)  # as 'ddpm eval' spreads its samples over the classes
-        spec = SampleSpec("dpm-solver", self.steps, cfg.sample_guidance if self.classes else 1.0, cfg.seed,
+        spec = SampleSpec(grid_sampler(cfg), self.steps, cfg.sample_guidance if self.classes else 1.0, cfg.seed,
                           batch_size=self.batch)
         images = generate(sampleable, n, spec, self.runtime.quiet(), labels=labels)
         scores = self.reference.score(images)

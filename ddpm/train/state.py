@@ -115,6 +115,19 @@ class TrainState:
                             f"({train_seconds / 60:.1f} min of training); pass a larger --time-limit to continue it")
         self.step, self.train_seconds, self.last_checkpoint = saved_step, train_seconds, path
 
+    def start_from(self, path: str | Path, model_cfg: UNetConfig) -> int:
+        """Load the EMA weights of the checkpoint ``path`` into both the model and the EMA of this
+        new run (``ddpm distill`` starts from its teacher's average); returns the checkpoint's step.
+        Raises :class:`DDPMError` when its network is not ``model_cfg``'s."""
+        step, saved_dict, state = load_checkpoint(path, "cpu", only=("ema",))
+        saved = RunConfig.from_dict(saved_dict, f"checkpoint {str(path)!r}")
+        if saved.model.to_dict() != model_cfg.to_dict():
+            raise DDPMError(f"the network of {str(path)!r} is not this run's; start from a checkpoint of the same "
+                            "model settings")
+        self.model.load_state_dict(state["ema"]["weights"])
+        self.ema.module.load_state_dict(state["ema"]["weights"])
+        return step
+
     def start_clock(self) -> None:
         """Start counting this session's training time, on top of ``train_seconds``."""
         self.clock = TrainClock(self.train_seconds)

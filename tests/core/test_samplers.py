@@ -486,7 +486,10 @@ def test_every_list_of_samplers_comes_from_the_registry():
         action = next(a for a in sub.choices[command]._actions if a.dest == "sampler")
         assert tuple(action.choices) == names
     sweep = next(a for a in sub.choices["eval"]._actions if a.dest == "sweep_samplers")
-    assert tuple(sweep.choices) == tuple(sweep.default) == tuple(SweepGrid().samplers) == names
+    assert tuple(sweep.choices) == names
+    # the sweep's default: every sampler of a diffusion run (the consistency one only when named)
+    assert tuple(sweep.default) == tuple(SweepGrid().samplers) == samplers.DIFFUSION_SAMPLERS
+    assert set(names) - set(samplers.DIFFUSION_SAMPLERS) == {samplers.CONSISTENCY_SAMPLER}
     assert tuple(n for n in names if SampleSpec(n).stochastic) == tuple(n for n in names if samplers.STOCHASTIC[n])
 
 

@@ -42,5 +42,5 @@ def test_names_options_and_noise() -> None:
     assert SampleSpec("ddim", eta=0.5).options == {"eta": 0.5} and SampleSpec(eta=0.5).options == {}
     assert not SampleSpec("ddim").stochastic and SampleSpec("ddim", eta=0.3).stochastic
     assert {name: SampleSpec(name).stochastic for name in SAMPLER_NAMES} == {
-        "ancestral": True, "ddim": False, "langevin": True, "dpm-solver": False}
+        "ancestral": True, "ddim": False, "langevin": True, "dpm-solver": False, "consistency": True}
     assert SampleSpec("langevin", steps=10).nfe(1000) == 10 + 9  # one corrector step between predictor steps
