@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import DDPMError
 from ..run.config import RunConfig
 from ..run.folder import RunFolder
-from ..train import MACHINE_LOCAL, TrainConfig, config_from_dict, train
+from ..train import IMPORTED, MACHINE_LOCAL, TrainConfig, config_from_dict, train
 from .common import EXIT_OK, EXIT_STOPPED, Formatter, add_runtime_arguments
 
 __all__ = ["register", "distill_config"]
@@ -23,6 +23,9 @@ a consistency model and which checkpoint it started from; 'ddpm sample' then use
 consistency sampler (2 network evaluations per image by default; 1 to 4 with --steps) instead of
 DPM-Solver++'s 20. It trains on RUN's own data (--data to point elsewhere); a conditional run
 keeps its classes and classifier-free guidance (guidance is applied when sampling)."""
+
+# The step budget of a tuning bounded by --minutes alone: its time limit is then its end.
+_NO_STEP_LIMIT = 10**9
 
 # Training options of the tuning run that are not the teacher's: a tenth of its rate, as ECT tunes
 # at 1e-4 models trained at 1e-3; a constant rate (the stages, not the rate, shape the run);
@@ -44,11 +47,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate (unset: a tenth of RUN's)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (unset: RUN's)")
     p.add_argument("--data", default=None, help="training images (unset: RUN's own --data)")
-    p.add_argument("--resume", action="store_true", help="continue the tuning run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the tuning run in --out (bit-exact with a --steps budget; with --minutes the "
+                        "stages follow the clock)")
     p.add_argument("--seed", type=int, default=None, help="random seed (unset: RUN's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_runtime_arguments(p)
-    p.set_defaults(func=_cmd_distill)
+    # Unset: the teacher's (a new tuning) or the tuning run's own (--resume), never a changed setting.
+    p.set_defaults(func=_cmd_distill, device=None, precision=None)
 
 
 def distill_config(run: str | Path, out: str | Path, *, minutes: float | None = None, steps: int | None = None,
@@ -77,12 +83,13 @@ def distill_config(run: str | Path, out: str | Path, *, minutes: float | None = 
     if teacher.consistency:
         raise DDPMError(f"{str(run)!r} is already a consistency model (tuned from {teacher.train.get('init_from')}); "
                         "sample it with --sampler consistency, or distill the run it came from")
-    if teacher.imported is not None and not teacher.train.get("data"):
-        raise DDPMError(f"{str(run)!r} was imported and never trained here, so it names no data; pass --data")
+    if teacher.imported is not None or teacher.train.get("model") == IMPORTED:
+        raise DDPMError(f"{str(run)!r} holds a network brought in by 'ddpm import'; distilling one is not supported "
+                        "(its architecture is no preset); distill a run trained by 'ddpm train'")
     values = {k: v for k, v in teacher.train.items() if k in TrainConfig.field_names() and k not in MACHINE_LOCAL}
     values.update(_TUNING)
     values.update(out=str(out), init_from=str(checkpoint.resolve()), lr=float(values.get("lr") or 2e-4) / 10,
-                  time_limit=float(minutes or 0.0), steps=int(steps or 10**9))
+                  time_limit=float(minutes or 0.0), steps=int(steps or _NO_STEP_LIMIT))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(values)
 
@@ -92,7 +99,11 @@ def _cmd_distill(args: argparse.Namespace) -> int:
                   precision=args.precision, progress=False if args.no_progress else None)
     saved = RunFolder(args.out).config_path
     if args.resume and saved.is_file():  # the tuning run's own options, with a new budget if given
-        values = dict(RunConfig.read(RunFolder(args.out)).train)
+        own = RunConfig.read(RunFolder(args.out))
+        if not own.consistency:
+            raise DDPMError(f"--out {str(args.out)!r} holds a diffusion run, not a consistency tuning; resume it with "
+                            "ddpm train --resume, or choose another --out")
+        values = {k: v for k, v in own.train.items() if k not in MACHINE_LOCAL}
         if args.minutes is not None:
             values["time_limit"] = float(args.minutes)
         if args.steps is not None:
@@ -101,4 +112,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         cfg = config_from_dict(values)
     else:
         cfg = distill_config(args.run, args.out, minutes=args.minutes, steps=args.steps, resume=args.resume, **common)
-    return EXIT_OK if train(cfg).finished else EXIT_STOPPED
+    outcome = train(cfg)
+    # A tuning given minutes alone ends at its time limit: that is its finish, not a stop to resume.
+    done = outcome.finished or (outcome.stopped_by == "--time-limit" and cfg.steps >= _NO_STEP_LIMIT)
+    return EXIT_OK if done else EXIT_STOPPED

@@ -139,7 +139,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | No
         state.restore(resume_path, cfg, data, model_cfg, runtime.device)
         say(f"resumed from {resume_path} at step {state.step}")
     elif cfg.init_from:
-        teacher_step = state.start_from(cfg.init_from, model_cfg)
+        teacher_step = state.start_from(cfg.init_from, model_cfg, data.classes, cfg.prediction, schedule)
         say(f"starting from the EMA weights of {cfg.init_from} (step {teacher_step})")
     # A run killed after its last checkpoint but before that step's evaluation still owes it.
     final_eval_missing = (cfg.eval_every > 0 and state.step == cfg.steps > 0

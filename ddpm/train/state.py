@@ -115,15 +115,21 @@ class TrainState:
                             f"({train_seconds / 60:.1f} min of training); pass a larger --time-limit to continue it")
         self.step, self.train_seconds, self.last_checkpoint = saved_step, train_seconds, path
 
-    def start_from(self, path: str | Path, model_cfg: UNetConfig) -> int:
+    def start_from(self, path: str | Path, model_cfg: UNetConfig, classes: list[str] | None, prediction: str,
+                   schedule: Any) -> int:
         """Load the EMA weights of the checkpoint ``path`` into both the model and the EMA of this
         new run (``ddpm distill`` starts from its teacher's average); returns the checkpoint's step.
-        Raises :class:`DDPMError` when its network is not ``model_cfg``'s."""
+        Raises :class:`DDPMError` when its network, classes (label i must mean the same class),
+        target or schedule are not this run's."""
         step, saved_dict, state = load_checkpoint(path, "cpu", only=("ema",))
         saved = RunConfig.from_dict(saved_dict, f"checkpoint {str(path)!r}")
-        if saved.model.to_dict() != model_cfg.to_dict():
-            raise DDPMError(f"the network of {str(path)!r} is not this run's; start from a checkpoint of the same "
-                            "model settings")
+        differ = [what for what, same in (
+            ("network", saved.model.to_dict() == model_cfg.to_dict()), ("classes", saved.classes == classes),
+            ("target", saved.prediction == prediction), ("schedule", saved.schedule.to_dict() == schedule.to_dict()))
+            if not same]
+        if differ:
+            raise DDPMError(f"--init-from {str(path)!r} has another {' and '.join(differ)} than this run; start from "
+                            "a checkpoint of the same settings and class folders")
         self.model.load_state_dict(state["ema"]["weights"])
         self.ema.module.load_state_dict(state["ema"]["weights"])
         return step

@@ -98,3 +98,11 @@ def test_bad_distill_requests_are_one_line(teacher: Path, tmp_path: Path, capsys
     assert "is already a consistency model" in error(tuned, tmp_path / "x", "--steps", "1")
     assert main(["sample", "--run", str(tuned), "--n", "1", "--steps", "5", "--out", str(tmp_path / "s.png")]) == 2
     assert "the consistency sampler takes 1 to 4 steps" in capsys.readouterr().err
+    assert "holds a diffusion run, not a consistency tuning" in error(teacher, teacher, "--steps", "9", "--resume")
+
+
+def test_a_tuning_given_minutes_alone_finishes_with_exit_0(teacher: Path, tmp_path: Path) -> None:
+    """Its time limit is its end, not a stop to resume (exit 3 would have a requeue script resume it)."""
+    out = tmp_path / "timed"
+    assert _distill(teacher, out, "--minutes", "0.005") == 0
+    assert json.loads((out / "config.json").read_text())["train"]["time_limit"] == 0.005
