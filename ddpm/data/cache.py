@@ -53,7 +53,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import DDPMError
+from ..errors import DDPMError, first_line
 from ..files.atomic import TEMP_SUFFIX, OutputWriteError, atomic_write_with, check_writable
 from ..files.images import DECODER_VERSION
 from .sets import (DecodedRows, ImageSet, RaggedRows, assemble_set, decode_in_memory, listing_classes, load_cifar10,
@@ -165,7 +165,7 @@ def read_data_file(path: str | os.PathLike, key: str | None = None) -> DataFile:
             if hashlib.sha256(np.ascontiguousarray(images[int(row)])).hexdigest() != expected:
                 raise _Untrusted(f"image row {row} does not match its hash")
     except (ValueError, KeyError, TypeError, IndexError, OSError) as e:  # a header of another shape
-        raise _Untrusted(f"its header cannot be used ({_first_line(e)})") from None
+        raise _Untrusted(f"its header cannot be used ({first_line(e)})") from None
     return DataFile(path, header, images)
 
 
@@ -393,7 +393,7 @@ def cached_rows(listing: Listing, spec: DecodeSpec, settings: CacheSettings, *,
                 folder.mkdir(parents=True, exist_ok=True)
                 held.enter_context(_exclusive(folder / f".{stem}.lock", str(path)))
             except (DDPMError, OSError) as e:
-                _warn_once(folder, f"cannot use the data cache folder {str(folder)!r} ({_first_line(e)}); decoding "
+                _warn_once(folder, f"cannot use the data cache folder {str(folder)!r} ({first_line(e)}); decoding "
                                    "in memory instead (--data-cache DIR picks a writable folder, --no-data-cache "
                                    "skips it)")
                 return None
@@ -416,10 +416,6 @@ def cached_rows(listing: Listing, spec: DecodeSpec, settings: CacheSettings, *,
     rows.where = str(listing.root)  # messages name the source as it was given this time
     return rows
 
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0] if s else type(e).__name__)[:200]
 
 
 def prepared_rows(path: Path, image_size: int, random_crop: bool) -> DecodedRows:

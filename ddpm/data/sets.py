@@ -26,9 +26,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..errors import DDPMError
+from ..errors import DDPMError, first_line
 from ..files.images import load_image
-from .sources import DecodeSpec, Listing, decode_items, list_folder, reason
+from .sources import DecodeSpec, Listing, decode_items, list_folder
 
 __all__ = ["ImageSet", "data_identity", "same_images", "RaggedRows", "DecodedRows", "remove_empty_classes", "load_image_folder", "load_cifar10",
            "names_cifar10", "load_dataset", "decode_in_memory", "assemble_set", "listing_classes", "BatchStream",
@@ -286,10 +286,6 @@ def _names(items: Sequence[str], limit: int = 5) -> str:
     return ", ".join(repr(c) for c in items[:limit]) + (" ..." if len(items) > limit else "")
 
 
-def _reason(e: BaseException) -> str:
-    return reason(e)
-
-
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -309,7 +305,7 @@ def load_cifar10(root: str | Path | None, image_size: int, *, train: bool = True
             ds = CIFAR10(str(root), train=train, download=True)
         except Exception as e:  # offline machines end here
             raise DDPMError(
-                f"CIFAR-10 is not in {str(root)!r} and could not be downloaded ({_reason(e)}); put torchvision's "
+                f"CIFAR-10 is not in {str(root)!r} and could not be downloaded ({first_line(e, 120)}); put torchvision's "
                 "cifar-10-batches-py there (--data-root), or pass a folder of class sub-folders as --data"
             ) from None
     data = ds.data  # [N, 32, 32, 3] uint8

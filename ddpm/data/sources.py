@@ -41,12 +41,12 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DDPMError
+from ..errors import DDPMError, first_line
 from ..files.images import (IMAGE_EXTENSIONS, class_folders, class_name, has_image_extension, is_hidden, load_image,
                             scan_image_files, scan_images)
 
 __all__ = ["Listing", "DecodeSpec", "Unreadable", "list_source", "list_folder", "list_zip", "list_parquet",
-           "iter_payloads", "decode_payload", "decode_items", "resolve_workers", "reason", "DECODE_ERRORS",
+           "iter_payloads", "decode_payload", "decode_items", "resolve_workers", "DECODE_ERRORS",
            "PARQUET_EXTENSIONS"]
 
 # What an unreadable image raises inside load_image (PIL, truncated files, zero-byte files).
@@ -60,11 +60,6 @@ _LABEL_COLUMNS = ("label", "labels", "class", "fine_label", "target")
 _POOL_MIN_ITEMS = 256
 _CHUNK = 32  # images per pool task: large enough to amortise pickling, small enough to keep all cores busy
 
-
-def reason(e: BaseException) -> str:
-    """The first line of an exception's message (at most 120 characters), or its type's name."""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return msg[:120]
 
 
 class Unreadable(NamedTuple):
@@ -197,7 +192,7 @@ def list_zip(path: Path, conditional: bool = False) -> Listing:
                      and not any(is_hidden(part) for part in i.filename.split("/"))]
             labels = _edm_labels(zf, path)
     except (OSError, zipfile.BadZipFile, ValueError) as e:
-        raise DDPMError(f"cannot read the archive {str(path)!r} ({reason(e)}); expected a .zip of images") from None
+        raise DDPMError(f"cannot read the archive {str(path)!r} ({first_line(e, 120)}); expected a .zip of images") from None
     infos.sort(key=lambda i: _member_sort_key(i.filename))
     if labels is not None:
         groups = [labels.get(i.filename) for i in infos]
@@ -238,7 +233,7 @@ def _edm_labels(zf: zipfile.ZipFile, path: Path) -> dict[str, str] | None:
     try:
         raw = json.loads(zf.read(info)).get("labels")
     except (ValueError, AttributeError, *_MEMBER_ERRORS) as e:
-        raise DDPMError(f"cannot read dataset.json in {str(path)!r} ({reason(e)}); expected "
+        raise DDPMError(f"cannot read dataset.json in {str(path)!r} ({first_line(e, 120)}); expected "
                         '{"labels": [["name.png", 0], ...]}') from None
     if raw is None:
         return None
@@ -291,7 +286,7 @@ def list_parquet(root: Path, conditional: bool = False) -> Listing:
             labels.extend(pf.read(columns=[cols["label"]]).column(0).to_pylist() if cols["label"] else
                           [None] * pf.metadata.num_rows)
         except (OSError, ValueError, pa.ArrowException) as e:
-            raise DDPMError(f"cannot read the Parquet file {str(f)!r} ({reason(e)})") from None
+            raise DDPMError(f"cannot read the Parquet file {str(f)!r} ({first_line(e, 120)})") from None
         columns = cols
     assert columns is not None
     groups, order = _parquet_groups(labels, columns.get("names"))
@@ -377,7 +372,7 @@ def iter_payloads(listing: Listing) -> Iterator[str | bytes | Unreadable]:
                 try:
                     yield zf.read(info)
                 except _MEMBER_ERRORS as e:
-                    yield Unreadable(reason(e))
+                    yield Unreadable(first_line(e, 120))
     else:
         yield from _parquet_payloads(listing)
 
@@ -390,7 +385,7 @@ def _parquet_payloads(listing: Listing) -> Iterator[bytes | Unreadable]:
         try:
             pf = pq.ParquetFile(f)
         except (OSError, ValueError, pa.ArrowException) as e:
-            yield from [Unreadable(reason(e))] * rows
+            yield from [Unreadable(first_line(e, 120))] * rows
             continue
         for g in range(pf.num_row_groups):
             count = pf.metadata.row_group(g).num_rows
@@ -398,7 +393,7 @@ def _parquet_payloads(listing: Listing) -> Iterator[bytes | Unreadable]:
                 col = pf.read_row_group(g, columns=[listing.extra["image"]]).column(0)
                 cells = (pc.struct_field(col, "bytes") if listing.extra["struct"] else col).to_pylist()
             except (OSError, ValueError, pa.ArrowException) as e:
-                yield from [Unreadable(reason(e))] * count
+                yield from [Unreadable(first_line(e, 120))] * count
                 continue
             yield from (c if c is not None else Unreadable("no image bytes in this row") for c in cells)
 
@@ -427,7 +422,7 @@ def _decode_chunk(payloads: Sequence[str | bytes | Unreadable], size: int,
             # would also differ from run to run.
             out.append("cannot identify image file" if isinstance(p, bytes) else f"cannot identify image file {p!r}")
         except DECODE_ERRORS as e:
-            out.append(reason(e))
+            out.append(first_line(e, 120))
     return out
 
 

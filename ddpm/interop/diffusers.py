@@ -62,7 +62,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import DDPMError
+from ..errors import DDPMError, first_line
 from ..files.atomic import atomic_write_json, check_writable, process_umask
 from ..core.schedule import Schedule, _reshape_abar
 from ..core.unet import UNet, UNetConfig
@@ -708,8 +708,7 @@ def _read_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
         try:
             tensors.update(load_file(str(f)))
         except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DDPMError(f"cannot read weights {str(f)!r}: {first}") from None
+            raise DDPMError(f"cannot read weights {str(f)!r}: {first_line(e)}") from None
     return tensors
 
 

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import DDPMError
+from ..errors import DDPMError, first_line
 from ..files.atomic import atomic_write_to, remove_temp_files
 from ..files.images import class_name
 from .config import RunConfig
@@ -138,7 +138,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     except DDPMError:
         raise
     except Exception as e:
-        raise DDPMError(f"cannot read checkpoint {str(path)!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise DDPMError(f"cannot read checkpoint {str(path)!r}: {first_line(e)}")
     skeleton = json.loads(meta["state"])
     if only is not None:
         skeleton = {"__dict__": {k: v for k, v in skeleton["__dict__"].items() if k.partition(":")[2] in only}}

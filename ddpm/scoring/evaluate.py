@@ -42,7 +42,7 @@ import torch
 from ..core.samplers import DIFFUSION_SAMPLERS, model_evaluations, resolve_steps
 from ..data.cache import CacheSettings, ReferenceImages, open_reference_images
 from ..data.sets import load_cifar10, remove_empty_classes
-from ..errors import DDPMError
+from ..errors import DDPMError, first_line
 from ..files.atomic import atomic_write_json, atomic_write_with, check_writable
 from ..files.images import IMAGE_EXTENSIONS, class_name, load_image, scan_images, to_rgb
 from ..run.checkpoint import latest_checkpoint, load_run
@@ -87,10 +87,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:40] or "ref"
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0] if s else type(e).__name__)[:160]
-
 
 # Cache folders already warned about in this process: one warning each, however many writes fail.
 _CACHE_WARNED: set[str] = set()
@@ -115,7 +111,7 @@ def _write_cache(path: Path, write) -> bool:
         folder = str(path.parent)
         if folder not in _CACHE_WARNED:
             _CACHE_WARNED.add(folder)
-            warnings.warn(f"cannot write the cache folder {folder!r} ({e.strerror or _first_line(e)}); continuing "
+            warnings.warn(f"cannot write the cache folder {folder!r} ({e.strerror or first_line(e, 160)}); continuing "
                           "without caching (--cache-dir or $DDPM_CACHE picks a writable folder, --no-cache skips it)")
         return False
 
@@ -229,7 +225,7 @@ def _folder_batches(files: Sequence[Path], image_size: int | None, batch_size: i
                 batch.append(_decode(files[i], image_size))
                 good.append(i)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                bad.append((files[i], _first_line(e)))
+                bad.append((files[i], first_line(e, 160)))
         if batch:
             same = all(b.shape == batch[0].shape for b in batch)
             yield torch.stack(batch) if same else batch
@@ -321,7 +317,7 @@ def _load_featureset(path: Path, key: str | None = None) -> FeatureSet:
                 source=str(z["source"]) if "source" in names else str(path),
                 key=stored_key or _hash(["npz", str(path.resolve())]), cache_path=path, cached=True)
     except Exception as e:  # zipfile, OSError, ValueError, KeyError: all mean "unusable"
-        raise ReferenceDataError(f"cannot read reference statistics {str(path)!r}: {_first_line(e)}") from None
+        raise ReferenceDataError(f"cannot read reference statistics {str(path)!r}: {first_line(e, 160)}") from None
     if fs.mu.ndim != 1 or fs.sigma.shape != (fs.mu.shape[0],) * 2:
         raise ReferenceDataError(f"reference statistics {str(path)!r} have mu {fs.mu.shape} and sigma {fs.sigma.shape}")
     return fs
@@ -464,7 +460,7 @@ def reference_probe(ref: FeatureSet, *, l2: float = 1e-2, cache_dir: str | os.Pa
         try:
             return LinearProbe.load(path)
         except Exception as e:
-            warnings.warn(f"ignoring unusable probe cache {path} ({_first_line(e)}); refitting")
+            warnings.warn(f"ignoring unusable probe cache {path} ({first_line(e, 160)}); refitting")
     feats = ref.features.astype(np.float64)
     acc = None
     if 0 < holdout < 1 and ref.n >= 20:
