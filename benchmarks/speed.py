@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -119,13 +120,16 @@ class Clock:
         self.cpu = time.process_time() - self.c0
 
 
-def best_time(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
-    """Fastest of ``reps`` timed calls after one warm-up call (a peak, so the best is wanted)."""
-    fn()
+def best_time(fn: Callable[..., Any], device: torch.device, reps: int, *args: Any) -> float:
+    """Fastest of ``reps`` timed calls of ``fn(*args)`` after one warm-up call (a peak, so the best is wanted).
+
+    The operands are passed, not closed over, so the caller can free them right after.
+    """
+    fn(*args)
     times = []
     for _ in range(reps):
         with Clock(device) as c:
-            fn()
+            fn(*args)
         times.append(c.wall)
     return min(times)
 
@@ -147,11 +151,11 @@ def measure_peak(device: torch.device, quick: bool) -> dict[str, dict[str, float
             continue
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        t_mm = best_time(lambda: a @ b, device, reps)
-        del a, b
+        t_mm = best_time(torch.matmul, device, reps, a, b)
+        del a, b  # free the matmul operands before the conv's
         x = torch.randn(cb, 256, cs, cs, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        t_cv = best_time(lambda: torch.nn.functional.conv2d(x, w, padding=1), device, reps)
+        t_cv = best_time(functools.partial(torch.nn.functional.conv2d, padding=1), device, reps, x, w)
         del x, w
         mm = 2 * n**3 / t_mm
         cv = 2 * cb * 256 * 256 * 9 * cs * cs / t_cv
@@ -368,13 +372,9 @@ def build_entry(name: str, kind: str, suite: str, device: torch.device, *, ours_
     def train_fwd(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return train_call(perf.to_memory_format(x, cl), t)  # autocast: the trainer's step sets it
 
-    sample_net: Callable[..., Any] = ema.module
-    if ours_settings and compile:
-        # CUDA graphs remove the per-kernel launch cost that dominates small-batch sampling.
-        sample_net = torch.compile(ema.module, mode="reduce-overhead" if device.type == "cuda" else None)
-    sample_call = call_adapter(kind, sample_net)
-    if ours_settings:
-        sample_fwd = perf.inference_model(sample_call, device, prec, channels_last=cl)
+    sample_call = call_adapter(kind, ema.module)
+    if ours_settings:  # the network as `ddpm sample` calls it: replayed from CUDA graphs on CUDA
+        sample_fwd = perf.resolve_runtime(device, prec, channels_last=cl, progress=False).sampling_call(sample_call)
     else:
         sample_fwd = sample_call
     return Entry(name=name, kind=kind, description=desc, model=model, train_fwd=train_fwd, sample_fwd=sample_fwd,
@@ -523,16 +523,32 @@ def bench_generate(e: Entry, batch: int, size: int, device: torch.device, rounds
     schedule, _ = training_recipe()
     run = Sampleable(model=e.model, ema_model=e.ema.module, schedule=schedule, classes=None,
                      prediction=RECIPE.prediction, image_size=size)
-    runtime = perf.resolve_runtime(device, e.precision, progress=False)
-    generate(run, batch, SampleSpec(steps=2, batch_size=batch), runtime)  # warm-up
-    walls = []
+    runtime = perf.resolve_runtime(device, e.precision, progress=False)  # CUDA graphs as `ddpm sample` decides
+    graphs = runtime.cuda_graphs and device.type == "cuda"
+    # On CUDA the same images without graphs too, round by round: the speed-up graphs buy and how
+    # far they move the images (the kernels are the same, so nothing or a rounding level is expected).
+    # Every graphed round records its graphs anew, as each `ddpm sample` does.
+    arms = {"graphs" if graphs else "plain": runtime, **({"eager": replace(runtime, cuda_graphs=False)} if graphs else {})}
+    for rt in arms.values():
+        generate(run, batch, SampleSpec(steps=2, batch_size=batch), rt)  # warm-up
+    walls: dict[str, list[float]] = {k: [] for k in arms}
+    images: dict[str, torch.Tensor] = {}
     for _ in range(rounds):
-        with Clock(device) as c:
-            generate(run, batch, SampleSpec(batch_size=batch), runtime)
-        walls.append(c.wall / batch)
-    per_image = statistics.median(walls)
-    e.results.update(generate_s_per_image_20_steps=per_image, generate_s_per_image=walls,
+        for name, rt in arms.items():
+            with Clock(device) as c:
+                images[name] = generate(run, batch, SampleSpec(batch_size=batch), rt)
+            walls[name].append(c.wall / batch)
+    first = next(iter(arms))
+    per_image = statistics.median(walls[first])
+    e.results.update(generate_s_per_image_20_steps=per_image, generate_s_per_image=walls[first],
+                     generate_cuda_graphs=graphs,
                      generate_over_network_20_steps=per_image / e.results["sample_s_per_image_20_steps"])
+    if graphs:
+        diff = (images["graphs"].int() - images["eager"].int()).abs()
+        e.results.update(generate_eager_s_per_image_20_steps=statistics.median(walls["eager"]),
+                         generate_cuda_graphs_speedup=paired_ratio(walls["eager"], walls["graphs"]),
+                         generate_cuda_graphs_max_level_diff=int(diff.max()),
+                         generate_cuda_graphs_levels_differing=float((diff > 0).float().mean()))
 
 
 def paired_ratio(num: list[float], den: list[float]) -> float:
@@ -672,7 +688,8 @@ def run_suite(suite: str, args: argparse.Namespace, device: torch.device, peak: 
 
     bench_training(entries, batch, size, device, args.warmup, args.rounds, args.threads)
     sb = args.sample_batch or batch
-    bench_sampling(entries, sb, size, device, args.warmup + (2 if args.compile else 0), args.rounds,
+    # Two warm-up calls at least: a graphed network runs eagerly once, records on the second call.
+    bench_sampling(entries, sb, size, device, max(2, args.warmup), args.rounds,
                    args.sample_evals, args.threads)
     bench_generate(entries[0], sb, size, device, args.rounds)
 
@@ -741,6 +758,11 @@ def print_suite(entries: list[Entry], ratios: dict[str, dict[str, float]], batch
     r = entries[0].results
     print(f"  {entries[0].name}: 'ddpm sample' by default (ddpm.sample.engine, 20 steps): {r['generate_s_per_image_20_steps']:.3f}"
           f" s/img, {r['generate_over_network_20_steps']:.2f}x the 20 network evaluations above")
+    if r.get("generate_cuda_graphs"):
+        print(f"  CUDA graphs: {r['generate_cuda_graphs_speedup']:.2f}x faster than eager "
+              f"({r['generate_eager_s_per_image_20_steps']:.4f} s/img); images differ at "
+              f"{100 * r['generate_cuda_graphs_levels_differing']:.3f}% of values, by at most "
+              f"{r['generate_cuda_graphs_max_level_diff']} level(s)")
     print("\n  ours / other: speed-up = median of per-round ratios (best round vs best round in brackets);"
           " memory: ours / other")
     for name, rr in ratios.items():

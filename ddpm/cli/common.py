@@ -55,6 +55,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, guidance: float) -> No
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                    help="images sampled at once (speed and memory only: the images do not depend on it)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, call the network eagerly instead of replaying it from CUDA graphs (the default "
+                        "there: one launch per network evaluation)")
     add_runtime_arguments(p)
 
 
@@ -71,4 +74,5 @@ def command_runtime(args: argparse.Namespace, d: Dist, *, progress: bool = True)
     ``--precision`` (``auto`` where the command has no ``--precision``) for this process of ``d``;
     progress bars only on rank 0."""
     return resolve_runtime(args.device, getattr(args, "precision", "auto"), local_rank=d.local_rank, world=d.world,
-                           progress=progress and d.main)
+                           progress=progress and d.main,
+                           cuda_graphs=False if getattr(args, "no_cuda_graphs", False) else None)

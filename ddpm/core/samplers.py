@@ -450,6 +450,7 @@ def dpm_solver(
 CONSISTENCY_SIGMAS: dict[int, tuple[float, ...]] = {1: (), 2: (0.821,), 3: (2.0, 0.821), 4: (3.0, 1.5, 0.5)}
 
 
+@torch.inference_mode()
 def consistency(
     model: Model,
     x_T: torch.Tensor,

@@ -25,6 +25,10 @@ behind the defaults are in ``docs/benchmarks.md``.
   is compiled; a compile that fails falls back to eager with one warning, and the compile time
   is reported apart from the training time); opt-in on CPUs, where it needs a C++ compiler and
   costs a minute or more of start-up for little gain at the batch sizes a CPU runs.
+* **CUDA graphs at sampling.** :func:`default_cuda_graphs`: on CUDA the sampling network is
+  recorded once per batch shape and replayed (:mod:`ddpm.runtime.graphs`), without
+  ``torch.compile`` (whose minute of compiling per shape would outlast most ``ddpm sample``
+  calls); a capture that fails falls back to eager calls with one warning.
 * **Optimiser.** AdamW with ``fused=True`` (CUDA, and CPU since PyTorch 2.4) updates all
   parameters in one pass instead of about ten element-wise passes.
 * **Small convolutions under CPU bf16** get float32 weight gradients inside the UNet itself
@@ -48,6 +52,7 @@ import torch
 from torch import nn
 
 from ..errors import DDPMError
+from .graphs import GraphedCall
 
 __all__ = [
     "PRECISIONS",
@@ -64,6 +69,7 @@ __all__ = [
     "default_channels_last",
     "compile_supported",
     "default_compile",
+    "default_cuda_graphs",
     "is_compile_failure",
     "prepare_model",
     "make_optimizer",
@@ -133,8 +139,9 @@ class Runtime:
 
     ``precision`` is what really runs ("fp32" or "bf16" autocast), never "auto";
     ``channels_last`` the activations' memory layout; ``compile`` whether the training network
-    is wrapped in ``torch.compile``; ``progress`` whether this command shows progress bars (on
-    torchrun's rank 0 only: callers pass their processes).
+    is wrapped in ``torch.compile``; ``cuda_graphs`` whether the sampling network is replayed
+    from CUDA graphs (:mod:`ddpm.runtime.graphs`; CUDA devices only); ``progress`` whether this
+    command shows progress bars (on torchrun's rank 0 only: callers pass their processes).
     """
 
     device: torch.device
@@ -142,6 +149,7 @@ class Runtime:
     channels_last: bool
     compile: bool = False
     progress: bool = True
+    cuda_graphs: bool = False
 
     def autocast(self) -> ContextManager[Any]:
         """The forward pass's autocast context for this runtime (see :func:`autocast_context`)."""
@@ -185,30 +193,44 @@ class Runtime:
 
     def sampling_call(self, net: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """``net`` wrapped for the samplers (:func:`inference_model`): autocast and layout inside,
-        float32 NCHW out."""
-        return inference_model(net, self.device, self.precision, channels_last=self.channels_last)
+        float32 NCHW out; on CUDA with ``cuda_graphs``, replayed from CUDA graphs
+        (:class:`ddpm.runtime.graphs.GraphedCall`). Make one per sampling run: it holds the
+        graphs' memory for as long as it lives."""
+        call = inference_model(net, self.device, self.precision, channels_last=self.channels_last)
+        if self.cuda_graphs and self.device.type == "cuda":
+            return GraphedCall(call)
+        return call
 
 
 def resolve_runtime(device: str | torch.device | None = "auto", precision: str = "auto", *, local_rank: int = 0,
                     world: int = 1, channels_last: bool | None = None, compile: bool | None = False,
-                    progress: bool = True) -> Runtime:
+                    progress: bool = True, cuda_graphs: bool | None = None) -> Runtime:
     """The :class:`Runtime` of ``--device`` and ``--precision`` (``auto``, ``fp32`` or ``bf16``):
     the device by :func:`resolve_device`, the precision by :func:`resolve_precision` (``bf16`` on a
     device without fast bf16 warns and runs fp32, and the runtime says fp32), channels_last by
-    :func:`default_channels_last` unless given, ``compile`` None by :func:`default_compile`.
+    :func:`default_channels_last` unless given, ``compile`` None by :func:`default_compile`,
+    ``cuda_graphs`` None by :func:`default_cuda_graphs`.
     Raises :class:`DDPMError` for a bad device or an unknown precision."""
     dev = resolve_device(device, local_rank=local_rank, world=world)
     if precision != "auto" and precision not in PRECISIONS:
         raise DDPMError(f"unknown precision {precision!r}; expected auto, {' or '.join(PRECISIONS)}")
     prec = resolve_precision(dev, precision)
     return Runtime(dev, prec, default_channels_last(dev) if channels_last is None else channels_last,
-                   compile=default_compile(dev) if compile is None else compile, progress=progress)
+                   compile=default_compile(dev) if compile is None else compile, progress=progress,
+                   cuda_graphs=default_cuda_graphs(dev) if cuda_graphs is None else cuda_graphs)
 
 
 def default_compile(device: torch.device) -> bool:
     """Whether training compiles its network when ``--compile`` is not given: on CUDA where
     Inductor can build kernels (Triton installed), not on CPUs (see the module docstring)."""
     return device.type == "cuda" and compile_supported("cuda")
+
+
+def default_cuda_graphs(device: torch.device) -> bool:
+    """Whether sampling replays its network from CUDA graphs when ``--no-cuda-graphs`` is not
+    given: on CUDA. A recorded call costs one launch instead of a few hundred, which is what bounds
+    a GPU at sampling batch sizes; recording needs no compiler and takes one call's time."""
+    return device.type == "cuda"
 
 
 def is_compile_failure(error: BaseException) -> bool:

@@ -39,7 +39,7 @@ from ..core.schedule import Schedule
 from ..core.unet import PRESETS, UNetConfig, count_parameters
 from ..data.cache import CacheSettings, open_training_set
 from ..data.sets import BatchStream, ImageSet, _mix, batches, data_identity, load_dataset, names_cifar10, to_model_range
-from ..errors import DDPMError, StoppedEarly
+from ..errors import DDPMError, StoppedEarly, first_line
 from ..run.checkpoint import Sampleable, weights_sha256
 from ..run.config import RunConfig
 from ..run.folder import RunFolder
@@ -107,9 +107,12 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, float], None] | No
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).expanduser().resolve()))
     if cfg.init_from:
         cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
-    # device and precision are decided here once; "bf16" where it would not run becomes fp32 (warned)
+    # device and precision are decided here once; "bf16" where it would not run becomes fp32 (warned).
+    # No CUDA graphs for the grids and in-training FID: entering a capture synchronises and empties
+    # the allocator's cache, which costs the training steps more than a grid's few hundred calls gain.
     runtime = resolve_runtime(cfg.device, cfg.precision, local_rank=d.local_rank, world=d.world,
-                              channels_last=cfg.channels_last, compile=cfg.compile, progress=cfg.progress and d.main)
+                              channels_last=cfg.channels_last, compile=cfg.compile, progress=cfg.progress and d.main,
+                              cuda_graphs=False)
     folder = RunFolder(cfg.out)
     say = print if d.main else _silent
     _take_run_folder(folder, d, runtime.device, held)
@@ -205,7 +208,7 @@ def _loop(cfg: TrainConfig, d: Dist, runtime: Runtime, state: TrainState, loss_f
                     raise
                 # Compiling happens in the first step's forward pass, before any update: the same
                 # step again, eager and from the same seeds, is the run as if never compiled.
-                warnings.warn(f"torch.compile failed ({_first_line(e)}); training without it (--no-compile "
+                warnings.warn(f"torch.compile failed ({first_line(e)}); training without it (--no-compile "
                               "skips the attempt)", stacklevel=1)
                 net, compiling = _training_net(state.model, d, device, False), False
                 torch.manual_seed(_mix(cfg.seed, state.step, d.rank, 0xD1CE))
@@ -249,11 +252,6 @@ def _oom(error: BaseException, cfg: TrainConfig, x: torch.Tensor) -> DDPMError:
                f"of {micro})",
         "lower --batch-size, raise --grad-accum (same batch, smaller passes), or pass --grad-checkpoint; the run "
         "folder is as it was, so the same command with --resume continues it")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def _stopped_in_setup(d: Dist) -> StoppedEarly:
