@@ -59,8 +59,9 @@ def main() -> None:
     p.add_argument("--conditional", action="store_true", help="train the teacher with class labels")
     p.add_argument("--tune-minutes", type=float, default=None,
                    help="minutes of consistency tuning (unset: half the teacher's recorded training time)")
-    p.add_argument("--student-steps", type=int, nargs="+", default=[2, 1, 4])
-    p.add_argument("--teacher-samplers", nargs="+", default=TEACHER_SAMPLERS, metavar="SAMPLER:STEPS")
+    p.add_argument("--tune-lr", type=float, default=None, help="the tuning's learning rate (unset: ddpm distill's)")
+    p.add_argument("--student-steps", type=int, nargs="*", default=[2, 1, 4])
+    p.add_argument("--teacher-samplers", nargs="*", default=TEACHER_SAMPLERS, metavar="SAMPLER:STEPS")
     p.add_argument("--n", type=int, default=1000, help="samples per sampler for FID/KID")
     p.add_argument("--ref-n", type=int, default=5000, help="test images used as the reference")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale for class accuracy (conditional)")
@@ -117,8 +118,8 @@ def main() -> None:
     shutil.rmtree(student_dir, ignore_errors=True)
     print(f"== tuning for {tune_minutes:.2f} min", flush=True)
     t0 = time.perf_counter()
-    train(distill_config(teacher_dir, student_dir, minutes=tune_minutes, progress=False, tensorboard=False,
-                         sample_every=0, save_every=0, log_every=25, device="cpu"))
+    train(distill_config(teacher_dir, student_dir, minutes=tune_minutes, lr=args.tune_lr, progress=False,
+                         tensorboard=False, sample_every=0, save_every=0, log_every=25, device="cpu"))
     student = load_run(student_dir)
     tune_s = train_seconds(student.checkpoint)
     results["tuning"] = {"steps": student.step, "wall_s": time.perf_counter() - t0, "train_s": tune_s,
