@@ -5,9 +5,12 @@ tuning time, in one sequence on one machine.
 The teacher is a run folder (``--teacher``), or is trained here for ``--train-minutes`` with
 today's defaults of ``ddpm train`` (``--model``, ``--batch-size``; ``--conditional`` for a
 class-conditional run). It is tuned with ``ddpm distill``'s defaults for ``--tune-minutes``
-(default: half the teacher's recorded training time, the issue's budget), then scored:
+(default: half the teacher's recorded training time, the issue's budget), or taken as it is from
+``--student`` (a run ``ddpm distill`` wrote), then scored:
 
-* the tuned model with the ``consistency`` sampler at ``--student-steps`` (1, 2, 4);
+* the tuned model with the ``consistency`` sampler at ``--student-steps`` (1, 2, 4), and at 2 steps
+  with each intermediate noise level of ``--mid-sigmas`` in place of the sampler's own (a sweep of
+  :data:`ddpm.core.samplers.CONSISTENCY_SIGMAS`);
 * the teacher with DPM-Solver++ at 2, 4, 10, 20 steps and the ancestral chain at 250
   (``--teacher-samplers``).
 
@@ -39,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.quality import SAMPLING_PRECISION, unpack_cifar  # noqa: E402
 from ddpm.files.atomic import atomic_write_text  # noqa: E402
 
+
 def train_seconds(checkpoint: Path) -> float:
     """The seconds of training a checkpoint records (its run's clock, set-up and sampling left out)."""
     from ddpm.run.checkpoint import load_checkpoint
@@ -60,7 +64,10 @@ def main() -> None:
     p.add_argument("--tune-minutes", type=float, default=None,
                    help="minutes of consistency tuning (unset: half the teacher's recorded training time)")
     p.add_argument("--tune-lr", type=float, default=None, help="the tuning's learning rate (unset: ddpm distill's)")
+    p.add_argument("--student", default=None, help="an already tuned run to score (unset: tune the teacher here)")
     p.add_argument("--student-steps", type=int, nargs="*", default=[2, 1, 4])
+    p.add_argument("--mid-sigmas", type=float, nargs="*", default=[], metavar="SIGMA",
+                   help="also score 2 tuned steps re-noising to each of these EDM sigmas")
     p.add_argument("--teacher-samplers", nargs="*", default=TEACHER_SAMPLERS, metavar="SAMPLER:STEPS")
     p.add_argument("--n", type=int, default=1000, help="samples per sampler for FID/KID")
     p.add_argument("--ref-n", type=int, default=5000, help="test images used as the reference")
@@ -77,6 +84,7 @@ def main() -> None:
     cifar = unpack_cifar(work)
 
     from ddpm.cli.distill import distill_config
+    from ddpm.core.samplers import CONSISTENCY_SIGMAS
     from ddpm.run.checkpoint import load_run
     from ddpm.runtime.policy import resolve_runtime
     from ddpm.sample.engine import generate
@@ -111,20 +119,29 @@ def main() -> None:
                           "model": teacher.config.train.get("model"), "conditional": teacher.conditional}
 
     # ---------------------------------------------------------------- the tuning
-    tune_minutes = args.tune_minutes if args.tune_minutes is not None else teacher_s / 60 / 2
-    if not tune_minutes > 0:
-        p.error("the teacher records no training time; give --tune-minutes")
-    student_dir = work / "student"
-    shutil.rmtree(student_dir, ignore_errors=True)
-    print(f"== tuning for {tune_minutes:.2f} min", flush=True)
-    t0 = time.perf_counter()
-    train(distill_config(teacher_dir, student_dir, minutes=tune_minutes, lr=args.tune_lr, progress=False,
-                         tensorboard=False, sample_every=0, save_every=0, log_every=25, device="cpu"))
-    student = load_run(student_dir)
-    tune_s = train_seconds(student.checkpoint)
-    results["tuning"] = {"steps": student.step, "wall_s": time.perf_counter() - t0, "train_s": tune_s,
-                         "lr": student.config.train["lr"],
-                         "fraction_of_teacher_time": tune_s / teacher_s if teacher_s else None}
+    if args.student is not None:
+        student = load_run(args.student)
+        if not student.config.consistency:
+            p.error(f"--student {args.student} is not a run written by ddpm distill")
+        tune_s = train_seconds(student.checkpoint)
+        results["tuning"] = {"run": args.student, "steps": student.step, "train_s": tune_s,
+                             "lr": student.config.train["lr"],
+                             "fraction_of_teacher_time": tune_s / teacher_s if teacher_s else None}
+    else:
+        tune_minutes = args.tune_minutes if args.tune_minutes is not None else teacher_s / 60 / 2
+        if not tune_minutes > 0:
+            p.error("the teacher records no training time; give --tune-minutes")
+        student_dir = work / "student"
+        shutil.rmtree(student_dir, ignore_errors=True)
+        print(f"== tuning for {tune_minutes:.2f} min", flush=True)
+        t0 = time.perf_counter()
+        train(distill_config(teacher_dir, student_dir, minutes=tune_minutes, lr=args.tune_lr, progress=False,
+                             tensorboard=False, sample_every=0, save_every=0, log_every=25, device="cpu"))
+        student = load_run(student_dir)
+        tune_s = train_seconds(student.checkpoint)
+        results["tuning"] = {"steps": student.step, "wall_s": time.perf_counter() - t0, "train_s": tune_s,
+                             "lr": student.config.train["lr"],
+                             "fraction_of_teacher_time": tune_s / teacher_s if teacher_s else None}
     print(f"   {student.step} steps, {results['tuning']['train_s']:.0f} s", flush=True)
     save()
 
@@ -161,6 +178,15 @@ def main() -> None:
 
     for steps in args.student_steps:
         measure(f"tuned consistency:{steps}", student, "consistency", steps)
+    own = CONSISTENCY_SIGMAS[2]
+    try:
+        for level in args.mid_sigmas:
+            # The sampler reads its levels from this table at each call: the sweep swaps the
+            # 2-step entry, and puts it back whatever happens.
+            CONSISTENCY_SIGMAS[2] = (level,)
+            measure(f"tuned consistency:2@{level:g}", student, "consistency", 2)
+    finally:
+        CONSISTENCY_SIGMAS[2] = own
     for label in args.teacher_samplers:
         name, _, st = label.partition(":")
         measure(f"teacher {label}", teacher, name, int(st))
