@@ -12,7 +12,7 @@ from ..run.folder import RunFolder
 from ..train import IMPORTED, MACHINE_LOCAL, TrainConfig, config_from_dict, train
 from .common import EXIT_OK, EXIT_STOPPED, Formatter, add_runtime_arguments
 
-__all__ = ["register", "distill_config"]
+__all__ = ["register", "distill_config", "LR_FRACTION"]
 
 _DESCRIPTION = """\
 Consistency tuning (ECT: Geng et al. 2024, "Consistency models made easy"): start from RUN's EMA
@@ -27,9 +27,13 @@ keeps its classes and classifier-free guidance (guidance is applied when samplin
 # The step budget of a tuning bounded by --minutes alone: its time limit is then its end.
 _NO_STEP_LIMIT = 10**9
 
-# Training options of the tuning run that are not the teacher's: a tenth of its rate, as ECT tunes
-# at 1e-4 models trained at 1e-3; a constant rate (the stages, not the rate, shape the run);
-# grids in the consistency sampler's 2 steps; no in-training FID.
+# The tuning's learning rate as a fraction of the teacher's. ECT tunes at a tenth (1e-4 for EDM's
+# 1e-3 over an A100-hour); in 10-minute tunings on the CPU a thirtieth gave the better 2-step FID
+# (docs/benchmarks.md, "Two-step samples by consistency tuning": 1e-3, 1e-4, 3e-5 and 1e-5 tried).
+LR_FRACTION = 1 / 30
+
+# Training options of the tuning run that are not the teacher's: a constant rate (the stages, not
+# the rate, shape the run); grids in the consistency sampler's 2 steps; no in-training FID.
 _TUNING: dict[str, Any] = {"objective": "consistency", "lr_schedule": "constant", "warmup": 0, "sample_steps": 2,
                            "eval_every": 0, "resume": False}
 
@@ -44,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="minutes of tuning (the stages follow the time; resumes count it whole)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps of tuning (with --minutes: whichever "
                                                            "comes first)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (unset: a tenth of RUN's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (unset: a thirtieth of RUN's)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (unset: RUN's)")
     p.add_argument("--data", default=None, help="training images (unset: RUN's own --data)")
     p.add_argument("--resume", action="store_true",
@@ -61,7 +65,7 @@ def distill_config(run: str | Path, out: str | Path, *, minutes: float | None = 
                    **overrides: Any) -> TrainConfig:
     """The :class:`TrainConfig` of tuning ``run`` (a run folder) into ``out``: the teacher's
     training options (model, schedule, target, data, classes, batch, EMA) with the tuning ones
-    (consistency objective, a tenth of its learning rate, constant, 2-step grids), starting from
+    (consistency objective, :data:`LR_FRACTION` of its learning rate, constant, 2-step grids), starting from
     its newest checkpoint's EMA weights, for ``minutes`` of training and/or ``steps`` steps;
     ``overrides`` are further TrainConfig fields. Raises :class:`DDPMError` (one line) for a
     folder that holds no trained run, a run that is already a consistency model, neither budget
@@ -88,7 +92,7 @@ def distill_config(run: str | Path, out: str | Path, *, minutes: float | None = 
                         "(its architecture is no preset); distill a run trained by 'ddpm train'")
     values = {k: v for k, v in teacher.train.items() if k in TrainConfig.field_names() and k not in MACHINE_LOCAL}
     values.update(_TUNING)
-    values.update(out=str(out), init_from=str(checkpoint.resolve()), lr=float(values.get("lr") or 2e-4) / 10,
+    values.update(out=str(out), init_from=str(checkpoint.resolve()), lr=float(values.get("lr") or 2e-4) * LR_FRACTION,
                   time_limit=float(minutes or 0.0), steps=int(steps or _NO_STEP_LIMIT))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(values)

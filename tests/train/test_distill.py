@@ -50,7 +50,7 @@ def test_distill_starts_from_the_teacher_s_ema_and_samples_in_two_steps(teacher:
     assert f"starting from the EMA weights of {newest} (step 3)" in printed
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["objective"] == "consistency" and saved["train"]["init_from"] == str(newest)
-    assert saved["train"]["lr"] == pytest.approx(1e-4)  # a tenth of the teacher's
+    assert saved["train"]["lr"] == pytest.approx(1e-3 / 30)  # a thirtieth of the teacher's
     assert saved["classes"] == ["a", "b"] and saved["model"] == json.loads((teacher / "config.json").read_text())["model"]
     assert run_info(str(out))["step"] == 2
     assert main(["info", str(out)]) == 0
