@@ -123,10 +123,7 @@ def main() -> None:
         student = load_run(args.student)
         if not student.config.consistency:
             p.error(f"--student {args.student} is not a run written by ddpm distill")
-        tune_s = train_seconds(student.checkpoint)
-        results["tuning"] = {"run": args.student, "steps": student.step, "train_s": tune_s,
-                             "lr": student.config.train["lr"],
-                             "fraction_of_teacher_time": tune_s / teacher_s if teacher_s else None}
+        results["tuning"] = {"run": args.student}
     else:
         tune_minutes = args.tune_minutes if args.tune_minutes is not None else teacher_s / 60 / 2
         if not tune_minutes > 0:
@@ -138,10 +135,10 @@ def main() -> None:
         train(distill_config(teacher_dir, student_dir, minutes=tune_minutes, lr=args.tune_lr, progress=False,
                              tensorboard=False, sample_every=0, save_every=0, log_every=25, device="cpu"))
         student = load_run(student_dir)
-        tune_s = train_seconds(student.checkpoint)
-        results["tuning"] = {"steps": student.step, "wall_s": time.perf_counter() - t0, "train_s": tune_s,
-                             "lr": student.config.train["lr"],
-                             "fraction_of_teacher_time": tune_s / teacher_s if teacher_s else None}
+        results["tuning"] = {"wall_s": time.perf_counter() - t0}
+    tune_s = train_seconds(student.checkpoint)
+    results["tuning"].update(steps=student.step, train_s=tune_s, lr=student.config.train["lr"],
+                             fraction_of_teacher_time=tune_s / teacher_s if teacher_s else None)
     print(f"   {student.step} steps, {results['tuning']['train_s']:.0f} s", flush=True)
     save()
 

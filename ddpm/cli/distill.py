@@ -65,9 +65,9 @@ def distill_config(run: str | Path, out: str | Path, *, minutes: float | None = 
                    **overrides: Any) -> TrainConfig:
     """The :class:`TrainConfig` of tuning ``run`` (a run folder) into ``out``: the teacher's
     training options (model, schedule, target, data, classes, batch, EMA) with the tuning ones
-    (consistency objective, :data:`LR_FRACTION` of its learning rate, constant, 2-step grids), starting from
-    its newest checkpoint's EMA weights, for ``minutes`` of training and/or ``steps`` steps;
-    ``overrides`` are further TrainConfig fields. Raises :class:`DDPMError` (one line) for a
+    (consistency objective, :data:`LR_FRACTION` of its learning rate, constant, 2-step grids),
+    starting from its newest checkpoint's EMA weights, for ``minutes`` of training and/or
+    ``steps`` steps; ``overrides`` are further TrainConfig fields. Raises :class:`DDPMError` (one line) for a
     folder that holds no trained run, a run that is already a consistency model, neither budget
     given, or a budget that is not positive."""
     if minutes is None and steps is None:
